@@ -1,0 +1,155 @@
+"""Training checkpoints with Megatron's dist_checkpointing, saved atomically.
+
+Layout under ``checkpoint.save``::
+
+    iter_0000004/                 a complete Megatron distributed checkpoint
+        (dist_checkpointing files: model + optimizer sharded tensors, common.pt)
+        rng/rank_00000.pt         each rank's RNG states
+    latest_checkpointed_iteration.txt
+
+A checkpoint is written to ``.iter_XXXXXXX.tmp`` and renamed into place by rank 0 only after
+every rank finished; ``latest_checkpointed_iteration.txt`` is replaced atomically after that.
+A process killed mid-save therefore leaves the previous checkpoint as the latest loadable one
+(the stale ``.tmp`` folder is removed by the next save).
+
+Because model and optimizer state are Megatron sharded tensors, a checkpoint loads under a
+different expert/tensor-parallel layout (dist_checkpointing reshards on load).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_iteration",
+           "checkpoint_dir"]
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer tensors that a resumed run needs."""
+
+    step: int
+    consumed_samples: int
+    scheduler: dict[str, Any]
+    config: dict[str, Any]
+
+
+def checkpoint_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def latest_iteration(root: str | Path) -> int | None:
+    """The step of the newest complete checkpoint under ``root`` (None if there is none)."""
+    path = Path(root) / LATEST_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit() or not checkpoint_dir(root, int(text)).is_dir():
+        raise RuntimeError(f"{path} names iteration {text!r}, which has no checkpoint folder; "
+                           f"the checkpoint root {root} is damaged")
+    return int(text)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+            "tracker": _tracker().get_states()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
+    _tracker().set_states(state["tracker"])
+
+
+def _tracker():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return get_cuda_rng_tracker()
+
+
+def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
+    module = model.module if hasattr(model, "module") else model
+    model_sd = module.sharded_state_dict()
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
+                    state: TrainState) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    root = Path(root)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = checkpoint_dir(root, state.step)
+    tmp = root / f".{final.name}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".iter_*.tmp"):
+            shutil.rmtree(stale)
+    _barrier()
+    sharded = _sharded_state(model, optimizer, is_loading=False)
+    sharded["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples,
+                              "scheduler": state.scheduler, "config": state.config}
+    if rank == 0:
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(sharded, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / f".{LATEST_FILE}.tmp"
+        pointer.write_text(str(state.step))
+        os.replace(pointer, root / LATEST_FILE)
+    _barrier()
+    return final
+
+
+def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
+                    step: int | None = None) -> TrainState:
+    """Collective: load model, optimizer, RNG and train state from the latest (or ``step``)
+    checkpoint under ``root``. Works under a different TP/EP layout than the one saved; the RNG
+    states are restored only when the world size is unchanged."""
+    step = latest_iteration(root) if step is None else step
+    if step is None:
+        raise FileNotFoundError(
+            f"checkpoint.load={root}: no {LATEST_FILE} there; point it at a folder written by "
+            "checkpoint.save")
+    folder = checkpoint_dir(root, step)
+    sharded = _sharded_state(model, optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(folder))
+    module = model.module if hasattr(model, "module") else model
+    module.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    common = dist_checkpointing.load_common_state_dict(str(folder))["train_state"]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = folder / "rng" / f"rank_{rank:05d}.pt"
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if rng_file.is_file() and len(list((folder / "rng").glob("rank_*.pt"))) == world:
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return TrainState(step=common["step"], consumed_samples=common["consumed_samples"],
+                      scheduler=common["scheduler"], config=common["config"])

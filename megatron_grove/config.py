@@ -1,0 +1,338 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides -> :class:`GroveConfig`.
+
+Configuration flows one way: YAML -> :func:`load_config` (type-checked dataclasses) ->
+:func:`megatron_grove.megatron_config.to_transformer_config` (Megatron's
+``TransformerConfig`` plus our Grove fields). Nothing else reads the YAML or globals.
+
+Every problem is reported as a :class:`ConfigError` whose message names the key, the value
+and what is allowed; the command-line entry points print it as one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+__all__ = [
+    "ConfigError", "ModelConfig", "MoEConfig", "ParallelConfig", "TrainConfig", "DataConfig",
+    "CheckpointConfig", "LoggingConfig", "RuntimeConfig", "KernelsConfig", "GroveConfig",
+    "load_config", "apply_overrides", "config_to_dict", "validate_layout",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message fit to print as the only line of output."""
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape (Qwen3-style: RMSNorm, SwiGLU, RoPE, QK-norm, no biases)."""
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA KV heads; None = num_attention_heads
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size / heads
+    ffn_hidden_size: int = 512  # dense FFN size (dense layers only)
+    seq_length: int = 128
+    vocab_size: Optional[int] = None  # None = the tokenizer's vocabulary size
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-6
+    qk_layernorm: bool = True
+    init_method_std: float = 0.02
+    tie_embeddings: bool = False
+
+
+@dataclass
+class MoEConfig:
+    """Routed experts, Grove groups/adjugates, router and balancing."""
+
+    num_experts: int = 8
+    router_topk: int = 2
+    ffn_hidden_size: int = 128  # per routed expert
+    first_k_dense_layers: int = 0  # DeepSeek-style: the first k layers use a dense FFN
+    num_expert_groups: int = 0  # G; 0 = plain MoE (no adjugate experts)
+    adjugate_ffn_hidden_size: int = 32
+    adjugate_scale: float = 0.05  # lam; must be <= G/E unless allow_large_adjugate_scale
+    allow_large_adjugate_scale: bool = False
+    router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    token_dispatcher_type: Literal["alltoall", "allgather", "grove_alltoall"] = "alltoall"
+    bias_update_rule: Literal["paper", "megatron", "none"] = "paper"
+    bias_update_rate: float = 1e-3
+    aux_loss_coeff: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    seed: int = 1234
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_warmup_iters: int = 10
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # Megatron indexed-dataset prefix (.bin/.idx); None = embedded corpus
+    tokenizer: Optional[str] = None  # tokenizer.json or a HF model dir; None = the shipped one
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: int = 0  # 0 = only at the end (when save is set)
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    log_interval: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class RuntimeConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    dist_timeout_s: int = 300
+
+
+@dataclass
+class KernelsConfig:
+    backend: Literal["auto", "torch", "triton"] = "auto"  # auto: triton on GPU, torch on CPU
+
+
+@dataclass
+class GroveConfig:
+    """The whole run: one object, built only by :func:`load_config`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+
+# --------------------------------------------------------------------------------------
+# building and checking
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` checked against annotation ``tp`` (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; allowed in {prefix.rstrip('.') or 'config'}: "
+            f"{', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, tp)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. train.iters=20")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Merge dotted ``key=value`` strings (values parsed as YAML scalars) into ``data``."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> GroveConfig:
+    """Read a YAML file (or defaults when ``path`` is None), apply overrides, type-check and
+    validate everything that does not depend on the world size."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})")
+    cfg = _build(GroveConfig, apply_overrides(data, list(overrides or [])), "")
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: GroveConfig) -> dict:
+    """Plain-dict view of the config (for logging and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate(cfg: GroveConfig) -> None:
+    m, e, t, p = cfg.model, cfg.moe, cfg.train, cfg.parallel
+    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_attention_heads", m.num_attention_heads),
+                       ("model.seq_length", m.seq_length), ("moe.num_experts", e.num_experts),
+                       ("moe.router_topk", e.router_topk), ("moe.ffn_hidden_size", e.ffn_hidden_size),
+                       ("train.iters", t.iters), ("train.global_batch_size", t.global_batch_size),
+                       ("train.micro_batch_size", t.micro_batch_size),
+                       ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
+                       ("parallel.expert_model_parallel_size", p.expert_model_parallel_size),
+                       ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size)]:
+        _require(value >= 1, f"{key}={value}: must be >= 1")
+    _require(m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
+             f"model.hidden_size={m.hidden_size}: must be divisible by model.num_attention_heads="
+             f"{m.num_attention_heads} (or set model.kv_channels)")
+    if m.num_query_groups is not None:
+        _require(m.num_attention_heads % m.num_query_groups == 0,
+                 f"model.num_query_groups={m.num_query_groups}: must divide "
+                 f"model.num_attention_heads={m.num_attention_heads}")
+    _require(e.router_topk <= e.num_experts,
+             f"moe.router_topk={e.router_topk}: must be <= moe.num_experts={e.num_experts}")
+    _require(0 <= e.first_k_dense_layers <= m.num_layers,
+             f"moe.first_k_dense_layers={e.first_k_dense_layers}: allowed 0..{m.num_layers}")
+    _require(e.num_expert_groups >= 0, f"moe.num_expert_groups={e.num_expert_groups}: must be >= 0")
+    if e.num_expert_groups:
+        G, E = e.num_expert_groups, e.num_experts
+        _require(E % G == 0, f"moe.num_expert_groups={G}: must divide moe.num_experts={E} "
+                             f"(allowed: {', '.join(str(d) for d in range(1, E + 1) if E % d == 0)})")
+        _require(e.adjugate_ffn_hidden_size >= 1,
+                 f"moe.adjugate_ffn_hidden_size={e.adjugate_ffn_hidden_size}: must be >= 1")
+        _require(e.adjugate_scale >= 0, f"moe.adjugate_scale={e.adjugate_scale}: must be >= 0")
+        _require(e.adjugate_scale <= G / E + 1e-12 or e.allow_large_adjugate_scale,
+                 f"moe.adjugate_scale={e.adjugate_scale}: the paper requires lam <= G/E = "
+                 f"{G / E:g}; lower it or set moe.allow_large_adjugate_scale=true")
+    elif e.token_dispatcher_type == "grove_alltoall":
+        raise ConfigError("moe.token_dispatcher_type=grove_alltoall needs moe.num_expert_groups > 0")
+    _require(e.bias_update_rate >= 0, f"moe.bias_update_rate={e.bias_update_rate}: must be >= 0")
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
+             f"train.micro_batch_size={t.micro_batch_size}")
+    _require(0 <= t.lr_warmup_iters < t.iters,
+             f"train.lr_warmup_iters={t.lr_warmup_iters}: must be < train.iters={t.iters} "
+             f"(allowed 0..{t.iters - 1})")
+    _require(cfg.checkpoint.save_interval >= 0,
+             f"checkpoint.save_interval={cfg.checkpoint.save_interval}: must be >= 0")
+    _require(cfg.logging.log_interval >= 1,
+             f"logging.log_interval={cfg.logging.log_interval}: must be >= 1")
+    _require(p.pipeline_model_parallel_size == 1,
+             f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}: pipeline "
+             "parallelism is not supported yet; allowed: 1")
+    _require(not (p.tensor_model_parallel_size > 1 and e.num_experts and not p.sequence_parallel),
+             f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}: MoE with tensor "
+             "parallelism needs parallel.sequence_parallel=true (as in Megatron-Core)")
+
+
+def validate_layout(cfg: GroveConfig, world_size: int) -> int:
+    """Check the parallel layout against the world size; return the data-parallel size."""
+    p, e, t = cfg.parallel, cfg.moe, cfg.train
+    tp, ep, pp = (p.tensor_model_parallel_size, p.expert_model_parallel_size,
+                  p.pipeline_model_parallel_size)
+    _require(world_size % (tp * pp) == 0,
+             f"parallel.tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp}: "
+             f"must divide the world size {world_size}")
+    dp = world_size // (tp * pp)
+    _require(dp % ep == 0 and ep <= world_size // (tp * pp),
+             f"parallel.expert_model_parallel_size={ep}: must divide the data-parallel size "
+             f"{dp} (= world size {world_size} / (tp {tp} x pp {pp})); allowed: "
+             f"{', '.join(str(d) for d in range(1, dp + 1) if dp % d == 0)}")
+    _require(e.num_experts % ep == 0,
+             f"parallel.expert_model_parallel_size={ep}: must divide moe.num_experts="
+             f"{e.num_experts}")
+    if e.num_expert_groups:
+        _require(e.num_expert_groups % ep == 0,
+                 f"parallel.expert_model_parallel_size={ep}: must divide moe.num_expert_groups="
+                 f"{e.num_expert_groups} so that whole groups (and their adjugate) live on a rank")
+    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
+             f"micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
+    return dp

@@ -1,0 +1,35 @@
+"""The decoder block spec: Megatron's GPT spec (local, non-TE modules) with our MoE pieces.
+
+Megatron's ``get_gpt_decoder_block_spec`` already lays out dense vs MoE layers from
+``moe_layer_freq`` (our ``moe.first_k_dense_layers``); we only swap the MoE layer's class and
+router for ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from megatron_grove.megatron_config import GroveTransformerConfig
+
+__all__ = ["build_decoder_block_spec"]
+
+
+def _moe_layer_builder(config: GroveTransformerConfig, stock: functools.partial) -> functools.partial:
+    submodules: MoESubmodules = stock.keywords["submodules"]
+    return functools.partial(MoELayer, submodules=dataclasses.replace(submodules))
+
+
+def build_decoder_block_spec(config: GroveTransformerConfig) -> TransformerBlockSubmodules:
+    """Per-layer specs for the whole decoder (no pipeline parallelism: pp_rank 0 builds all)."""
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                      normalization="RMSNorm", qk_l2_norm=False, pp_rank=0)
+    for layer in spec.layer_specs:
+        mlp = layer.submodules.mlp
+        if isinstance(mlp, functools.partial) and issubclass(mlp.func, MoELayer):
+            layer.submodules.mlp = _moe_layer_builder(config, mlp)
+    return spec

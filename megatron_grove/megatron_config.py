@@ -1,0 +1,91 @@
+"""Our typed config -> Megatron-Core's ``TransformerConfig`` (plus the Grove fields).
+
+:class:`GroveTransformerConfig` is Megatron's ``TransformerConfig`` with the fields Grove MoE
+adds; every Megatron module receives it unchanged, our own modules read the extra fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+from megatron_grove.config import GroveConfig
+
+__all__ = ["GroveTransformerConfig", "to_transformer_config"]
+
+
+@dataclass
+class GroveTransformerConfig(TransformerConfig):
+    """Megatron ``TransformerConfig`` + Grove MoE.
+
+    Expert-bias balancing is done by :mod:`megatron_grove.balancing`, not by Megatron's
+    ``finalize_model_grads``: ``moe_router_enable_expert_bias`` stays False and our router
+    keeps the bias when ``moe_bias_update_rule != "none"``.
+    """
+
+    moe_num_expert_groups: int = 0
+    """G: groups of E/G contiguous experts, each with one adjugate expert (0 = plain MoE)."""
+
+    moe_adjugate_ffn_hidden_size: int = 128
+    """Intermediate size of each adjugate SwiGLU expert."""
+
+    moe_adjugate_scale: float = 0.05
+    """lam: the scale of the adjugate sum."""
+
+    moe_bias_update_rule: str = "paper"
+    """Aux-loss-free balancing: 'paper' (b -= a (F-Q)/RMS(F-Q)), 'megatron' (sign) or 'none'."""
+
+    moe_first_k_dense_layers: int = 0
+    """The first k decoder layers use a dense FFN instead of MoE."""
+
+
+def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
+                          use_cpu_initialization: bool = True) -> GroveTransformerConfig:
+    """Translate the run config into Megatron's config (layout fields included)."""
+    m, e, p = cfg.model, cfg.moe, cfg.parallel
+    return GroveTransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        qk_layernorm=m.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_initialization,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        num_moe_experts=e.num_experts,
+        moe_ffn_hidden_size=e.ffn_hidden_size,
+        moe_router_topk=e.router_topk,
+        moe_router_score_function=e.router_score_function,
+        moe_router_pre_softmax=False,
+        moe_token_dispatcher_type=(
+            "alltoall" if e.token_dispatcher_type == "grove_alltoall" else e.token_dispatcher_type),
+        moe_router_load_balancing_type="aux_loss" if e.aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=e.aux_loss_coeff,
+        moe_router_enable_expert_bias=False,
+        moe_router_bias_update_rate=e.bias_update_rate,
+        moe_grouped_gemm=False,
+        moe_layer_freq=[0] * e.first_k_dense_layers + [1] * (m.num_layers - e.first_k_dense_layers),
+        moe_num_expert_groups=e.num_expert_groups,
+        moe_adjugate_ffn_hidden_size=e.adjugate_ffn_hidden_size,
+        moe_adjugate_scale=e.adjugate_scale,
+        moe_bias_update_rule=e.bias_update_rule,
+        moe_first_k_dense_layers=e.first_k_dense_layers,
+    )

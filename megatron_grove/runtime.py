@@ -1,0 +1,95 @@
+"""Process-level set-up: device choice, CPU patches, torch.distributed and Megatron's groups.
+
+Rank and world size come from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) or from explicit arguments (tests);
+nothing here knows about SLURM.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_grove.cpu_runtime import apply_cpu_patches
+
+__all__ = ["ParallelRuntime", "resolve_device", "initialize_parallel", "destroy_parallel"]
+
+
+@dataclass(frozen=True)
+class ParallelRuntime:
+    """What a rank knows about where it runs."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    data_parallel_size: int
+    expert_parallel_rank: int
+    expert_parallel_size: int
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` -> cuda when a GPU is usable, else cpu; ``cuda`` without a GPU is an error."""
+    has_gpu = torch.cuda.is_available()
+    if requested == "cuda" and not has_gpu:
+        raise RuntimeError("runtime.device=cuda but no usable GPU was found; use runtime.device=cpu")
+    if requested == "cuda" or (requested == "auto" and has_gpu):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def initialize_parallel(
+    tensor_parallel: int = 1,
+    expert_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 1234,
+    device: str = "auto",
+    timeout_s: int = 300,
+    init_method: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> ParallelRuntime:
+    """Start torch.distributed (gloo on CPU, NCCL on GPU) and Megatron's parallel groups,
+    and seed Megatron's model-parallel RNG tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        apply_cpu_patches()
+    else:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        kwargs = {}
+        if init_method is not None:
+            kwargs.update(init_method=init_method, rank=rank, world_size=world_size)
+        dist.init_process_group(backend="gloo" if dev.type == "cpu" else "nccl",
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        distributed_timeout_minutes=max(1, timeout_s // 60),
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return ParallelRuntime(
+        device=dev,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        expert_parallel_rank=parallel_state.get_expert_model_parallel_rank(),
+        expert_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear down Megatron's groups and the default process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

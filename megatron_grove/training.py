@@ -1,0 +1,193 @@
+"""The pretraining loop: Megatron's DDP, optimizer, LR schedule and forward/backward schedule.
+
+One step = one global batch of ``train.global_batch_size`` sequences: each data-parallel rank
+takes its contiguous slice, split into micro-batches of ``train.micro_batch_size``. The
+samples of step ``s`` are fixed by the step number alone, so a resumed run sees exactly the
+data an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from tqdm import tqdm
+
+from megatron_grove.balancing import update_expert_bias
+from megatron_grove.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from megatron_grove.config import GroveConfig, config_to_dict, validate_layout
+from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix
+from megatron_grove.megatron_config import to_transformer_config
+from megatron_grove.metrics import MetricsWriter
+from megatron_grove.model import build_gpt_model
+from megatron_grove.moe_stats import collect_moe_counters, reset_moe_counters
+from megatron_grove.runtime import initialize_parallel
+from megatron_grove.tokenizer import load_tokenizer
+
+__all__ = ["train", "causal_attention_mask", "micro_batches"]
+
+
+def causal_attention_mask(seq_length: int, device: torch.device) -> torch.Tensor:
+    """``[1, 1, s, s]`` bool, True where attention is masked (the future)."""
+    return torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device).triu(1)
+
+
+def micro_batches(dataset, step: int, global_batch_size: int, micro_batch_size: int,
+                  dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches of 1-based ``step`` for one data-parallel rank; each value ``[mbs, s]``."""
+    per_rank = global_batch_size // dp_size
+    first = (step - 1) * global_batch_size + dp_rank * per_rank
+    out = []
+    for start in range(first, first + per_rank, micro_batch_size):
+        samples = [dataset[i] for i in range(start, start + micro_batch_size)]
+        out.append({key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                    for key in ("tokens", "labels", "loss_mask", "position_ids")})
+    return out
+
+
+def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Per-token losses ``[b, s]`` -> mean over unmasked tokens (+ a detached copy to log)."""
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(output.reshape(-1).float() * mask) / mask.sum().clamp(min=1)
+    # clone: Megatron's schedule divides the returned loss by the micro-batch count in place
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(attention_mask: torch.Tensor, device: torch.device,
+                  data_iterator: Iterator[dict], model: torch.nn.Module):
+    batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
+    return output, functools.partial(_masked_mean_loss, batch["loss_mask"])
+
+
+def _dp_mean(value: torch.Tensor) -> float:
+    group = parallel_state.get_data_parallel_group()
+    value = value.detach().clone()
+    dist.all_reduce(value, group=group)
+    return float(value) / dist.get_world_size(group)
+
+
+def _build_optimizer(cfg: GroveConfig, model: torch.nn.Module, dtype: torch.dtype):
+    t = cfg.train
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+                        clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                        use_distributed_optimizer=False),
+        [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=t.iters, lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay,
+        end_wd=t.weight_decay, wd_incr_steps=t.iters, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def _dataset(cfg: GroveConfig, tokenizer, rank: int):
+    prefix = cfg.data.path
+    if prefix is None:
+        if rank == 0:  # build the embedded corpus' index once, then everyone reads it
+            embedded_corpus_prefix()
+        dist.barrier()
+        prefix = embedded_corpus_prefix()
+    return build_gpt_dataset(prefix, cfg.model.seq_length,
+                             num_samples=cfg.train.iters * cfg.train.global_batch_size,
+                             seed=cfg.train.seed, tokenizer=tokenizer)
+
+
+def train(cfg: GroveConfig) -> list[dict[str, Any]]:
+    """Run the configured training; return the per-step metric records (all ranks)."""
+    p, t = cfg.parallel, cfg.train
+    runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
+                                  p.pipeline_model_parallel_size, seed=t.seed,
+                                  device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
+    dp_size = validate_layout(cfg, runtime.world_size)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    device, is_first = runtime.device, runtime.rank == 0
+    dtype = torch.bfloat16 if cfg.runtime.dtype == "bf16" else torch.float32
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    dataset = _dataset(cfg, tokenizer, runtime.rank)
+    tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=device.type == "cpu")
+    model = build_gpt_model(tconfig, cfg.model.vocab_size or tokenizer.vocab_size,
+                            cfg.model.seq_length, cfg.model.rotary_base,
+                            cfg.model.tie_embeddings).to(device)
+    model = DistributedDataParallel(
+        config=tconfig, module=model,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                 overlap_grad_reduce=False,
+                                                 use_distributed_optimizer=False))
+    optimizer, scheduler = _build_optimizer(cfg, model, dtype)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = model.no_sync
+
+    start = 0
+    if cfg.checkpoint.load:
+        state = load_checkpoint(cfg.checkpoint.load, model, optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        start = state.step
+    if start >= t.iters and is_first:
+        print(f"checkpoint is at step {start} >= train.iters={t.iters}: nothing to train")
+
+    metrics = MetricsWriter(cfg.logging.dir, enabled=is_first,
+                            tensorboard=cfg.logging.tensorboard, resume_step=start)
+    mask = causal_attention_mask(cfg.model.seq_length, device)
+    forward_step = functools.partial(_forward_step, mask, device)
+    forward_backward = get_forward_backward_func()
+    bar = tqdm(total=t.iters, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=not (is_first and cfg.logging.progress_bar))
+    records: list[dict[str, Any]] = []
+    last_saved = start
+    for step in range(start + 1, t.iters + 1):
+        began = time.perf_counter()
+        batches = micro_batches(dataset, step, t.global_batch_size, t.micro_batch_size,
+                                dp_rank, dp_size)
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reset_moe_counters(model)
+        losses = forward_backward(forward_step_func=forward_step, data_iterator=iter(batches),
+                                  model=[model], num_microbatches=len(batches),
+                                  seq_length=cfg.model.seq_length,
+                                  micro_batch_size=t.micro_batch_size, forward_only=False)
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        expert_load = update_expert_bias([model], cfg.moe.bias_update_rule,
+                                         cfg.moe.bias_update_rate)
+        loss = _dp_mean(torch.stack([d["lm loss"] for d in losses]).mean())
+        elapsed = time.perf_counter() - began
+        record = {
+            "step": step, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "tokens_per_s": t.global_batch_size * cfg.model.seq_length / elapsed,
+            "step_time_s": elapsed,
+            "expert_load": [[int(x) for x in layer.tolist()] for layer in expert_load],
+            **collect_moe_counters(model),
+        }
+        records.append(record)
+        if step % cfg.logging.log_interval == 0 or step == t.iters:
+            metrics.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+        bar.update(1)
+        if cfg.checkpoint.save and (
+                (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)
+                or step == t.iters):
+            save_checkpoint(cfg.checkpoint.save, model, optimizer,
+                            TrainState(step=step, consumed_samples=step * t.global_batch_size,
+                                       scheduler=scheduler.state_dict(),
+                                       config=config_to_dict(cfg)))
+            last_saved = step
+    bar.close()
+    metrics.close()
+    if is_first and cfg.checkpoint.save and last_saved > start:
+        print(f"saved checkpoint step {last_saved} to {Path(cfg.checkpoint.save).resolve()}")
+    return records
