@@ -84,11 +84,17 @@ def _tracker():
     return get_cuda_rng_tracker()
 
 
+# Without this, Megatron keys optimizer state as "chained_<i>.<param>", where i counts the
+# sub-optimizers (dense / expert), whose number depends on the EP layout (upstream #1517).
+_OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
+
+
 def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
     module = model.module if hasattr(model, "module") else model
     model_sd = module.sharded_state_dict()
     return {"model": model_sd,
-            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                      metadata=_OPTIMIZER_METADATA)}
 
 
 def _barrier() -> None:

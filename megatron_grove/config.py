@@ -91,6 +91,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    exit_at_iter: Optional[int] = None  # stop (and save, if checkpoint.save) after this step
 
 
 @dataclass
@@ -179,6 +180,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -300,6 +306,8 @@ def _validate(cfg: GroveConfig) -> None:
     _require(0 <= t.lr_warmup_iters < t.iters,
              f"train.lr_warmup_iters={t.lr_warmup_iters}: must be < train.iters={t.iters} "
              f"(allowed 0..{t.iters - 1})")
+    _require(t.exit_at_iter is None or 1 <= t.exit_at_iter <= t.iters,
+             f"train.exit_at_iter={t.exit_at_iter}: allowed 1..train.iters={t.iters} or null")
     _require(cfg.checkpoint.save_interval >= 0,
              f"checkpoint.save_interval={cfg.checkpoint.save_interval}: must be >= 0")
     _require(cfg.logging.log_interval >= 1,

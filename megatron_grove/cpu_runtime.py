@@ -29,8 +29,9 @@ Patches:
     The model-parallel RNG tracker saves, seeds and restores the *CUDA* generator;
     it is redirected to the CPU generator so forks are real and reproducible.
 ``alltoall_splits_as_lists``
-    gloo's ``all_to_all_single`` rejects split sizes given as tensors (Megatron passes
-    tensors or numpy arrays after its device-to-host copy); they are handed over as lists.
+    ``all_to_all_single``'s binding accepts split sizes only as int sequences; Megatron's
+    dispatcher hands over tensors / numpy arrays (seen failing in ``token_dispatch`` at
+    EP=2 without this patch). They are converted to Python lists.
 ``torch_compile_off``
     Megatron's ``jit_fuser`` is ``torch.compile``; on CPU that would compile every fused
     op with the C++ inductor backend on first use. Dynamo is disabled, so they run eagerly.

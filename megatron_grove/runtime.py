@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from megatron_grove.cpu_runtime import apply_cpu_patches
 
-__all__ = ["ParallelRuntime", "resolve_device", "initialize_parallel", "destroy_parallel"]
+__all__ = ["ParallelRuntime", "resolve_device", "initialize_parallel", "current_runtime",
+           "destroy_parallel"]
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,15 @@ def initialize_parallel(
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+    return current_runtime(dev)
+
+
+def current_runtime(device: torch.device) -> ParallelRuntime:
+    """Describe this rank from the already initialised process groups."""
+    from megatron.core import parallel_state
+
     return ParallelRuntime(
-        device=dev,
+        device=device,
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         data_parallel_size=parallel_state.get_data_parallel_world_size(),

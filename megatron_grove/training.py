@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,14 +29,14 @@ from megatron_grove.balancing import update_expert_bias
 from megatron_grove.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron_grove.config import GroveConfig, config_to_dict, validate_layout
 from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix
-from megatron_grove.megatron_config import to_transformer_config
+from megatron_grove.megatron_config import GroveTransformerConfig, to_transformer_config
 from megatron_grove.metrics import MetricsWriter
 from megatron_grove.model import build_gpt_model
 from megatron_grove.moe_stats import collect_moe_counters, reset_moe_counters
-from megatron_grove.runtime import initialize_parallel
+from megatron_grove.runtime import ParallelRuntime, initialize_parallel
 from megatron_grove.tokenizer import load_tokenizer
 
-__all__ = ["train", "causal_attention_mask", "micro_batches"]
+__all__ = ["TrainingSetup", "setup_training", "train", "causal_attention_mask", "micro_batches"]
 
 
 def causal_attention_mask(seq_length: int, device: torch.device) -> torch.Tensor:
@@ -105,23 +106,30 @@ def _dataset(cfg: GroveConfig, tokenizer, rank: int):
                              seed=cfg.train.seed, tokenizer=tokenizer)
 
 
-def train(cfg: GroveConfig) -> list[dict[str, Any]]:
-    """Run the configured training; return the per-step metric records (all ranks)."""
-    p, t = cfg.parallel, cfg.train
-    runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
-                                  p.pipeline_model_parallel_size, seed=t.seed,
-                                  device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
-    dp_size = validate_layout(cfg, runtime.world_size)
-    dp_rank = parallel_state.get_data_parallel_rank()
-    device, is_first = runtime.device, runtime.rank == 0
-    dtype = torch.bfloat16 if cfg.runtime.dtype == "bf16" else torch.float32
+@dataclass
+class TrainingSetup:
+    """Everything a training run holds; built by :func:`setup_training`."""
 
+    runtime: ParallelRuntime
+    dp_size: int
+    dp_rank: int
+    tconfig: GroveTransformerConfig
+    model: DistributedDataParallel
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+    dataset: Any
+
+
+def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
+    """Build data, model (wrapped in Megatron DDP), optimizer and LR schedule on this rank."""
+    dp_size = validate_layout(cfg, runtime.world_size)
+    dtype = torch.bfloat16 if cfg.runtime.dtype == "bf16" else torch.float32
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     dataset = _dataset(cfg, tokenizer, runtime.rank)
-    tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=device.type == "cpu")
+    tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=runtime.device.type == "cpu")
     model = build_gpt_model(tconfig, cfg.model.vocab_size or tokenizer.vocab_size,
                             cfg.model.seq_length, cfg.model.rotary_base,
-                            cfg.model.tie_embeddings).to(device)
+                            cfg.model.tie_embeddings, seed=cfg.train.seed).to(runtime.device)
     model = DistributedDataParallel(
         config=tconfig, module=model,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
@@ -130,6 +138,21 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
     optimizer, scheduler = _build_optimizer(cfg, model, dtype)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.no_sync_func = model.no_sync
+    return TrainingSetup(runtime=runtime, dp_size=dp_size,
+                         dp_rank=parallel_state.get_data_parallel_rank(), tconfig=tconfig,
+                         model=model, optimizer=optimizer, scheduler=scheduler, dataset=dataset)
+
+
+def train(cfg: GroveConfig) -> list[dict[str, Any]]:
+    """Run the configured training; return the per-step metric records (all ranks)."""
+    p, t = cfg.parallel, cfg.train
+    runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
+                                  p.pipeline_model_parallel_size, seed=t.seed,
+                                  device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
+    setup = setup_training(cfg, runtime)
+    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    dataset, dp_rank, dp_size = setup.dataset, setup.dp_rank, setup.dp_size
+    device, is_first = runtime.device, runtime.rank == 0
 
     start = 0
     if cfg.checkpoint.load:
@@ -178,14 +201,16 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
             metrics.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
         bar.update(1)
-        if cfg.checkpoint.save and (
-                (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)
-                or step == t.iters):
+        stopping = step == t.iters or step == t.exit_at_iter
+        interval = cfg.checkpoint.save_interval
+        if cfg.checkpoint.save and (stopping or (interval and step % interval == 0)):
             save_checkpoint(cfg.checkpoint.save, model, optimizer,
                             TrainState(step=step, consumed_samples=step * t.global_batch_size,
                                        scheduler=scheduler.state_dict(),
                                        config=config_to_dict(cfg)))
             last_saved = step
+        if stopping:
+            break
     bar.close()
     metrics.close()
     if is_first and cfg.checkpoint.save and last_saved > start:

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# README command 1: set up if needed, then pretrain the tiny Grove-ready MoE on CPU with
+# expert parallelism across 2 processes. Extra arguments are config overrides (key=value).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/torchrun --nproc-per-node 2 launch/pretrain_grove.py \
+    --config configs/tiny_cpu.yaml parallel.expert_model_parallel_size=2 "$@"

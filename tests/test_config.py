@@ -1,0 +1,106 @@
+"""YAML -> typed config -> Megatron TransformerConfig, overrides, and the error messages."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_grove.config import ConfigError, GroveConfig, load_config, validate_layout
+from megatron_grove.megatron_config import to_transformer_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_tiny_config_loads_and_overrides_apply():
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml",
+                      ["train.iters=7", "train.global_batch_size=4", "train.seed=9",
+                       "parallel.expert_model_parallel_size=1",
+                       "parallel.tensor_model_parallel_size=1", "checkpoint.save=/tmp/x",
+                       "checkpoint.load=/tmp/y", "checkpoint.save_interval=3",
+                       "logging.dir=/tmp/z", "train.lr=1e-3"])
+    assert isinstance(cfg, GroveConfig)
+    assert (cfg.train.iters, cfg.train.global_batch_size, cfg.train.seed) == (7, 4, 9)
+    assert cfg.parallel.expert_model_parallel_size == 1
+    assert (cfg.checkpoint.save, cfg.checkpoint.load, cfg.checkpoint.save_interval) == \
+        ("/tmp/x", "/tmp/y", 3)
+    assert cfg.logging.dir == "/tmp/z" and cfg.train.lr == 1e-3
+
+
+def test_every_shipped_config_loads():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert files
+    for path in files:
+        load_config(path)
+
+
+def test_transformer_config_carries_our_fields():
+    cfg = load_config(None, ["moe.num_expert_groups=4", "moe.first_k_dense_layers=1",
+                             "moe.router_score_function=sigmoid", "model.num_layers=3"])
+    t = to_transformer_config(cfg, torch.float32)
+    assert t.num_moe_experts == 8 and t.moe_router_topk == 2
+    assert t.moe_num_expert_groups == 4 and t.moe_router_score_function == "sigmoid"
+    assert t.moe_layer_freq == [0, 1, 1]
+    assert t.moe_router_enable_expert_bias is False  # balancing is ours, not finalize_model_grads'
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.iterz=3"], "unknown key train.iterz; allowed in train:"),
+    (["nosuch.key=1"], "unknown key nosuch; allowed in config:"),
+    (["train.iters=abc"], "train.iters='abc': expected int"),
+    (["train.lr=fast"], "train.lr='fast': expected float"),
+    (["moe.router_score_function=relu"], "expected 'softmax' | 'sigmoid'"),
+    (["train.iters=0"], "train.iters=0: must be >= 1"),
+    (["moe.router_topk=9"], "moe.router_topk=9: must be <= moe.num_experts=8"),
+    (["train.global_batch_size=7"], "must be a multiple of train.micro_batch_size=2"),
+    (["train.lr_warmup_iters=500"], "train.lr_warmup_iters=500: must be < train.iters"),
+    (["moe.num_expert_groups=3"], "moe.num_expert_groups=3: must divide moe.num_experts=8 "
+                                  "(allowed: 1, 2, 4, 8)"),
+    (["moe.num_expert_groups=4", "moe.adjugate_scale=0.9"], "lam <= G/E = 0.5"),
+    (["train"], "expected dotted key=value"),
+    (["train.iters.x=1"], "train.iters={'x': 1}: expected int"),
+])
+def test_bad_config_names_key_and_allowed(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_large_adjugate_scale_can_be_allowed_explicitly():
+    cfg = load_config(None, ["moe.num_expert_groups=4", "moe.adjugate_scale=0.9",
+                             "moe.allow_large_adjugate_scale=true"])
+    assert cfg.moe.adjugate_scale == 0.9
+
+
+@pytest.mark.parametrize("overrides, world, needle", [
+    (["parallel.expert_model_parallel_size=3"], 2, "expert_model_parallel_size=3: must divide "
+                                                    "the data-parallel size 2"),
+    (["parallel.expert_model_parallel_size=3", "moe.num_experts=9",
+      "train.global_batch_size=6"], 3, None),
+    (["parallel.expert_model_parallel_size=4", "moe.num_experts=6"], 4,
+     "must divide moe.num_experts=6"),
+    (["parallel.tensor_model_parallel_size=3", "parallel.sequence_parallel=true"], 2,
+     "must divide the world size 2"),
+    (["moe.num_expert_groups=2", "moe.adjugate_scale=0.1",
+      "parallel.expert_model_parallel_size=4", "train.global_batch_size=16"], 4,
+     "must divide moe.num_expert_groups=2 so that whole groups"),
+    (["train.global_batch_size=2", "train.micro_batch_size=2"], 2,
+     "train.global_batch_size=2: must be a multiple of micro_batch_size 2 x data-parallel size 2"),
+])
+def test_layout_validation(overrides, world, needle):
+    cfg = load_config(None, overrides)
+    if needle is None:
+        assert validate_layout(cfg, world) == world
+        return
+    with pytest.raises(ConfigError) as err:
+        validate_layout(cfg, world)
+    assert needle in str(err.value)
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,116 @@
+"""One test per CPU patch: upstream still needs it (the source it works around is there), and
+the patch does its job. If Megatron-Core or torch change underneath, these fail first."""
+
+import inspect
+
+import pytest
+import torch
+from megatron.core.optimizer import clip_grads
+from megatron.core.tensor_parallel import random as mp_random
+from megatron.core.transformer.moe import router, token_dispatcher
+
+from _dist import run_distributed
+from megatron_grove import cpu_runtime
+from megatron_grove.cpu_runtime import CPU_PATCHES, apply_cpu_patches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def patched():
+    apply_cpu_patches()
+
+
+def test_every_patch_is_tested_here():
+    tested = {name[len("test_patch_"):] for name in globals() if name.startswith("test_patch_")}
+    assert tested == {p.name for p in CPU_PATCHES}
+
+
+def test_patch_cuda_device_to_cpu():
+    assert "torch.cuda.current_device()" in inspect.getsource(router.TopKRouter.__init__)
+    assert "device='cuda'" in inspect.getsource(clip_grads.get_grad_norm_fp32)
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.ones(1).cuda().device.type == "cpu"
+    assert torch.ones(1).to("cuda").device.type == "cpu"
+    assert torch.tensor([1.0], device=torch.cuda.current_device()).device.type == "cpu"
+
+    seen = []
+
+    class AllocatesInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):  # autograd drops the function mode here
+            seen.append(torch.empty(1, device=torch.cuda.current_device()).device.type)
+            return grad * 2
+
+    x = torch.ones(3, requires_grad=True)
+    AllocatesInBackward.apply(x).sum().backward()
+    assert seen == ["cpu"] and torch.equal(x.grad, torch.full((3,), 2.0))
+
+
+def test_patch_cuda_type_names():
+    assert "'torch.cuda.FloatTensor'" in inspect.getsource(clip_grads.clip_grad_by_total_norm_fp32)
+    assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+    assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    assert torch.zeros(1).type(torch.float64).dtype == torch.float64  # conversions untouched
+
+
+def test_patch_cuda_streams_noop():
+    source = inspect.getsource(token_dispatcher.MoEAlltoAllTokenDispatcher)
+    assert "torch.cuda.Stream()" in source and "record_event()" in source
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        event = stream.record_event()
+    event.synchronize()
+    torch.cuda.synchronize()
+    assert torch.cuda.current_stream() == torch.cuda.current_stream()
+
+
+def test_patch_cuda_rng_to_cpu():
+    assert "torch.cuda.manual_seed" in inspect.getsource(mp_random.CudaRNGStatesTracker.add)
+    tracker = mp_random.CudaRNGStatesTracker()
+    tracker.add("probe", 7)
+    torch.manual_seed(0)
+    with tracker.fork("probe"):
+        first = torch.rand(4)
+    outside = torch.rand(4)
+    tracker.reset()
+    tracker.add("probe", 7)
+    with tracker.fork("probe"):
+        again = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(first, again)  # the named stream is reproducible
+    assert torch.equal(outside, torch.rand(4))  # and forking leaves the default stream alone
+
+
+def _alltoall_with_tensor_splits(rank):
+    x = torch.arange(3.0) + 10 * rank
+    out = torch.empty(3)
+    splits = torch.tensor([1, 2]) if rank == 0 else torch.tensor([2, 1])
+    torch.distributed.all_to_all_single(out, x, splits, splits)
+    return out
+
+
+def test_patch_alltoall_splits_as_lists():
+    assert "output_split_sizes" in inspect.getsource(token_dispatcher.MoEAlltoAllTokenDispatcher)
+    out = run_distributed(_alltoall_with_tensor_splits, world_size=2)
+    assert out[0].tolist() == [0.0, 10.0, 11.0]
+    assert out[1].tolist() == [1.0, 2.0, 12.0]
+    assert cpu_runtime._as_int_list(torch.tensor([3, 4])) == [3, 4]
+
+
+def test_patch_torch_compile_off():
+    from megatron.core import jit
+
+    assert jit.jit_fuser is torch.compile
+    assert torch._dynamo.config.disable
+    calls = []
+
+    @torch.compile
+    def f(x):
+        calls.append(1)
+        return x + 1
+
+    assert torch.equal(f(torch.zeros(1)), torch.ones(1)) and calls == [1]
