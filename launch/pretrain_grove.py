@@ -25,6 +25,7 @@ main keys:
   data.path (Megatron .bin/.idx prefix from tools/preprocess_data.py; default: embedded corpus)
   checkpoint.save / checkpoint.load / checkpoint.save_interval / logging.dir
 outputs (in logging.dir): metrics.jsonl (one JSON object per step) and tensorboard/
+layout check without GPUs:  python launch/pretrain_grove.py --config configs/grovemoe_33b_a3b.yaml --dry-run
 exit codes: 0 ok, 2 bad configuration (one line on stderr saying which key and what is allowed)
 """
 
@@ -36,7 +37,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML run configuration (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides of config keys")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model on the meta device (nothing allocated) and print "
+                             "total / activated parameters and per-rank parameter memory for the "
+                             "configured layout; needs no GPU and no torchrun")
+    parser.add_argument("--json", action="store_true",
+                        help="with --dry-run: print the plan as one JSON object on the last line")
     return parser.parse_args(argv)
+
+
+def dry_run(cfg, as_json: bool) -> int:
+    """Plan the configured model in a private single-process world (any machine)."""
+    import json
+    import tempfile
+
+    from megatron_grove.planner import format_plan, plan_parameters
+    from megatron_grove.runtime import destroy_parallel, initialize_parallel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        initialize_parallel(device="cpu", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+        try:
+            plan = plan_parameters(cfg)
+        finally:
+            destroy_parallel()
+    print(format_plan(plan))
+    if as_json:
+        print(json.dumps(plan.as_dict()))
+    return 0
 
 
 def _quiet_dependency_warnings() -> None:
@@ -56,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return dry_run(cfg, args.json)
         validate_layout(cfg, world_size)
     except ConfigError as exc:
         if rank == 0:

@@ -62,6 +62,8 @@ def init_params_layout_independent(model: torch.nn.Module, config: GroveTransfor
     """
     from megatron.core import parallel_state
 
+    if not config.perform_initialization:
+        return
     tp_rank = (parallel_state.get_tensor_model_parallel_rank()
                if parallel_state.model_parallel_is_initialized() else 0)
     expert_names = _global_expert_names(model)
