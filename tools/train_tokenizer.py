@@ -1,0 +1,82 @@
+"""Train the byte-level BPE tokenizer shipped as ``megatron_grove/assets/tokenizer.json``.
+
+Deterministic: the same input files (read in sorted order) and vocabulary size give a
+byte-identical ``tokenizer.json``. Special tokens come first, so ``<|endoftext|>`` (the
+end-of-document token) has id 0 and ``<|pad|>`` has id 1.
+
+Example (regenerates the shipped asset)::
+
+    python tools/train_tokenizer.py --input megatron_grove/assets/corpus/train \
+        --vocab-size 4096 --output megatron_grove/assets/tokenizer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOD_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+def collect_text_files(inputs: list[str]) -> list[str]:
+    """Expand files and directories (their ``*.txt``, recursively) into a sorted file list."""
+    files: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(str(p) for p in path.rglob("*.txt"))
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    if not files:
+        raise FileNotFoundError(f"no .txt files in: {' '.join(inputs)}")
+    return sorted(files)
+
+
+def train_bpe(files: list[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 style, no normalisation) on ``files``."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOD_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train(files, trainer)
+    return tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="text files or directories of *.txt files"
+    )
+    parser.add_argument("--vocab-size", type=int, default=4096, help="target vocabulary size")
+    parser.add_argument("--output", required=True, help="path of the tokenizer.json to write")
+    args = parser.parse_args(argv)
+
+    try:
+        files = collect_text_files(args.input)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tokenizer = train_bpe(files, args.vocab_size)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tokenizer.save(args.output, pretty=True)
+    vocab_size = tokenizer.get_vocab_size()
+    print(f"trained on {len(files)} files; vocab size {vocab_size} -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
