@@ -2,7 +2,9 @@
 
 Megatron's ``get_gpt_decoder_block_spec`` already lays out dense vs MoE layers from
 ``moe_layer_freq`` (our ``moe.first_k_dense_layers``); we only swap the MoE layer's class and
-router for ours.
+router for ours: every MoE layer routes with :class:`~megatron_grove.router.GroveTopKRouter`,
+and is a :class:`~megatron_grove.grove_layer.GroveMoELayer` when ``moe_num_expert_groups > 0``
+(Megatron's ``MoELayer`` otherwise).
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from megatron_grove.grove_layer import GroveMoELayer
 from megatron_grove.megatron_config import GroveTransformerConfig
+from megatron_grove.router import GroveTopKRouter
 
 __all__ = ["build_decoder_block_spec"]
 
 
 def _moe_layer_builder(config: GroveTransformerConfig, stock: functools.partial) -> functools.partial:
     submodules: MoESubmodules = stock.keywords["submodules"]
-    return functools.partial(MoELayer, submodules=dataclasses.replace(submodules))
+    layer_cls = GroveMoELayer if config.moe_num_expert_groups > 0 else MoELayer
+    return functools.partial(layer_cls,
+                             submodules=dataclasses.replace(submodules, router=GroveTopKRouter))
 
 
 def build_decoder_block_spec(config: GroveTransformerConfig) -> TransformerBlockSubmodules:
@@ -30,6 +36,8 @@ def build_decoder_block_spec(config: GroveTransformerConfig) -> TransformerBlock
                                       normalization="RMSNorm", qk_l2_norm=False, pp_rank=0)
     for layer in spec.layer_specs:
         mlp = layer.submodules.mlp
-        if isinstance(mlp, functools.partial) and issubclass(mlp.func, MoELayer):
+        # Dense layers' mlp is a partial of a bound method (MLP.as_mlp_submodule), not a class.
+        if (isinstance(mlp, functools.partial) and isinstance(mlp.func, type)
+                and issubclass(mlp.func, MoELayer)):
             layer.submodules.mlp = _moe_layer_builder(config, mlp)
     return spec

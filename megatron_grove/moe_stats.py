@@ -1,28 +1,36 @@
 """Per-step MoE counters read from the model's MoE layers, for the metrics log.
 
 A layer that counts work exposes ``grove_counters``: a dict of python ints accumulated over
-the forward passes of a step (e.g. routed token-expert evaluations, adjugate evaluations,
-token rows sent through the all-to-all). This module only collects and resets them.
+the forward passes of a step on this rank (``routed_rows``: (token, expert) rows its experts
+computed; ``adjugate_rows``: token rows its adjugates computed, one per (token, group)).
+This module sums them over all ranks and divides by the tokens of the global batch.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["collect_moe_counters", "reset_moe_counters"]
+
+PER_TOKEN = {"routed_rows": "routed_evals_per_token", "adjugate_rows": "adjugate_evals_per_token"}
 
 
 def _counting_layers(model: torch.nn.Module):
     return [m for m in model.modules() if isinstance(getattr(m, "grove_counters", None), dict)]
 
 
-def collect_moe_counters(model: torch.nn.Module) -> dict[str, list[int]]:
-    """``{counter_name: [value per MoE layer, in layer order]}`` for this rank."""
-    out: dict[str, list[int]] = {}
-    for layer in _counting_layers(model):
-        for name, value in layer.grove_counters.items():
-            out.setdefault(name, []).append(int(value))
-    return out
+def collect_moe_counters(model: torch.nn.Module, global_tokens: int) -> dict[str, list[float]]:
+    """``{"<counter>_per_token": [value per MoE layer]}`` over the whole job (collective)."""
+    layers = _counting_layers(model)
+    if not layers:
+        return {}
+    names = [n for n in PER_TOKEN if n in layers[0].grove_counters]
+    totals = torch.tensor([[float(layer.grove_counters[n]) for n in names] for layer in layers],
+                          dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return {PER_TOKEN[n]: (totals[:, i] / global_tokens).tolist() for i, n in enumerate(names)}
 
 
 def reset_moe_counters(model: torch.nn.Module) -> None:

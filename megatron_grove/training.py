@@ -194,7 +194,7 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
             "tokens_per_s": t.global_batch_size * cfg.model.seq_length / elapsed,
             "step_time_s": elapsed,
             "expert_load": [[int(x) for x in layer.tolist()] for layer in expert_load],
-            **collect_moe_counters(model),
+            **collect_moe_counters(model, t.global_batch_size * cfg.model.seq_length),
         }
         records.append(record)
         if step % cfg.logging.log_interval == 0 or step == t.iters:

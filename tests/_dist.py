@@ -15,6 +15,8 @@ import tempfile
 import traceback
 from typing import Any, Callable
 
+import torch
+
 # Import the heavy modules once in the parent so forked workers inherit them (~3 s each).
 import megatron.core.models.gpt  # noqa: F401
 import megatron.core.transformer.moe.moe_layer  # noqa: F401
@@ -22,6 +24,9 @@ from megatron_grove.runtime import destroy_parallel, initialize_parallel
 
 
 def _worker(rank, world_size, init_file, parallel, fn, args, queue):
+    # The parent's OpenMP thread pool does not survive fork(): a worker's first multi-threaded
+    # op would hang once the parent ran one. One thread per worker, as DataLoader workers do.
+    torch.set_num_threads(1)
     try:
         initialize_parallel(**parallel, device="cpu", timeout_s=120,
                             init_method=f"file://{init_file}", rank=rank, world_size=world_size)

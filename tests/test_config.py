@@ -13,7 +13,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_tiny_config_loads_and_overrides_apply():
     cfg = load_config(CONFIGS / "tiny_cpu.yaml",
-                      ["train.iters=7", "train.global_batch_size=4", "train.seed=9",
+                      ["train.iters=7", "train.lr_warmup_iters=2", "train.global_batch_size=4", "train.seed=9",
                        "parallel.expert_model_parallel_size=1",
                        "parallel.tensor_model_parallel_size=1", "checkpoint.save=/tmp/x",
                        "checkpoint.load=/tmp/y", "checkpoint.save_interval=3",
