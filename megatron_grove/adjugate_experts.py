@@ -77,10 +77,10 @@ class VirtualExpertLayout:
         """Routed ``probs`` ``[T, E]`` (zero off the selection) and ``routing_map`` ``[T, E]``
         bool -> virtual ``probs`` ``[T, E+G]`` and ``routing_map`` ``[T, E+G]``: the adjugate
         column of group ``j`` holds ``lam * sum_{i in S ∩ G_j} rho_i`` and ``S hits G_j``."""
-        T, G, n, ep = probs.shape[0], self.num_groups, self.experts_per_group, self.ep_size
-        group_probs = self.adjugate_scale * probs.view(T, G, n).sum(dim=-1)
-        group_hit = routing_map.view(T, G, n).any(dim=-1)
-        return (self._interleave(probs, group_probs.to(probs.dtype)),
+        T, G, n = probs.shape[0], self.num_groups, self.experts_per_group
+        group_probs = self.adjugate_scale * probs.reshape(T, G, n).sum(dim=-1)
+        group_hit = routing_map.reshape(T, G, n).any(dim=-1)
+        return (self._interleave(probs, group_probs),
                 self._interleave(routing_map, group_hit))
 
     def _interleave(self, experts: torch.Tensor, adjugates: torch.Tensor) -> torch.Tensor:

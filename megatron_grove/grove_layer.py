@@ -101,6 +101,7 @@ class GroveMoELayer(MoELayer):
                              f"not moe_token_dispatcher_type={config.moe_token_dispatcher_type!r}")
         self.layout = VirtualExpertLayout(config.num_moe_experts, config.moe_num_expert_groups,
                                           self.ep_group.size(), config.moe_adjugate_scale)
+        # MoELayer built its dispatcher for the E routed experts; ours serves E+G virtual ones.
         self.token_dispatcher = dispatcher_cls(
             self.layout.local_virtual_experts,
             self.layout.local_virtual_indices(self.ep_group.rank()),
@@ -113,12 +114,11 @@ class GroveMoELayer(MoELayer):
             pg_collection=pg_collection,
             name=(name + ".adjugate_experts") if name is not None else None,
         )
-        self.grove_counters: dict[str, int] = {}
         self.reset_grove_counters()
 
     def reset_grove_counters(self) -> None:
         """Zero ``grove_counters`` (see the module docstring)."""
-        self.grove_counters = {"routed_rows": 0, "adjugate_rows": 0, "forwards": 0}
+        self.grove_counters: dict[str, int] = {"routed_rows": 0, "adjugate_rows": 0, "forwards": 0}
 
     def preprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor,
                    routing_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,8 @@ from megatron_grove.router import GroveTopKRouter
 __all__ = ["build_decoder_block_spec"]
 
 
-def _moe_layer_builder(config: GroveTransformerConfig, stock: functools.partial) -> functools.partial:
+def _moe_layer_builder(config: GroveTransformerConfig,
+                       stock: functools.partial) -> functools.partial:
     submodules: MoESubmodules = stock.keywords["submodules"]
     layer_cls = GroveMoELayer if config.moe_num_expert_groups > 0 else MoELayer
     return functools.partial(layer_cls,

@@ -34,13 +34,16 @@ from typing import Callable, Optional
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_grove.megatron_config import GroveTransformerConfig
 
 __all__ = ["GroveTopKRouter"]
 
-TopK = Callable[[torch.Tensor, int, Optional[int], Optional[int]], tuple[torch.Tensor, torch.Tensor]]
+# Megatron's top-k: (scores [T, E], k, num_groups, group_topk) -> (values [T, k], indices [T, k])
+TopK = Callable[[torch.Tensor, int, Optional[int], Optional[int]],
+                tuple[torch.Tensor, torch.Tensor]]
 
 
 class _BiasedSigmoidSelection:
@@ -74,6 +77,8 @@ class GroveTopKRouter(TopKRouter):
     def __init__(self, config: GroveTransformerConfig,
                  pg_collection: Optional[ProcessGroupCollection] = None,
                  is_mtp_layer: bool = False) -> None:
+        if pg_collection is None:  # as MoELayer does: Megatron's global groups
+            pg_collection = get_default_pg_collection()
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         if config.moe_router_enable_expert_bias:
             raise ValueError("GroveTopKRouter keeps its own expert bias; set "
@@ -93,7 +98,15 @@ class GroveTopKRouter(TopKRouter):
         self.register_buffer("expert_bias",
                              torch.zeros(num_experts, dtype=torch.float32, device=device))
         if self.score_function == "softmax":
-            if self.router_replay is not None:
-                raise ValueError("moe_enable_routing_replay cannot be combined with softmax "
-                                 "routing and an expert bias (both use Megatron's top-k hook)")
+            if self.router_replay is not None or config.moe_router_fusion:
+                raise ValueError("moe_enable_routing_replay and moe_router_fusion cannot be "
+                                 "combined with softmax routing and an expert bias (the biased "
+                                 "selection uses Megatron's unfused top-k hook)")
             self.router_replay = _BiasedSigmoidSelection(self)
+
+    def _maintain_float32_expert_bias(self) -> None:
+        """Megatron keeps ``expert_bias`` fp32 under bf16 wrappers (called before forward, save
+        and load); the token counts too, or bf16 would round them above 256."""
+        super()._maintain_float32_expert_bias()
+        if self.local_tokens_per_expert.dtype != torch.float32:
+            self.local_tokens_per_expert.data = self.local_tokens_per_expert.data.float()
