@@ -284,6 +284,9 @@ def _validate(cfg: GroveConfig) -> None:
                  f"model.num_attention_heads={m.num_attention_heads}")
     _require(e.router_topk <= e.num_experts,
              f"moe.router_topk={e.router_topk}: must be <= moe.num_experts={e.num_experts}")
+    _require(not (e.router_topk == 1 and e.router_score_function == "softmax"),
+             "moe.router_topk=1 with moe.router_score_function=softmax: the renormalised "
+             "weight is always 1 (no router gradient); use router_score_function=sigmoid or topk >= 2")
     _require(0 <= e.first_k_dense_layers <= m.num_layers,
              f"moe.first_k_dense_layers={e.first_k_dense_layers}: allowed 0..{m.num_layers}")
     _require(e.num_expert_groups >= 0, f"moe.num_expert_groups={e.num_expert_groups}: must be >= 0")

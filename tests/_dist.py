@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -31,7 +32,9 @@ def _worker(rank, world_size, init_file, parallel, fn, args, queue):
         initialize_parallel(**parallel, device="cpu", timeout_s=120,
                             init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         try:
-            queue.put((rank, "ok", fn(rank, *args)))
+            # pickled to bytes: tensors sent as such would be shared by file descriptor and
+            # vanish if this worker exits before the parent reads them
+            queue.put((rank, "ok", pickle.dumps(fn(rank, *args))))
         finally:
             destroy_parallel()
     except BaseException:  # report everything, including SystemExit from the code under test
@@ -60,7 +63,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, tensor_parallel: in
                 if status == "error":
                     errors.append(f"rank {rank}:\n{payload}")
                     break
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
         finally:
             for p in procs:
                 p.join(timeout=5 if errors else timeout_s)

@@ -57,6 +57,7 @@ def test_transformer_config_carries_our_fields():
                                   "(allowed: 1, 2, 4, 8)"),
     (["moe.num_expert_groups=4", "moe.adjugate_scale=0.9"], "lam <= G/E = 0.5"),
     (["train"], "expected dotted key=value"),
+    (["moe.router_topk=1"], "moe.router_topk=1 with moe.router_score_function=softmax"),
     (["train.iters.x=1"], "train.iters={'x': 1}: expected int"),
 ])
 def test_bad_config_names_key_and_allowed(overrides, needle):
