@@ -84,7 +84,7 @@ class GroveTopKRouter(TopKRouter):
             raise ValueError("GroveTopKRouter keeps its own expert bias; set "
                              "moe_router_enable_expert_bias=False and choose moe_bias_update_rule")
         num_experts = config.num_moe_experts
-        device = torch.cuda.current_device()
+        device = self.weight.device  # wherever Megatron put the router weight
         # Megatron's switch for counting routed tokens into local_tokens_per_expert: we always
         # count (the trainer logs the load), whether or not a bias is kept.
         self.enable_expert_bias = True
