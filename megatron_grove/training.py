@@ -94,13 +94,9 @@ def _build_optimizer(cfg: GroveConfig, model: torch.nn.Module, dtype: torch.dtyp
     return optimizer, scheduler
 
 
-def _dataset(cfg: GroveConfig, tokenizer, rank: int):
-    prefix = cfg.data.path
-    if prefix is None:
-        if rank == 0:  # build the embedded corpus' index once, then everyone reads it
-            embedded_corpus_prefix()
-        dist.barrier()
-        prefix = embedded_corpus_prefix()
+def _dataset(cfg: GroveConfig, tokenizer):
+    # embedded_corpus_prefix is safe to call from every rank at once (atomic tmp + rename)
+    prefix = cfg.data.path or embedded_corpus_prefix()
     return build_gpt_dataset(prefix, cfg.model.seq_length,
                              num_samples=cfg.train.iters * cfg.train.global_batch_size,
                              seed=cfg.train.seed, tokenizer=tokenizer)
@@ -125,7 +121,7 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
     dp_size = validate_layout(cfg, runtime.world_size)
     dtype = torch.bfloat16 if cfg.runtime.dtype == "bf16" else torch.float32
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    dataset = _dataset(cfg, tokenizer, runtime.rank)
+    dataset = _dataset(cfg, tokenizer)
     tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=runtime.device.type == "cpu")
     model = build_gpt_model(tconfig, cfg.model.vocab_size or tokenizer.vocab_size,
                             cfg.model.seq_length, cfg.model.rotary_base,
