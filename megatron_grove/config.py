@@ -21,7 +21,8 @@ import yaml
 
 __all__ = [
     "ConfigError", "ModelConfig", "MoEConfig", "ParallelConfig", "TrainConfig", "DataConfig",
-    "CheckpointConfig", "LoggingConfig", "RuntimeConfig", "KernelsConfig", "GroveConfig",
+    "CheckpointConfig", "LoggingConfig", "RuntimeConfig", "KernelsConfig", "PrecisionConfig",
+    "GroveConfig",
     "load_config", "apply_overrides", "config_to_dict", "validate_layout",
 ]
 
@@ -128,6 +129,16 @@ class KernelsConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    """TransformerEngine and FP8 (GPU only; see :mod:`megatron_grove.acceleration`)."""
+
+    transformer_engine: Literal["auto", "on", "off"] = "auto"  # auto: when TE imports on a GPU
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    fp8_recipe: Literal["delayed", "current"] = "delayed"  # current = per-tensor current scaling
+    fp8_amax_history_len: int = 1024  # delayed scaling only
+
+
+@dataclass
 class GroveConfig:
     """The whole run: one object, built only by :func:`load_config`."""
 
@@ -140,6 +151,7 @@ class GroveConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
 
 # --------------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ adds; every Megatron module receives it unchanged, our own modules read the extr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from megatron_grove.acceleration import Acceleration
 from megatron_grove.config import GroveConfig
 
 __all__ = ["GroveTransformerConfig", "to_transformer_config"]
@@ -41,11 +43,24 @@ class GroveTransformerConfig(TransformerConfig):
     moe_first_k_dense_layers: int = 0
     """The first k decoder layers use a dense FFN instead of MoE."""
 
+    grove_kernels_backend: str = "torch"
+    """'torch' or 'triton': the implementation of :mod:`kernels` ops (SwiGLU, combine)."""
+
+    grove_transformer_engine: bool = False
+    """Build TE modules (TEGroupedMLP experts and adjugates); see megatron_grove.acceleration."""
+
+
+_PLAIN = Acceleration(kernels_backend="torch", transformer_engine=False, fp8=None, fp8_recipe=None)
+
 
 def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
-                          use_cpu_initialization: bool = True) -> GroveTransformerConfig:
-    """Translate the run config into Megatron's config (layout fields included)."""
+                          use_cpu_initialization: bool = True,
+                          acceleration: Optional[Acceleration] = None) -> GroveTransformerConfig:
+    """Translate the run config into Megatron's config (layout fields included).
+    ``acceleration`` (from :func:`megatron_grove.acceleration.resolve_acceleration`) picks
+    kernels, TE and FP8; None = torch kernels, no TE, no FP8."""
     m, e, p = cfg.model, cfg.moe, cfg.parallel
+    acc = acceleration or _PLAIN
     return GroveTransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -81,7 +96,16 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_aux_loss_coeff=e.aux_loss_coeff,
         moe_router_enable_expert_bias=False,
         moe_router_bias_update_rate=e.bias_update_rate,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=acc.transformer_engine,  # TEGroupedMLP experts
+        # Megatron's hook for an activation *module* (ours: kernels.swiglu.SwiGLU, set in the
+        # layer spec) applied to the whole fc1 output; the name predates non-TE modules.
+        use_te_activation_func=acc.kernels_backend == "triton",
+        fp8=acc.fp8,
+        fp8_recipe=acc.fp8_recipe or "delayed",
+        fp8_amax_history_len=cfg.precision.fp8_amax_history_len if acc.fp8 else 1,
+        fp8_amax_compute_algo="max" if acc.fp8_recipe == "delayed" else "most_recent",
+        grove_kernels_backend=acc.kernels_backend,
+        grove_transformer_engine=acc.transformer_engine,
         moe_layer_freq=[0] * e.first_k_dense_layers + [1] * (m.num_layers - e.first_k_dense_layers),
         moe_num_expert_groups=e.num_expert_groups,
         moe_adjugate_ffn_hidden_size=e.adjugate_ffn_hidden_size,
