@@ -54,6 +54,11 @@ from megatron_grove.adjugate_experts import (
     adjugate_experts_config,
     virtual_dispatcher_config,
 )
+from megatron_grove.group_aware_dispatcher import (
+    GroupAwareAlltoAllDispatcher,
+    expand_to_local_experts,
+    reduce_to_received_tokens,
+)
 from megatron_grove.megatron_config import GroveTransformerConfig
 
 __all__ = ["GroveMoELayer"]
@@ -101,13 +106,21 @@ class GroveMoELayer(MoELayer):
                              f"not moe_token_dispatcher_type={config.moe_token_dispatcher_type!r}")
         self.layout = VirtualExpertLayout(config.num_moe_experts, config.moe_num_expert_groups,
                                           self.ep_group.size(), config.moe_adjugate_scale)
-        # MoELayer built its dispatcher for the E routed experts; ours serves E+G virtual ones.
-        self.token_dispatcher = dispatcher_cls(
-            self.layout.local_virtual_experts,
-            self.layout.local_virtual_indices(self.ep_group.rank()),
-            config=virtual_dispatcher_config(config),
-            pg_collection=pg_collection,
-        )
+        self.group_aware = config.moe_group_aware_dispatch
+        if self.group_aware and dispatcher_cls is not VirtualExpertAlltoAllDispatcher:
+            raise ValueError("moe_group_aware_dispatch needs moe_token_dispatcher_type='alltoall'")
+        # MoELayer built its dispatcher for the E routed experts; ours serves E+G virtual ones
+        # or, group-aware, one pseudo-expert per EP rank.
+        if self.group_aware:
+            self.token_dispatcher = GroupAwareAlltoAllDispatcher(
+                self.layout, self.ep_group.rank(), config, pg_collection=pg_collection)
+        else:
+            self.token_dispatcher = dispatcher_cls(
+                self.layout.local_virtual_experts,
+                self.layout.local_virtual_indices(self.ep_group.rank()),
+                config=virtual_dispatcher_config(config),
+                pg_collection=pg_collection,
+            )
         self.adjugate_experts = self.submodules.experts(
             self.layout.local_adjugates,
             adjugate_experts_config(config),
@@ -118,19 +131,29 @@ class GroveMoELayer(MoELayer):
 
     def reset_grove_counters(self) -> None:
         """Zero ``grove_counters`` (see the module docstring)."""
-        self.grove_counters: dict[str, int] = {"routed_rows": 0, "adjugate_rows": 0, "forwards": 0}
+        self.grove_counters: dict[str, int] = {"dispatched_rows": 0, "routed_rows": 0,
+                                               "adjugate_rows": 0, "forwards": 0}
 
     def preprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor,
                    routing_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``probs``/``routing_map`` ``[T, E]`` -> Megatron's preprocess over the ``[T, E+G]``
-        virtual experts; returns what the dispatcher sends."""
-        probs, routing_map = self.layout.extend(probs, routing_map)
-        return super().preprocess(hidden_states, probs, routing_map)
+        """``probs``/``routing_map`` ``[T, E]`` -> what the dispatcher sends: Megatron's
+        preprocess over the ``[T, E+G]`` virtual experts, or the group-aware dispatcher's
+        rows ``[N, H]`` and weights ``[N, E/ep]``."""
+        if not self.group_aware:
+            probs, routing_map = self.layout.extend(probs, routing_map)
+        rows, row_probs = super().preprocess(hidden_states, probs, routing_map)
+        # allgather sends every token to every EP rank; the all-to-alls send their rows
+        copies = self.ep_group.size() if isinstance(self.token_dispatcher,
+                                                    MoEAllGatherTokenDispatcher) else 1
+        self.grove_counters["dispatched_rows"] += rows.reshape(-1, rows.shape[-1]).shape[0] * copies
+        return rows, row_probs
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor
                                ) -> tuple[torch.Tensor, None]:
-        """Run this rank's routed experts and adjugates on the tokens it received
-        (``[rows, H]``, sorted by local virtual expert) and prepare the combine."""
+        """Run this rank's routed experts and adjugates on the tokens it received and prepare
+        the combine."""
+        if self.group_aware:
+            return self._group_aware_experts_compute(hidden_states, probs), None
         tokens, tokens_per_virtual, permuted_probs = (
             self.token_dispatcher.dispatch_postprocess(hidden_states, probs))
         routed_counts = tokens_per_virtual[:self.layout.local_experts]
@@ -145,3 +168,22 @@ class GroveMoELayer(MoELayer):
         self.grove_counters["forwards"] += 1
         output = torch.cat([routed_output, adjugate_output], dim=0)
         return self.token_dispatcher.combine_preprocess(output), None
+
+    def _group_aware_experts_compute(self, hidden_states: torch.Tensor, weights: torch.Tensor
+                                     ) -> torch.Tensor:
+        """Received rows ``[R, H]`` and their local routing weights ``[R, E/ep]`` -> one
+        partial sum per row, ready for the combine."""
+        rows, _, weights = self.token_dispatcher.dispatch_postprocess(hidden_states, weights)
+        expansion = expand_to_local_experts(weights, self.layout.experts_per_group,
+                                            self.layout.adjugate_scale)
+        routed_output, _ = self.experts(rows[expansion.routed_rows], expansion.tokens_per_expert,
+                                        expansion.routed_probs)
+        adjugate_output, _ = self.adjugate_experts(rows[expansion.adjugate_rows],
+                                                   expansion.tokens_per_adjugate,
+                                                   expansion.adjugate_probs)
+        self.grove_counters["routed_rows"] += expansion.routed_rows.shape[0]
+        self.grove_counters["adjugate_rows"] += expansion.adjugate_rows.shape[0]
+        self.grove_counters["forwards"] += 1
+        output = reduce_to_received_tokens(routed_output, adjugate_output, expansion,
+                                           rows.shape[0])
+        return self.token_dispatcher.combine_preprocess(output)

@@ -43,6 +43,10 @@ class GroveTransformerConfig(TransformerConfig):
     moe_first_k_dense_layers: int = 0
     """The first k decoder layers use a dense FFN instead of MoE."""
 
+    moe_group_aware_dispatch: bool = False
+    """With the alltoall dispatcher: Grove layers use ``GroupAwareAlltoAllDispatcher`` (one
+    row per (token, EP rank)) instead of adjugates as extra experts (``grove_alltoall``)."""
+
     grove_kernels_backend: str = "torch"
     """'torch' or 'triton': the implementation of :mod:`kernels` ops (SwiGLU, combine)."""
 
@@ -112,4 +116,5 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_adjugate_scale=e.adjugate_scale,
         moe_bias_update_rule=e.bias_update_rule,
         moe_first_k_dense_layers=e.first_k_dense_layers,
+        moe_group_aware_dispatch=e.token_dispatcher_type == "grove_alltoall",
     )
