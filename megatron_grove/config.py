@@ -132,7 +132,7 @@ class KernelsConfig:
 class PrecisionConfig:
     """TransformerEngine and FP8 (GPU only; see :mod:`megatron_grove.acceleration`)."""
 
-    transformer_engine: Literal["auto", "on", "off"] = "auto"  # auto: when TE imports on a GPU
+    transformer_engine: Optional[bool] = None  # null: when TE imports on a GPU; true: required
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     fp8_recipe: Literal["delayed", "current"] = "delayed"  # current = per-tensor current scaling
     fp8_amax_history_len: int = 1024  # delayed scaling only

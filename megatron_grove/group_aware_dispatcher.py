@@ -22,8 +22,9 @@ same all-to-all)::
     source      Megatron's unpermute adds each token's partial sums: [T, H]
 
 :func:`expand_to_local_experts` and :func:`reduce_to_received_tokens` are the local permute and
-the per-token reduction (the places for fused kernels); :class:`LocalExpansion` documents the
-index tensors they share.
+the per-token reduction; they run the :mod:`kernels` ops (permute, unpermute, Grove combine)
+with ``config.grove_kernels_backend``; :class:`LocalExpansion` documents the index tensors they
+share.
 
 A selected expert is recognised on the destination by a non-zero weight: an expert selected
 with weight exactly 0 (fp32 underflow) adds nothing to the output and is skipped, so the
@@ -38,6 +39,9 @@ import copy
 from dataclasses import dataclass
 
 import torch
+
+from kernels.grove_combine import grove_combine
+from kernels.permute import sorted_rows, unpermute
 from megatron_grove.adjugate_experts import VirtualExpertAlltoAllDispatcher, VirtualExpertLayout
 from megatron_grove.megatron_config import GroveTransformerConfig
 
@@ -52,51 +56,45 @@ class LocalExpansion:
     ``routed_rows [N_r]`` (int64): the received row of each (row, local expert) pair, sorted
     by local expert (then row); ``routed_probs [N_r]``: its routing weight;
     ``tokens_per_expert [L]`` (int64, CPU): pairs per local expert.
-    ``adjugate_rows [N_a]``, ``adjugate_probs [N_a]`` (``lam`` x the group's summed weight),
-    ``tokens_per_adjugate [G/ep]`` (int64, CPU): the same for (row, local group) pairs.
+    ``adjugate_rows [N_a]``, ``adjugate_groups [N_a]`` (local group index),
+    ``tokens_per_adjugate [G/ep]`` (int64, CPU): the same for (row, local group) pairs; their
+    weight (``lam`` x the group's summed routing weight) is applied by the combine.
     """
 
     routed_rows: torch.Tensor
     routed_probs: torch.Tensor
     tokens_per_expert: torch.Tensor
     adjugate_rows: torch.Tensor
-    adjugate_probs: torch.Tensor
+    adjugate_groups: torch.Tensor
     tokens_per_adjugate: torch.Tensor
 
 
-def _pairs_by_column(weights: torch.Tensor, selected: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``weights``/``selected`` ``[R, C]`` -> (rows ``[N]``, weights ``[N]``, counts ``[C]``) of
-    the selected (row, column) pairs, sorted by column then row."""
-    columns, rows = selected.T.nonzero(as_tuple=True)
-    return rows, weights[rows, columns], selected.sum(dim=0).cpu()
-
-
-def expand_to_local_experts(weights: torch.Tensor, experts_per_group: int,
-                            adjugate_scale: float) -> LocalExpansion:
+def expand_to_local_experts(weights: torch.Tensor, experts_per_group: int) -> LocalExpansion:
     """Received routing weights ``[R, L]`` (0 where the row's token did not select the local
     expert; ``L`` a multiple of ``experts_per_group``) -> the (row, expert) and (row, group)
-    pairs to compute. A group's adjugate weight is ``adjugate_scale`` x the sum of the
-    weights of its experts."""
+    pairs to compute."""
     R, L = weights.shape
     selected = weights != 0
-    routed_rows, routed_probs, tokens_per_expert = _pairs_by_column(weights, selected)
-    groups = L // experts_per_group
-    group_weights = adjugate_scale * weights.reshape(R, groups, experts_per_group).sum(dim=-1)
-    group_hit = selected.reshape(R, groups, experts_per_group).any(dim=-1)
-    adjugate_rows, adjugate_probs, tokens_per_adjugate = _pairs_by_column(group_weights,
-                                                                          group_hit)
-    return LocalExpansion(routed_rows, routed_probs, tokens_per_expert,
-                          adjugate_rows, adjugate_probs, tokens_per_adjugate)
+    routed_rows, routed_experts, tokens_per_expert = sorted_rows(selected)
+    group_hit = selected.reshape(R, L // experts_per_group, experts_per_group).any(dim=-1)
+    adjugate_rows, adjugate_groups, tokens_per_adjugate = sorted_rows(group_hit)
+    return LocalExpansion(routed_rows, weights[routed_rows, routed_experts],
+                          tokens_per_expert.cpu(), adjugate_rows, adjugate_groups,
+                          tokens_per_adjugate.cpu())
 
 
 def reduce_to_received_tokens(routed_output: torch.Tensor, adjugate_output: torch.Tensor,
-                              expansion: LocalExpansion, num_rows: int) -> torch.Tensor:
-    """Weighted expert outputs ``[N_r, H]`` and adjugate outputs ``[N_a, H]`` (rows as in
-    ``expansion``) -> one partial sum per received row ``[num_rows, H]``."""
-    out = routed_output.new_zeros(num_rows, routed_output.shape[-1])
-    out = out.index_add(0, expansion.routed_rows, routed_output)
-    return out.index_add(0, expansion.adjugate_rows, adjugate_output.to(out.dtype))
+                              expansion: LocalExpansion, weights: torch.Tensor,
+                              experts_per_group: int, adjugate_scale: float,
+                              backend: str = "torch") -> torch.Tensor:
+    """Weighted expert outputs ``[N_r, H]`` and unweighted adjugate outputs ``[N_a, H]`` (rows
+    as in ``expansion``), received weights ``[R, L]`` -> one partial sum per received row
+    ``[R, H]``: the routed scatter-add (:func:`kernels.permute.unpermute`), then the Grove
+    combine (:func:`kernels.grove_combine.grove_combine`: group weights and scatter-add)."""
+    partial = unpermute(routed_output, expansion.routed_rows, None, weights.shape[0], backend)
+    return grove_combine(adjugate_output.to(partial.dtype), expansion.adjugate_rows,
+                         expansion.adjugate_groups, weights, experts_per_group, adjugate_scale,
+                         base=partial, backend=backend)
 
 
 def rank_dispatcher_config(config: GroveTransformerConfig, ep_size: int

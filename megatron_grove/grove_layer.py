@@ -48,6 +48,7 @@ from megatron.core.transformer.moe.token_dispatcher import (
     MoEAlltoAllTokenDispatcher,
 )
 
+from kernels.permute import permute
 from megatron_grove.adjugate_experts import (
     VirtualExpertAlltoAllDispatcher,
     VirtualExpertLayout,
@@ -174,16 +175,19 @@ class GroveMoELayer(MoELayer):
         """Received rows ``[R, H]`` and their local routing weights ``[R, E/ep]`` -> one
         partial sum per row, ready for the combine."""
         rows, _, weights = self.token_dispatcher.dispatch_postprocess(hidden_states, weights)
-        expansion = expand_to_local_experts(weights, self.layout.experts_per_group,
-                                            self.layout.adjugate_scale)
-        routed_output, _ = self.experts(rows[expansion.routed_rows], expansion.tokens_per_expert,
-                                        expansion.routed_probs)
-        adjugate_output, _ = self.adjugate_experts(rows[expansion.adjugate_rows],
-                                                   expansion.tokens_per_adjugate,
-                                                   expansion.adjugate_probs)
+        backend, layout = self.config.grove_kernels_backend, self.layout
+        expansion = expand_to_local_experts(weights, layout.experts_per_group)
+        routed_output, _ = self.experts(permute(rows, expansion.routed_rows, backend),
+                                        expansion.tokens_per_expert, expansion.routed_probs)
+        # adjugates unweighted: the combine applies lam x the group's weight
+        adjugate_rows = permute(rows, expansion.adjugate_rows, backend)
+        adjugate_output, _ = self.adjugate_experts(
+            adjugate_rows, expansion.tokens_per_adjugate,
+            adjugate_rows.new_ones(adjugate_rows.shape[0]))
         self.grove_counters["routed_rows"] += expansion.routed_rows.shape[0]
         self.grove_counters["adjugate_rows"] += expansion.adjugate_rows.shape[0]
         self.grove_counters["forwards"] += 1
-        output = reduce_to_received_tokens(routed_output, adjugate_output, expansion,
-                                           rows.shape[0])
+        output = reduce_to_received_tokens(routed_output, adjugate_output, expansion, weights,
+                                           layout.experts_per_group, layout.adjugate_scale,
+                                           backend)
         return self.token_dispatcher.combine_preprocess(output)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-from megatron_grove.acceleration import Acceleration
+from megatron_grove.acceleration import Acceleration, megatron_fields
 from megatron_grove.config import GroveConfig
 
 __all__ = ["GroveTransformerConfig", "to_transformer_config"]
@@ -100,16 +100,7 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_aux_loss_coeff=e.aux_loss_coeff,
         moe_router_enable_expert_bias=False,
         moe_router_bias_update_rate=e.bias_update_rate,
-        moe_grouped_gemm=acc.transformer_engine,  # TEGroupedMLP experts
-        # Megatron's hook for an activation *module* (ours: kernels.swiglu.SwiGLU, set in the
-        # layer spec) applied to the whole fc1 output; the name predates non-TE modules.
-        use_te_activation_func=acc.kernels_backend == "triton",
-        fp8=acc.fp8,
-        fp8_recipe=acc.fp8_recipe or "delayed",
-        fp8_amax_history_len=cfg.precision.fp8_amax_history_len if acc.fp8 else 1,
-        fp8_amax_compute_algo="max" if acc.fp8_recipe == "delayed" else "most_recent",
-        grove_kernels_backend=acc.kernels_backend,
-        grove_transformer_engine=acc.transformer_engine,
+        **megatron_fields(acc, cfg.precision),
         moe_layer_freq=[0] * e.first_k_dense_layers + [1] * (m.num_layers - e.first_k_dense_layers),
         moe_num_expert_groups=e.num_expert_groups,
         moe_adjugate_ffn_hidden_size=e.adjugate_ffn_hidden_size,

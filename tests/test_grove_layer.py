@@ -60,6 +60,7 @@ class Run:
     adjugate_scale: float
     expert_bias: Optional[torch.Tensor] = None  # [E]; None: moe_bias_update_rule='none'
     stock: bool = False  # Megatron's MoELayer + TopKRouter instead of GroveMoELayer
+    kernels_backend: str = "torch"  # kernels' implementation (group-aware dispatch path)
 
 
 # --------------------------------------------------------------------------------------
@@ -123,7 +124,8 @@ def layer_config(run: Run, ep: int) -> GroveTransformerConfig:
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0, moe_num_expert_groups=case.groups,
         moe_adjugate_ffn_hidden_size=ADJUGATE_FFN, moe_adjugate_scale=run.adjugate_scale,
-        moe_bias_update_rule="none" if run.expert_bias is None else "paper")
+        moe_bias_update_rule="none" if run.expert_bias is None else "paper",
+        grove_kernels_backend=run.kernels_backend)
 
 
 def build_layer(run: Run, ep: int) -> MoELayer:
