@@ -6,7 +6,12 @@ routing; the local expansion / reduction; unsupported layouts; end-to-end traini
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +43,6 @@ from test_grove_layer import (
     Case,
     Run,
     assert_matches,
-    case_data,
     grove_run,
     layer_config,
     run_layers,
@@ -255,3 +259,40 @@ def test_training_matches_stock_alltoall(tmp_path):
             assert 1 <= a["copies_sent_per_token"][layer] <= 2  # at most once per EP rank
             assert b["copies_sent_per_token"][layer] == pytest.approx(
                 b["routed_evals_per_token"][layer] + b["adjugate_evals_per_token"][layer])
+
+
+# --------------------------------------------------------------------------------------
+# benchmarks/dispatch.py
+# --------------------------------------------------------------------------------------
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "dispatch.py"
+
+
+def _benchmark(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARK), *flags], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_benchmark_json():
+    proc = _benchmark("--ep", "2", "--experts", "16", "--topk", "4", "--groups", "8",
+                      "--tokens", "128", "--hidden", "32", "--iters", "1", "--warmup", "0",
+                      "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    copies, adjugate = out["copies_per_token"], out["adjugate_evals_per_token"]
+    assert copies["alltoall"] == 4  # one row per (token, expert)
+    assert adjugate["alltoall_virtual_adjugates"] == adjugate["group_aware"]
+    assert copies["alltoall_virtual_adjugates"] == pytest.approx(4 + adjugate["group_aware"])
+    assert 1 <= copies["group_aware"] <= 2  # at most once per EP rank
+    # bytes: H=32 fp32 per row, plus one routing weight (stock) or E/ep = 8 weights (ours)
+    assert out["bytes_per_token"]["alltoall"] == 4 * (32 + 1) * 4
+    assert out["bytes_per_token"]["group_aware"] == pytest.approx(copies["group_aware"] * 40 * 4)
+    times = out["time_s"]
+    assert out["time_ratio_group_aware_vs_virtual"] == pytest.approx(
+        times["group_aware"] / times["alltoall_virtual_adjugates"])
+
+
+def test_benchmark_rejects_bad_layout():
+    proc = _benchmark("--ep", "4", "--experts", "16", "--groups", "2")
+    assert proc.returncode == 2
+    assert "--groups 2 must divide --experts 16 and be a multiple of --ep 4" in proc.stderr
