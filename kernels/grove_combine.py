@@ -35,7 +35,9 @@ __all__ = ["group_weights", "grove_combine_reference", "grove_combine"]
 def group_weights(probs: torch.Tensor, row_token: torch.Tensor, row_group: torch.Tensor,
                   experts_per_group: int) -> torch.Tensor:
     """``probs [N, G_l*n]`` -> per-row group weight ``sum_{i<n} probs[t_r, g_r*n+i]`` ``[R]``."""
-    per_group = probs.reshape(probs.shape[0], -1, experts_per_group).sum(dim=-1)
+    num_tokens, num_experts = probs.shape
+    per_group = probs.reshape(num_tokens, num_experts // experts_per_group,
+                              experts_per_group).sum(dim=-1)
     return per_group[row_token, row_group]
 
 

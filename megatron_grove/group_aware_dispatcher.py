@@ -119,8 +119,7 @@ class GroupAwareAlltoAllDispatcher(VirtualExpertAlltoAllDispatcher):
     rank); ``token_dispatch`` / ``dispatch_postprocess`` deliver the ``[R, H]`` rows and
     ``[R, L]`` weights this rank receives (ordered by source rank); ``combine_preprocess`` /
     ``token_combine`` / ``combine_postprocess`` take one partial sum per received row back and
-    add them per token: ``[S, B, H]``. Attribute ``dispatched_rows``: ``N`` of the last
-    dispatch.
+    add them per token: ``[S, B, H]``.
     """
 
     def __init__(self, layout: VirtualExpertLayout, ep_rank: int,
@@ -128,7 +127,6 @@ class GroupAwareAlltoAllDispatcher(VirtualExpertAlltoAllDispatcher):
         super().__init__(1, [ep_rank], config=rank_dispatcher_config(config, layout.ep_size),
                          pg_collection=pg_collection)
         self.layout = layout
-        self.dispatched_rows = 0
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
                             probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,5 +139,4 @@ class GroupAwareAlltoAllDispatcher(VirtualExpertAlltoAllDispatcher):
         destination = torch.repeat_interleave(
             torch.arange(ep, device=rank_map.device), rank_map.sum(dim=0))  # [N]
         weights = probs.reshape(T, ep, L)[source_token, destination]
-        self.dispatched_rows = rows.shape[0]
         return rows, weights

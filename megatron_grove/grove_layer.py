@@ -19,6 +19,11 @@ Only Megatron's stages change (``forward`` is Megatron's):
   between ``experts`` (Megatron's experts class, ``E/ep`` routed experts) and
   ``adjugate_experts`` (the same class, ``G/ep`` adjugates), which both apply their probs.
 
+With ``moe_group_aware_dispatch`` (``moe.token_dispatcher_type: grove_alltoall``) the layer
+uses :class:`~megatron_grove.group_aware_dispatcher.GroupAwareAlltoAllDispatcher` instead: one
+row per (token, EP rank) carrying the token's weights for that rank's experts; the receiving
+rank expands the rows to its experts and adjugates and returns one partial sum per row.
+
 Both expert modules come from the layer spec's experts builder, so Megatron's expert-parallel
 parameter flags, gradient reduction and sharded checkpoints (``experts.*`` and
 ``adjugate_experts.*``, indexed by global expert / group) apply to both.
@@ -26,12 +31,14 @@ parameter flags, gradient reduction and sharded checkpoints (``experts.*`` and
 Counters: ``grove_counters`` is a dict of Python ints, accumulated over forwards until the
 trainer calls :meth:`GroveMoELayer.reset_grove_counters`:
 
+* ``"dispatched_rows"``: token rows this rank's dispatcher sent to another rank or kept locally
+  (all-to-alls: the permuted rows; allgather: every token to every EP rank);
 * ``"routed_rows"``: (token, routed expert) rows computed by this rank's routed experts;
 * ``"adjugate_rows"``: token rows computed by this rank's adjugates (one per (token, group));
 * ``"forwards"``: forward passes counted.
 
-They count this rank's compute (the tokens it *received*); summed over the EP group they give
-the group's (token, expert) and (token, group) pairs. Activation recomputation counts twice.
+``routed_rows`` and ``adjugate_rows`` count this rank's compute (the tokens it *received*);
+summed over the EP group they give the group's (token, expert) and (token, group) pairs. Activation recomputation counts twice.
 Per-expert token load is the router's ``local_tokens_per_expert``.
 """
 

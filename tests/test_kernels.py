@@ -118,6 +118,18 @@ def test_grove_combine_matches_reference(per_group, with_base):
     _assert_match(ref, tri)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grove_combine_with_no_tokens(backend):
+    """An EP rank that received nothing: ``[0, H]`` out, gradients of the right shapes."""
+    probs = torch.zeros(0, 4, device=DEVICE, requires_grad=True)
+    adj = torch.zeros(0, 5, device=DEVICE, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    out = grove_combine(adj, empty, empty, probs, 2, 0.5, backend=backend)
+    assert out.shape == (0, 5)
+    grads = torch.autograd.grad(out.sum() + 0 * adj.sum() + 0 * probs.sum(), (adj, probs))
+    assert [g.shape for g in grads] == [(0, 5), (0, 4)]
+
+
 def test_grove_combine_reference_is_the_grove_formula():
     """lam * sum over hit groups of (sum of the group's rho) * A_g(x_t), token by token."""
     num_tokens, groups, per_group, width, lam = 6, 4, 2, 5, 0.25
