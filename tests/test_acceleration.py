@@ -8,6 +8,7 @@
 * TE / FP8 requests this machine cannot serve are one-line config errors (exit 2 in the CLI).
 """
 
+import dataclasses
 import pickle
 import subprocess
 import sys
@@ -22,22 +23,30 @@ from megatron_grove.acceleration import megatron_fields, resolve_acceleration
 from megatron_grove.config import ConfigError, load_config
 from megatron_grove.megatron_config import to_transformer_config
 from megatron_grove.model import build_gpt_model
-from test_grove_layer import ALL_KEYS, CASES, assert_matches, grove_run, reference, run_layers
+from test_group_aware_dispatcher import FORCED_NAMES, _forced_run, _reference
+from test_grove_layer import ALL_KEYS, CASES, assert_matches, grove_run, run_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("ep", (1, 2))
 def test_group_aware_layer_with_triton_kernels_matches_reference(ep):
+    """Random routings and the forced ones (an EP rank that receives nothing, one group per
+    token, uneven load)."""
     cases = [case for case in CASES if case.groups % ep == 0][:3]
-    runs = [grove_run(case, "grove_alltoall", kernels_backend=backend)
-            for backend in ("torch", "triton") for case in cases]
+    base_runs = ([grove_run(case, "grove_alltoall") for case in cases]
+                 + [_forced_run(name, "grove_alltoall") for name in FORCED_NAMES])
+    runs = [dataclasses.replace(run, kernels_backend=backend)
+            for backend in ("torch", "triton") for run in base_runs]
     results = run_layers(runs, ep=ep)
-    torch_results, triton_results = results[:len(cases)], results[len(cases):]
-    for case, with_torch, with_triton in zip(cases, torch_results, triton_results):
-        assert_matches(with_triton, reference(case)[0], ALL_KEYS, rel=1e-5)
+    torch_results, triton_results = results[:len(base_runs)], results[len(base_runs):]
+    for run, with_torch, with_triton in zip(base_runs, torch_results, triton_results):
+        assert_matches(with_triton, _reference(run)[0], ALL_KEYS, rel=1e-5)
         assert_matches(with_triton, with_torch, ALL_KEYS, rel=1e-6)
-        assert with_triton["counters"] == with_torch["counters"], case.id
+        assert with_triton["counters"] == with_torch["counters"], run.case.id
+    if ep == 2:  # rank_idle: EP rank 1 computed nothing
+        idle = triton_results[len(cases) + FORCED_NAMES.index("rank_idle")]
+        assert idle["rank_counters"][1]["routed_rows"] == 0
 
 
 def _tiny_model_step(rank: int, backend: str) -> bytes:
