@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=128, help="routed experts E (default 128)")
     parser.add_argument("--topk", type=int, default=8, help="experts per token k (default 8)")
     parser.add_argument("--groups", type=int, default=64, help="expert groups G (default 64)")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per process (default 4096)")
+    parser.add_argument("--tokens", type=int, default=4096,
+                        help="tokens per process (default 4096)")
     parser.add_argument("--hidden", type=int, default=512, help="hidden size H (default 512)")
     parser.add_argument("--ffn", type=int, default=0,
                         help="routed expert FFN size (default 3H/8, as GroveMoE-33B)")

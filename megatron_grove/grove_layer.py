@@ -38,7 +38,8 @@ trainer calls :meth:`GroveMoELayer.reset_grove_counters`:
 * ``"forwards"``: forward passes counted.
 
 ``routed_rows`` and ``adjugate_rows`` count this rank's compute (the tokens it *received*);
-summed over the EP group they give the group's (token, expert) and (token, group) pairs. Activation recomputation counts twice.
+summed over the EP group they give the group's (token, expert) and (token, group) pairs.
+Activation recomputation counts twice.
 Per-expert token load is the router's ``local_tokens_per_expert``.
 """
 

@@ -232,7 +232,8 @@ def test_tensor_parallel_is_rejected_clearly():
     with pytest.raises(ValueError, match="grove_alltoall supports tensor_model_parallel_size=1"):
         rank_dispatcher_config(config, ep_size=1)
     with pytest.raises(ConfigError, match=r"moe.token_dispatcher_type=grove_alltoall: "
-                                          r"parallel.tensor_model_parallel_size=2 is not supported"):
+                                          r"parallel.tensor_model_parallel_size=2 is not "
+                                          r"supported"):
         load_config(None, ["moe.num_expert_groups=4", "moe.token_dispatcher_type=grove_alltoall",
                            "parallel.tensor_model_parallel_size=2",
                            "parallel.sequence_parallel=true"])

@@ -119,7 +119,8 @@ def layer_config(run: Run, ep: int) -> GroveTransformerConfig:
         use_cpu_initialization=True, expert_model_parallel_size=ep,
         num_moe_experts=case.experts, moe_ffn_hidden_size=FFN, moe_router_topk=case.topk,
         moe_router_score_function=case.score_function, moe_router_pre_softmax=False,
-        moe_token_dispatcher_type="alltoall" if run.dispatcher == "grove_alltoall" else run.dispatcher,
+        moe_token_dispatcher_type=(
+            "alltoall" if run.dispatcher == "grove_alltoall" else run.dispatcher),
         moe_group_aware_dispatch=run.dispatcher == "grove_alltoall",
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0, moe_num_expert_groups=case.groups,
