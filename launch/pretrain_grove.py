@@ -77,6 +77,7 @@ def _quiet_dependency_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_dependency_warnings()
+    from megatron_grove.acceleration import resolve_acceleration
     from megatron_grove.config import ConfigError, load_config, validate_layout
 
     rank = int(os.environ.get("RANK", "0"))
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(cfg, args.json)
         validate_layout(cfg, world_size)
+        resolve_acceleration(cfg)  # kernels / TE / FP8 requests this machine cannot serve
     except ConfigError as exc:
         if rank == 0:
             print(f"pretrain_grove.py: config error: {exc}", file=sys.stderr)

@@ -21,7 +21,8 @@ import yaml
 
 __all__ = [
     "ConfigError", "ModelConfig", "MoEConfig", "ParallelConfig", "TrainConfig", "DataConfig",
-    "CheckpointConfig", "LoggingConfig", "RuntimeConfig", "KernelsConfig", "GroveConfig",
+    "CheckpointConfig", "LoggingConfig", "RuntimeConfig", "KernelsConfig", "PrecisionConfig",
+    "GroveConfig",
     "load_config", "apply_overrides", "config_to_dict", "validate_layout",
 ]
 
@@ -128,6 +129,16 @@ class KernelsConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    """TransformerEngine and FP8 (GPU only; see :mod:`megatron_grove.acceleration`)."""
+
+    transformer_engine: Optional[bool] = None  # null: when TE imports on a GPU; true: required
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    fp8_recipe: Literal["delayed", "current"] = "delayed"  # current = per-tensor current scaling
+    fp8_amax_history_len: int = 1024  # delayed scaling only
+
+
+@dataclass
 class GroveConfig:
     """The whole run: one object, built only by :func:`load_config`."""
 
@@ -140,6 +151,7 @@ class GroveConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
 
 # --------------------------------------------------------------------------------------
@@ -321,6 +333,9 @@ def _validate(cfg: GroveConfig) -> None:
     _require(not (p.tensor_model_parallel_size > 1 and e.num_experts and not p.sequence_parallel),
              f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}: MoE with tensor "
              "parallelism needs parallel.sequence_parallel=true (as in Megatron-Core)")
+    _require(not (e.token_dispatcher_type == "grove_alltoall" and p.tensor_model_parallel_size > 1),
+             f"moe.token_dispatcher_type=grove_alltoall: parallel.tensor_model_parallel_size="
+             f"{p.tensor_model_parallel_size} is not supported yet; allowed: 1 (or use alltoall)")
 
 
 def validate_layout(cfg: GroveConfig, world_size: int) -> int:

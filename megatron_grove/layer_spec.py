@@ -5,6 +5,12 @@ Megatron's ``get_gpt_decoder_block_spec`` already lays out dense vs MoE layers f
 router for ours: every MoE layer routes with :class:`~megatron_grove.router.GroveTopKRouter`,
 and is a :class:`~megatron_grove.grove_layer.GroveMoELayer` when ``moe_num_expert_groups > 0``
 (Megatron's ``MoELayer`` otherwise).
+
+With ``grove_transformer_engine`` the spec is Megatron's TE spec (TE linears/attention,
+``TEGroupedMLP`` experts; :class:`GroveMoELayer` builds its adjugates with the same experts
+builder, so they run as a TE grouped GEMM too). With ``grove_kernels_backend == "triton"``
+every MLP (dense, experts, adjugates) gets :class:`kernels.swiglu.SwiGLU` as its activation
+module (``config.use_te_activation_func`` is set by ``to_transformer_config``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from kernels.swiglu import SwiGLU
 from megatron_grove.grove_layer import GroveMoELayer
 from megatron_grove.megatron_config import GroveTransformerConfig
 from megatron_grove.router import GroveTopKRouter
@@ -23,17 +30,30 @@ from megatron_grove.router import GroveTopKRouter
 __all__ = ["build_decoder_block_spec"]
 
 
+def _with_swiglu_module(builder: functools.partial) -> functools.partial:
+    """An MLP / experts builder whose MLP submodules use our SwiGLU activation module."""
+    submodules = dataclasses.replace(builder.keywords["submodules"], activation_func=SwiGLU)
+    return functools.partial(builder.func, *builder.args,
+                             **{**builder.keywords, "submodules": submodules})
+
+
 def _moe_layer_builder(config: GroveTransformerConfig,
                        stock: functools.partial) -> functools.partial:
     submodules: MoESubmodules = stock.keywords["submodules"]
     layer_cls = GroveMoELayer if config.moe_num_expert_groups > 0 else MoELayer
-    return functools.partial(layer_cls,
-                             submodules=dataclasses.replace(submodules, router=GroveTopKRouter))
+    submodules = dataclasses.replace(submodules, router=GroveTopKRouter)
+    if config.grove_kernels_backend == "triton":
+        submodules = dataclasses.replace(
+            submodules, experts=_with_swiglu_module(submodules.experts),
+            shared_experts=(_with_swiglu_module(submodules.shared_experts)
+                            if submodules.shared_experts is not None else None))
+    return functools.partial(layer_cls, submodules=submodules)
 
 
 def build_decoder_block_spec(config: GroveTransformerConfig) -> TransformerBlockSubmodules:
     """Per-layer specs for the whole decoder (no pipeline parallelism: pp_rank 0 builds all)."""
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+    spec = get_gpt_decoder_block_spec(config,
+                                      use_transformer_engine=config.grove_transformer_engine,
                                       normalization="RMSNorm", qk_l2_norm=False, pp_rank=0)
     for layer in spec.layer_specs:
         mlp = layer.submodules.mlp
@@ -41,4 +61,6 @@ def build_decoder_block_spec(config: GroveTransformerConfig) -> TransformerBlock
         if (isinstance(mlp, functools.partial) and isinstance(mlp.func, type)
                 and issubclass(mlp.func, MoELayer)):
             layer.submodules.mlp = _moe_layer_builder(config, mlp)
+        elif config.grove_kernels_backend == "triton":
+            layer.submodules.mlp = _with_swiglu_module(mlp)
     return spec

@@ -7,11 +7,13 @@ adds; every Megatron module receives it unchanged, our own modules read the extr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from megatron_grove.acceleration import Acceleration, megatron_fields
 from megatron_grove.config import GroveConfig
 
 __all__ = ["GroveTransformerConfig", "to_transformer_config"]
@@ -41,11 +43,28 @@ class GroveTransformerConfig(TransformerConfig):
     moe_first_k_dense_layers: int = 0
     """The first k decoder layers use a dense FFN instead of MoE."""
 
+    moe_group_aware_dispatch: bool = False
+    """With the alltoall dispatcher: Grove layers use ``GroupAwareAlltoAllDispatcher`` (one
+    row per (token, EP rank)) instead of adjugates as extra experts (``grove_alltoall``)."""
+
+    grove_kernels_backend: str = "torch"
+    """'torch' or 'triton': the implementation of :mod:`kernels` ops (SwiGLU, combine)."""
+
+    grove_transformer_engine: bool = False
+    """Build TE modules (TEGroupedMLP experts and adjugates); see megatron_grove.acceleration."""
+
+
+_PLAIN = Acceleration(kernels_backend="torch", transformer_engine=False, fp8=None, fp8_recipe=None)
+
 
 def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
-                          use_cpu_initialization: bool = True) -> GroveTransformerConfig:
-    """Translate the run config into Megatron's config (layout fields included)."""
+                          use_cpu_initialization: bool = True,
+                          acceleration: Optional[Acceleration] = None) -> GroveTransformerConfig:
+    """Translate the run config into Megatron's config (layout fields included).
+    ``acceleration`` (from :func:`megatron_grove.acceleration.resolve_acceleration`) picks
+    kernels, TE and FP8; None = torch kernels, no TE, no FP8."""
     m, e, p = cfg.model, cfg.moe, cfg.parallel
+    acc = acceleration or _PLAIN
     return GroveTransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -81,11 +100,12 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_aux_loss_coeff=e.aux_loss_coeff,
         moe_router_enable_expert_bias=False,
         moe_router_bias_update_rate=e.bias_update_rate,
-        moe_grouped_gemm=False,
+        **megatron_fields(acc, cfg.precision),
         moe_layer_freq=[0] * e.first_k_dense_layers + [1] * (m.num_layers - e.first_k_dense_layers),
         moe_num_expert_groups=e.num_expert_groups,
         moe_adjugate_ffn_hidden_size=e.adjugate_ffn_hidden_size,
         moe_adjugate_scale=e.adjugate_scale,
         moe_bias_update_rule=e.bias_update_rule,
         moe_first_k_dense_layers=e.first_k_dense_layers,
+        moe_group_aware_dispatch=e.token_dispatcher_type == "grove_alltoall",
     )

@@ -1,8 +1,10 @@
 """Per-step MoE counters read from the model's MoE layers, for the metrics log.
 
 A layer that counts work exposes ``grove_counters``: a dict of python ints accumulated over
-the forward passes of a step on this rank (``routed_rows``: (token, expert) rows its experts
-computed; ``adjugate_rows``: token rows its adjugates computed, one per (token, group)).
+the forward passes of a step on this rank (``dispatched_rows``: token rows its dispatcher sent
+to other ranks or kept locally, logged as ``copies_sent_per_token``; ``routed_rows``:
+(token, expert) rows its experts computed; ``adjugate_rows``: token rows its adjugates
+computed, one per (token, group)).
 This module sums them over all ranks and divides by the tokens of the global batch.
 """
 
@@ -13,7 +15,8 @@ import torch.distributed as dist
 
 __all__ = ["collect_moe_counters", "reset_moe_counters"]
 
-PER_TOKEN = {"routed_rows": "routed_evals_per_token", "adjugate_rows": "adjugate_evals_per_token"}
+PER_TOKEN = {"dispatched_rows": "copies_sent_per_token", "routed_rows": "routed_evals_per_token",
+             "adjugate_rows": "adjugate_evals_per_token"}
 
 
 def _counting_layers(model: torch.nn.Module):

@@ -25,6 +25,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
+from megatron_grove.acceleration import resolve_acceleration
 from megatron_grove.balancing import update_expert_bias
 from megatron_grove.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron_grove.config import GroveConfig, config_to_dict, validate_layout
@@ -122,7 +123,8 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
     dtype = torch.bfloat16 if cfg.runtime.dtype == "bf16" else torch.float32
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     dataset = _dataset(cfg, tokenizer)
-    tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=runtime.device.type == "cpu")
+    tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=runtime.device.type == "cpu",
+                                    acceleration=resolve_acceleration(cfg, runtime.device.type))
     model = build_gpt_model(tconfig, cfg.model.vocab_size or tokenizer.vocab_size,
                             cfg.model.seq_length, cfg.model.rotary_base,
                             cfg.model.tie_embeddings, seed=cfg.train.seed).to(runtime.device)

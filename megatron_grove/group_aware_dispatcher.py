@@ -1,0 +1,142 @@
+"""``GroupAwareAlltoAllDispatcher``: each token crosses the EP all-to-all once per destination
+rank, and a group's adjugate runs beside its experts, once per (token, group).
+
+Under expert parallelism (``ep`` ranks, ``ep | G``) rank ``r`` holds routed experts
+``r*L ... (r+1)*L - 1`` (``L = E/ep``: whole groups) and the adjugates of those groups (see
+:mod:`megatron_grove.adjugate_experts`). Megatron's ``MoEAlltoAllTokenDispatcher`` sends one row
+per (token, expert) column of its routing map, the expert of column ``c`` living on rank
+``c // num_local_experts``. We hand it ``ep`` columns, one pseudo-expert per rank, so it sends
+one row per (token, destination rank), and let it carry beside each row the token's routing
+weights of the destination's ``L`` experts (the "probs" channel of Megatron's
+``token_dispatch``, ``[rows, L]`` instead of ``[rows]``; their gradient flows back through the
+same all-to-all)::
+
+    source      probs/routing_map [T, E] -> rank_map [T, ep] = "selected an expert on rank r"
+                Megatron permute: hidden [T, H] -> rows [N, H] sorted by destination rank,
+                beside them weights [N, L] = probs[token, r*L:(r+1)*L]
+    all-to-all  Megatron's token_dispatch (rows and weights)
+    destination expand_to_local_experts: [R, L] weights -> (row, local expert) and
+                (row, local group) index lists; routed experts and adjugates run on them;
+                reduce_to_received_tokens: one partial sum per received row [R, H]
+    all-to-all  Megatron's token_combine (weight 1: the probs are already applied)
+    source      Megatron's unpermute adds each token's partial sums: [T, H]
+
+:func:`expand_to_local_experts` and :func:`reduce_to_received_tokens` are the local permute and
+the per-token reduction; they run the :mod:`kernels` ops (permute, unpermute, Grove combine)
+with ``config.grove_kernels_backend``; :class:`LocalExpansion` documents the index tensors they
+share.
+
+A selected expert is recognised on the destination by a non-zero weight: an expert selected
+with weight exactly 0 (fp32 underflow) adds nothing to the output and is skipped, so the
+router gets no gradient through it (the stock dispatchers would pass ``E_i(x) . dy``).
+Supported: tensor_model_parallel_size = 1 (TP/sequence parallel raise a clear error),
+dropless routing (no capacity factor).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from kernels.grove_combine import grove_combine
+from kernels.permute import sorted_rows, unpermute
+from megatron_grove.adjugate_experts import VirtualExpertAlltoAllDispatcher, VirtualExpertLayout
+from megatron_grove.megatron_config import GroveTransformerConfig
+
+__all__ = ["GroupAwareAlltoAllDispatcher", "LocalExpansion", "expand_to_local_experts",
+           "reduce_to_received_tokens", "rank_dispatcher_config"]
+
+
+@dataclass
+class LocalExpansion:
+    """How the ``R`` rows a rank received map to its local experts and adjugates.
+
+    ``routed_rows [N_r]`` (int64): the received row of each (row, local expert) pair, sorted
+    by local expert (then row); ``routed_probs [N_r]``: its routing weight;
+    ``tokens_per_expert [L]`` (int64, CPU): pairs per local expert.
+    ``adjugate_rows [N_a]``, ``adjugate_groups [N_a]`` (local group index),
+    ``tokens_per_adjugate [G/ep]`` (int64, CPU): the same for (row, local group) pairs; their
+    weight (``lam`` x the group's summed routing weight) is applied by the combine.
+    """
+
+    routed_rows: torch.Tensor
+    routed_probs: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    adjugate_rows: torch.Tensor
+    adjugate_groups: torch.Tensor
+    tokens_per_adjugate: torch.Tensor
+
+
+def expand_to_local_experts(weights: torch.Tensor, experts_per_group: int) -> LocalExpansion:
+    """Received routing weights ``[R, L]`` (0 where the row's token did not select the local
+    expert; ``L`` a multiple of ``experts_per_group``) -> the (row, expert) and (row, group)
+    pairs to compute."""
+    R, L = weights.shape
+    selected = weights != 0
+    routed_rows, routed_experts, tokens_per_expert = sorted_rows(selected)
+    group_hit = selected.reshape(R, L // experts_per_group, experts_per_group).any(dim=-1)
+    adjugate_rows, adjugate_groups, tokens_per_adjugate = sorted_rows(group_hit)
+    return LocalExpansion(routed_rows, weights[routed_rows, routed_experts],
+                          tokens_per_expert.cpu(), adjugate_rows, adjugate_groups,
+                          tokens_per_adjugate.cpu())
+
+
+def reduce_to_received_tokens(routed_output: torch.Tensor, adjugate_output: torch.Tensor,
+                              expansion: LocalExpansion, weights: torch.Tensor,
+                              experts_per_group: int, adjugate_scale: float,
+                              backend: str = "torch") -> torch.Tensor:
+    """Weighted expert outputs ``[N_r, H]`` and unweighted adjugate outputs ``[N_a, H]`` (rows
+    as in ``expansion``), received weights ``[R, L]`` -> one partial sum per received row
+    ``[R, H]``: the routed scatter-add (:func:`kernels.permute.unpermute`), then the Grove
+    combine (:func:`kernels.grove_combine.grove_combine`: group weights and scatter-add)."""
+    partial = unpermute(routed_output, expansion.routed_rows, None, weights.shape[0], backend)
+    return grove_combine(adjugate_output.to(partial.dtype), expansion.adjugate_rows,
+                         expansion.adjugate_groups, weights, experts_per_group, adjugate_scale,
+                         base=partial, backend=backend)
+
+
+def rank_dispatcher_config(config: GroveTransformerConfig, ep_size: int
+                           ) -> GroveTransformerConfig:
+    """The config Megatron's all-to-all dispatcher needs to serve one pseudo-expert per rank."""
+    if config.tensor_model_parallel_size > 1 or config.sequence_parallel:
+        raise ValueError("moe_token_dispatcher_type=grove_alltoall supports "
+                         "tensor_model_parallel_size=1 without sequence parallelism only "
+                         f"(got {config.tensor_model_parallel_size}, sequence_parallel="
+                         f"{config.sequence_parallel}); use alltoall for tensor parallelism")
+    rank_config = copy.copy(config)
+    rank_config.num_moe_experts = ep_size
+    return rank_config
+
+
+class GroupAwareAlltoAllDispatcher(VirtualExpertAlltoAllDispatcher):
+    """Megatron's all-to-all dispatcher over one pseudo-expert per EP rank (a token has 1..ep
+    rows, so the permutation is sized by the routing map's count, as for the virtual experts).
+
+    ``dispatch_preprocess(hidden [S, B, H], routing_map [T, E], probs [T, E])`` -> rows
+    ``[N, H]`` and weights ``[N, L]`` (``N`` = (token, destination rank) pairs, sorted by
+    rank); ``token_dispatch`` / ``dispatch_postprocess`` deliver the ``[R, H]`` rows and
+    ``[R, L]`` weights this rank receives (ordered by source rank); ``combine_preprocess`` /
+    ``token_combine`` / ``combine_postprocess`` take one partial sum per received row back and
+    add them per token: ``[S, B, H]``.
+    """
+
+    def __init__(self, layout: VirtualExpertLayout, ep_rank: int,
+                 config: GroveTransformerConfig, pg_collection=None) -> None:
+        super().__init__(1, [ep_rank], config=rank_dispatcher_config(config, layout.ep_size),
+                         pg_collection=pg_collection)
+        self.layout = layout
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
+                            probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``routing_map``/``probs`` ``[T, E]`` (probs 0 off the selection) -> rows ``[N, H]``
+        and their destination's weights ``[N, L]``."""
+        T, ep, L = routing_map.shape[0], self.layout.ep_size, self.layout.local_experts
+        rank_map = routing_map.reshape(T, ep, L).any(dim=-1)
+        rows, _ = super().dispatch_preprocess(hidden_states, rank_map, rank_map.to(probs.dtype))
+        source_token = self.reversed_local_input_permutation_mapping  # [N]
+        destination = torch.repeat_interleave(
+            torch.arange(ep, device=rank_map.device), rank_map.sum(dim=0))  # [N]
+        weights = probs.reshape(T, ep, L)[source_token, destination]
+        return rows, weights
