@@ -66,6 +66,8 @@ class MoEConfig:
     bias_update_rule: Literal["paper", "megatron", "none"] = "paper"
     bias_update_rate: float = 1e-3
     aux_loss_coeff: float = 0.0
+    router_type: Literal["grove", "cmoe"] = "grove"  # cmoe: carved models (tools/carve_cmoe.py)
+    shared_expert_ffn_hidden_size: Optional[int] = None  # Megatron's shared expert; None = none
 
 
 @dataclass
@@ -92,6 +94,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     exit_at_iter: Optional[int] = None  # stop (and save, if checkpoint.save) after this step
+    trainable: Literal["all", "router"] = "all"  # router: train only the routers' parameters
 
 
 @dataclass
@@ -284,7 +287,8 @@ def _validate(cfg: GroveConfig) -> None:
                  f"model.num_attention_heads={m.num_attention_heads}")
     _require(e.router_topk <= e.num_experts,
              f"moe.router_topk={e.router_topk}: must be <= moe.num_experts={e.num_experts}")
-    _require(not (e.router_topk == 1 and e.router_score_function == "softmax"),
+    _require(not (e.router_topk == 1 and e.router_score_function == "softmax"
+                  and e.router_type == "grove"),
              "moe.router_topk=1 with moe.router_score_function=softmax: the renormalised "
              "weight is always 1 (no router gradient); use router_score_function=sigmoid or topk >= 2")
     _require(0 <= e.first_k_dense_layers <= m.num_layers,
@@ -302,6 +306,13 @@ def _validate(cfg: GroveConfig) -> None:
                  f"{G / E:g}; lower it or set moe.allow_large_adjugate_scale=true")
     elif e.token_dispatcher_type == "grove_alltoall":
         raise ConfigError("moe.token_dispatcher_type=grove_alltoall needs moe.num_expert_groups > 0")
+    if e.router_type == "cmoe":
+        _require(e.num_expert_groups == 0 and e.aux_loss_coeff == 0,
+                 "moe.router_type=cmoe: CMoE has no expert groups and no aux loss; set "
+                 "moe.num_expert_groups=0 and moe.aux_loss_coeff=0")
+    _require(e.shared_expert_ffn_hidden_size is None or e.shared_expert_ffn_hidden_size >= 1,
+             f"moe.shared_expert_ffn_hidden_size={e.shared_expert_ffn_hidden_size}: must be "
+             ">= 1 or null")
     _require(e.bias_update_rate >= 0, f"moe.bias_update_rate={e.bias_update_rate}: must be >= 0")
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"train.global_batch_size={t.global_batch_size}: must be a multiple of "

@@ -41,6 +41,9 @@ class GroveTransformerConfig(TransformerConfig):
     moe_first_k_dense_layers: int = 0
     """The first k decoder layers use a dense FFN instead of MoE."""
 
+    moe_router_type: str = "grove"
+    """'grove' (:class:`GroveTopKRouter`) or 'cmoe' (:class:`CMoERouter`, carved models)."""
+
 
 def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
                           use_cpu_initialization: bool = True) -> GroveTransformerConfig:
@@ -74,7 +77,7 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_ffn_hidden_size=e.ffn_hidden_size,
         moe_router_topk=e.router_topk,
         moe_router_score_function=e.router_score_function,
-        moe_router_pre_softmax=False,
+        moe_router_pre_softmax=e.router_type == "cmoe",  # CMoE: softmax over all, then top-k
         moe_token_dispatcher_type=(
             "alltoall" if e.token_dispatcher_type == "grove_alltoall" else e.token_dispatcher_type),
         moe_router_load_balancing_type="aux_loss" if e.aux_loss_coeff > 0 else "none",
@@ -88,4 +91,6 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_adjugate_scale=e.adjugate_scale,
         moe_bias_update_rule=e.bias_update_rule,
         moe_first_k_dense_layers=e.first_k_dense_layers,
+        moe_router_type=e.router_type,
+        moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size,
     )
