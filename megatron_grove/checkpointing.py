@@ -90,8 +90,11 @@ _OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
 
 
 def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
+    """Model (and, unless ``optimizer`` is None, optimizer) sharded state dicts."""
     module = model.module if hasattr(model, "module") else model
     model_sd = module.sharded_state_dict()
+    if optimizer is None:
+        return {"model": model_sd}
     return {"model": model_sd,
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                       metadata=_OPTIMIZER_METADATA)}
@@ -104,7 +107,8 @@ def _barrier() -> None:
 
 def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
                     state: TrainState) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder. ``optimizer``
+    None writes a model-only checkpoint (``state.scheduler`` should then be None)."""
     root = Path(root)
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = checkpoint_dir(root, state.step)
@@ -139,19 +143,30 @@ def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
                     step: int | None = None) -> TrainState:
     """Collective: load model, optimizer, RNG and train state from the latest (or ``step``)
     checkpoint under ``root``. Works under a different TP/EP layout than the one saved; the RNG
-    states are restored only when the world size is unchanged."""
+    states are restored only when the world size is unchanged. A model-only checkpoint
+    (``scheduler`` None, e.g. from ``tools/carve_cmoe.py``) loads the model only and returns
+    step 0 with ``scheduler`` None: training starts from those weights. ``optimizer`` None
+    loads the model weights only."""
     step = latest_iteration(root) if step is None else step
     if step is None:
         raise FileNotFoundError(
             f"checkpoint.load={root}: no {LATEST_FILE} there; point it at a folder written by "
             "checkpoint.save")
     folder = checkpoint_dir(root, step)
+    common = dist_checkpointing.load_common_state_dict(str(folder))["train_state"]
+    model_only = common["scheduler"] is None
+    if model_only:
+        optimizer = None
     sharded = _sharded_state(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(folder))
     module = model.module if hasattr(model, "module") else model
     module.load_state_dict(loaded["model"])
+    if model_only:
+        return TrainState(step=0, consumed_samples=0, scheduler=None, config=common["config"])
+    if optimizer is None:  # the caller wants the weights only (e.g. evaluation)
+        return TrainState(step=common["step"], consumed_samples=common["consumed_samples"],
+                          scheduler=common["scheduler"], config=common["config"])
     optimizer.load_state_dict(loaded["optimizer"])
-    common = dist_checkpointing.load_common_state_dict(str(folder))["train_state"]
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = folder / "rng" / f"rank_{rank:05d}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -22,7 +22,7 @@ import yaml
 __all__ = [
     "ConfigError", "ModelConfig", "MoEConfig", "ParallelConfig", "TrainConfig", "DataConfig",
     "CheckpointConfig", "LoggingConfig", "RuntimeConfig", "KernelsConfig", "GroveConfig",
-    "load_config", "apply_overrides", "config_to_dict", "validate_layout",
+    "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "validate_layout",
 ]
 
 
@@ -259,6 +259,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def config_to_dict(cfg: GroveConfig) -> dict:
     """Plain-dict view of the config (for logging and checkpoints)."""
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> GroveConfig:
+    """Inverse of :func:`config_to_dict` (e.g. the config stored in a checkpoint), validated."""
+    cfg = _build(GroveConfig, data, "")
+    _validate(cfg)
+    return cfg
 
 
 def _require(ok: bool, message: str) -> None:

@@ -36,7 +36,8 @@ from megatron_grove.moe_stats import collect_moe_counters, reset_moe_counters
 from megatron_grove.runtime import ParallelRuntime, initialize_parallel
 from megatron_grove.tokenizer import load_tokenizer
 
-__all__ = ["TrainingSetup", "setup_training", "train", "causal_attention_mask", "micro_batches"]
+__all__ = ["TrainingSetup", "setup_training", "train", "causal_attention_mask", "micro_batches",
+           "freeze_untrainable"]
 
 
 def causal_attention_mask(seq_length: int, device: torch.device) -> torch.Tensor:
@@ -70,6 +71,17 @@ def _forward_step(attention_mask: torch.Tensor, device: torch.device,
     batch = {k: v.to(device) for k, v in next(data_iterator).items()}
     output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
     return output, functools.partial(_masked_mean_loss, batch["loss_mask"])
+
+
+def freeze_untrainable(model: torch.nn.Module, trainable: str) -> None:
+    """``train.trainable``: 'all', or 'router' (only the MoE routers' parameters get gradients,
+    e.g. a carved CMoE model's router scale). Call before wrapping in DDP."""
+    if trainable == "all":
+        return
+    for name, param in model.named_parameters():
+        param.requires_grad_(".router." in name)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"train.trainable={trainable}: the model has no such parameters")
 
 
 def _dp_mean(value: torch.Tensor) -> float:
@@ -126,6 +138,7 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
     model = build_gpt_model(tconfig, cfg.model.vocab_size or tokenizer.vocab_size,
                             cfg.model.seq_length, cfg.model.rotary_base,
                             cfg.model.tie_embeddings, seed=cfg.train.seed).to(runtime.device)
+    freeze_untrainable(model, cfg.train.trainable)
     model = DistributedDataParallel(
         config=tconfig, module=model,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
@@ -153,7 +166,8 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
     start = 0
     if cfg.checkpoint.load:
         state = load_checkpoint(cfg.checkpoint.load, model, optimizer)
-        scheduler.load_state_dict(state.scheduler)
+        if state.scheduler is not None:  # None: model-only checkpoint, training starts there
+            scheduler.load_state_dict(state.scheduler)
         start = state.step
     if start >= t.iters and is_first:
         print(f"checkpoint is at step {start} >= train.iters={t.iters}: nothing to train")

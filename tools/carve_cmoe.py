@@ -1,0 +1,253 @@
+"""Carve a dense Llama/Qwen-style model into a CMoE mixture of experts (training-free).
+
+    python tools/carve_cmoe.py --model SmolLM2.gguf --shared 3 --active 3 --experts 8 \
+        --output checkpoints/smollm2_s3a3e8
+
+Every FFN becomes S shared + (N - S) routed experts of ceil(d_ffn / N) neurons (zero neurons
+pad d_ffn up to a multiple of N, none is dropped), A routed experts active per token, routed by
+CMoE's training-free router (DESIGN.md section 3). Writes into --output:
+
+  megatron/   a model-only Megatron checkpoint our trainer loads (checkpoint.load=...) and
+              config.yaml, the run config to fine-tune it with launch/pretrain_grove.py
+  hf/         a Hugging Face-style export: config.json (+ "cmoe" fields), model.safetensors,
+              tokenizer files
+  carve.json  the carving record: shape, calibration, construction time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  python tools/carve_cmoe.py --model DIR_OR.gguf --shared 3 --active 3 --experts 8 --output OUT
+  torchrun --nproc-per-node 2 launch/pretrain_grove.py --config OUT/megatron/config.yaml \\
+      checkpoint.load=OUT/megatron checkpoint.save=OUT/finetuned train.trainable=router
+exit codes: 0 ok, 2 bad input (one line on stderr saying what was wrong)
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="carve_cmoe.py", description=__doc__.split("\n\n")[0],
+                                     epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="dense model: a Hugging Face directory (config.json + safetensors) "
+                             "or a .gguf file (Llama architecture)")
+    parser.add_argument("--shared", type=int, required=True, help="S: shared experts")
+    parser.add_argument("--active", type=int, required=True,
+                        help="A: routed experts active per token")
+    parser.add_argument("--experts", type=int, required=True,
+                        help="N: experts in total, shared included")
+    parser.add_argument("--output", required=True, help="output directory (must not exist)")
+    parser.add_argument("--calibration", default=None,
+                        help="calibration text file (default: the embedded Shakespeare corpus)")
+    parser.add_argument("--calibration-tokens", type=int, default=4096,
+                        help="calibration tokens, in windows of --window tokens (default 4096)")
+    parser.add_argument("--window", type=int, default=512,
+                        help="calibration window length in tokens (default 512)")
+    parser.add_argument("--activation-topk", type=int, default=None,
+                        help="K_a: neurons each calibration token marks active "
+                             "(default d_ffn // 10)")
+    parser.add_argument("--seq-length", type=int, default=512,
+                        help="model.seq_length of the written run config (default 512)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def _fail(message: str) -> int:
+    print(f"carve_cmoe.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def calibration_token_windows(tokenizer, text: str, tokens: int, window: int):
+    """The first ``tokens`` tokens of ``text`` as ``[tokens // window, window]`` ids."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = min(tokens, len(ids)) // window
+    if rows < 1:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one window "
+                         f"({window}); give a longer --calibration file or a smaller --window")
+    return torch.tensor(ids[:rows * window]).reshape(rows, window)
+
+
+def _default_calibration_text() -> str:
+    from megatron_grove.data import embedded_train_files
+
+    return "\n\n".join(Path(f).read_text() for f in embedded_train_files())
+
+
+def dense_llama_to_megatron(hf_state: dict, hf_config: dict) -> dict:
+    """The non-FFN tensors of a dense HF Llama/Qwen3 state dict under our Megatron GPTModel's
+    global names (QKV packed per KV group as Megatron's ``linear_qkv``).
+
+    TODO(lead): the issue-6 HF <-> Megatron mapping covers this; rewire when merged."""
+    import torch
+
+    heads = hf_config["num_attention_heads"]
+    groups = hf_config.get("num_key_value_heads", heads)
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    out = {"embedding.word_embeddings.weight": hf_state["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": hf_state["model.norm.weight"]}
+    if not hf_config.get("tie_word_embeddings", False):
+        out["output_layer.weight"] = hf_state["lm_head.weight"]
+    for i in range(hf_config["num_hidden_layers"]):
+        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+        q, k, v = (hf_state[f"{hf}self_attn.{n}_proj.weight"] for n in "qkv")
+        hidden = q.shape[1]
+        q = q.reshape(groups, heads // groups * head_dim, hidden)
+        k, v = (t.reshape(groups, head_dim, hidden) for t in (k, v))
+        out[mg + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, hidden)
+        out[mg + "self_attention.linear_proj.weight"] = hf_state[f"{hf}self_attn.o_proj.weight"]
+        out[mg + "input_layernorm.weight"] = hf_state[f"{hf}input_layernorm.weight"]
+        out[mg + "pre_mlp_layernorm.weight"] = hf_state[f"{hf}post_attention_layernorm.weight"]
+        for n in ("q", "k"):
+            if f"{hf}self_attn.{n}_norm.weight" in hf_state:
+                out[mg + f"self_attention.{n}_layernorm.weight"] = hf_state[
+                    f"{hf}self_attn.{n}_norm.weight"]
+    return out
+
+
+def write_megatron_checkpoint(cfg, state: dict, folder: Path) -> None:
+    """Build our GPTModel for ``cfg`` in a private one-process world, load the global
+    ``state`` and save it as a model-only checkpoint in ``folder``, with ``config.yaml``."""
+    import yaml
+
+    from megatron_grove.checkpointing import TrainState, save_checkpoint
+    from megatron_grove.config import config_to_dict
+    from megatron_grove.megatron_config import to_transformer_config
+    from megatron_grove.model import build_gpt_model
+    from megatron_grove.runtime import destroy_parallel, initialize_parallel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        initialize_parallel(device="cpu", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+        try:
+            model = build_gpt_model(to_transformer_config(cfg), cfg.model.vocab_size,
+                                    cfg.model.seq_length, cfg.model.rotary_base,
+                                    cfg.model.tie_embeddings)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise RuntimeError(f"carved weights do not fit the model: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+            save_checkpoint(folder, model, None, TrainState(
+                step=0, consumed_samples=0, scheduler=None, config=config_to_dict(cfg)))
+        finally:
+            destroy_parallel()
+    (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def write_hf_export(hf_dir: Path, hf_config: dict, hf_state: dict, carved: list, spec,
+                    folder: Path) -> None:
+    """The Hugging Face-style export: dense tensors as in ``hf_dir``, FFNs as CMoE experts."""
+    from safetensors.torch import save_file
+
+    from megatron_grove.cmoe.weights import carved_ffn_to_hf
+
+    tensors = {k: v for k, v in hf_state.items() if ".mlp." not in k}
+    for i, ffn in enumerate(carved):
+        tensors.update(carved_ffn_to_hf(ffn, f"model.layers.{i}.mlp."))
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    m = spec.neurons_per_expert(hf_config["intermediate_size"])
+    config = dict(hf_config, cmoe={
+        "num_shared_experts": spec.shared, "num_routed_experts": spec.experts - spec.shared,
+        "num_experts_per_tok": spec.active, "expert_intermediate_size": m,
+        "dense_intermediate_size": hf_config["intermediate_size"],
+        "router": "softmax over |silu(gate_rows x) * (up_rows x)|, top-k of scores + "
+                  "expert_bias, weight 1 + score * expert_scale"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json"):
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, folder / name)
+
+
+def carve(args: argparse.Namespace) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_grove.cmoe.carve_model import (CarveSpec, calibration_inputs, carve_model,
+                                                 carved_run_config)
+    from megatron_grove.cmoe.weights import carved_ffn_to_megatron
+    from megatron_grove.gguf_llama import gguf_to_hf_dir
+
+    spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
+    output = Path(args.output)
+    tmp = output.parent / f".{output.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        began = time.perf_counter()
+        hf_dir = Path(args.model)
+        if hf_dir.suffix == ".gguf":
+            hf_dir = gguf_to_hf_dir(hf_dir, tmp / "dense_from_gguf")
+        hf_config = json.loads((hf_dir / "config.json").read_text())
+        hf_state = load_file(str(hf_dir / "model.safetensors"))
+        hf_state = {k: v.float() for k, v in hf_state.items()}
+        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        text = (Path(args.calibration).read_text() if args.calibration
+                else _default_calibration_text())
+        windows = calibration_token_windows(tokenizer, text, args.calibration_tokens, args.window)
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        inputs = calibration_inputs(model, windows)
+        del model
+        calibrated = time.perf_counter()
+        carved = carve_model(hf_state, hf_config["num_hidden_layers"], inputs, spec,
+                             progress=not args.no_progress)
+        carve_seconds = time.perf_counter() - began
+        write_hf_export(hf_dir, hf_config, hf_state, carved, spec, tmp / "hf")
+        cfg = carved_run_config(hf_config, spec, args.seq_length,
+                                str((output / "hf").resolve()))
+        state = dense_llama_to_megatron(hf_state, hf_config)
+        for i, ffn in enumerate(carved):
+            state.update(carved_ffn_to_megatron(ffn, f"decoder.layers.{i}.mlp."))
+        write_megatron_checkpoint(cfg, state, tmp / "megatron")
+        record = {"spec": spec.name, "model": str(args.model),
+                  "calibration_tokens": int(windows.numel()), "window": args.window,
+                  "activation_topk": spec.activation_topk or hf_config["intermediate_size"] // 10,
+                  "neurons_per_expert": spec.neurons_per_expert(hf_config["intermediate_size"]),
+                  "calibration_s": round(calibrated - began, 2),
+                  "construction_s": round(carve_seconds, 2)}
+        (tmp / "carve.json").write_text(json.dumps(record, indent=2) + "\n")
+        os.rename(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if Path(args.output).exists():
+        return _fail(f"--output {args.output} exists; choose a new directory")
+    model = Path(args.model)
+    if not (model.is_file() and model.suffix == ".gguf") and not (model / "config.json").is_file():
+        return _fail(f"--model {model}: neither a .gguf file nor a Hugging Face directory "
+                     "with config.json")
+    if args.calibration and not Path(args.calibration).is_file():
+        return _fail(f"--calibration {args.calibration}: no such file")
+    try:
+        from megatron_grove.cmoe.carve_model import CarveSpec
+
+        CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
+        record = carve(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"carved {record['spec']} in {record['construction_s']:.1f} s (calibration "
+          f"{record['calibration_s']:.1f} s, {record['calibration_tokens']} tokens); wrote "
+          f"{args.output}/megatron (our trainer) and {args.output}/hf")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
