@@ -82,7 +82,7 @@ def megatron_perplexity(checkpoint: str, windows: torch.Tensor) -> tuple[float, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--specs", nargs="+", default=["S1A1E4", "S2A2E8", "S3A3E8"])
+    parser.add_argument("--specs", nargs="*", default=["S1A1E4", "S2A2E8", "S3A3E8"])
     parser.add_argument("--out", default="runs/cmoe_bench")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=None,

@@ -108,7 +108,7 @@ def _build_optimizer(cfg: GroveConfig, model: torch.nn.Module, dtype: torch.dtyp
 
 def _dataset(cfg: GroveConfig, tokenizer):
     # embedded_corpus_prefix is safe to call from every rank at once (atomic tmp + rename)
-    prefix = cfg.data.path or embedded_corpus_prefix()
+    prefix = cfg.data.path or embedded_corpus_prefix(tokenizer=tokenizer)
     return build_gpt_dataset(prefix, cfg.model.seq_length,
                              num_samples=cfg.train.iters * cfg.train.global_batch_size,
                              seed=cfg.train.seed, tokenizer=tokenizer)
