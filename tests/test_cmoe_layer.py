@@ -153,3 +153,35 @@ def test_config_selects_cmoe_and_rejects_what_cmoe_lacks():
     assert tconfig.moe_shared_expert_intermediate_size == 96
     with pytest.raises(ConfigError, match="moe.router_type=cmoe"):
         load_config(None, ["moe.router_type=cmoe", "moe.num_expert_groups=4"])
+
+
+def _trainable_names(rank: int, trainable: str) -> list[str]:
+    from megatron_grove.model import build_gpt_model
+    from megatron_grove.training import freeze_untrainable
+
+    cfg = load_config(None, ["moe.router_type=cmoe", "moe.num_experts=4", "moe.router_topk=2",
+                             "moe.shared_expert_ffn_hidden_size=64", "moe.num_expert_groups=0",
+                             "model.num_layers=1", "model.qk_layernorm=false"])
+    model = build_gpt_model(to_transformer_config(cfg), 256, 16)
+    freeze_untrainable(model, trainable)
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_trainable_router_freezes_everything_but_the_routers():
+    names = run_distributed(_trainable_names, world_size=1, args=("router",))[0]
+    assert names == ["decoder.layers.0.mlp.router.expert_scale",
+                     "decoder.layers.0.mlp.router.up_weight", "decoder.layers.0.mlp.router.weight"]
+    everything = run_distributed(_trainable_names, world_size=1, args=("all",))[0]
+    assert len(everything) > 10 and set(names) < set(everything)
+
+
+def test_embedded_corpus_is_tokenised_with_the_configured_tokenizer(monkeypatch):
+    from megatron_grove import training
+
+    seen = {}
+    monkeypatch.setattr(training, "embedded_corpus_prefix",
+                        lambda tokenizer=None: seen.setdefault("tokenizer", tokenizer) and "p")
+    monkeypatch.setattr(training, "build_gpt_dataset", lambda prefix, *a, **k: prefix)
+    marker = object()
+    training._dataset(load_config(None), marker)
+    assert seen["tokenizer"] is marker
