@@ -153,7 +153,8 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
     start = 0
     if cfg.checkpoint.load:
         state = load_checkpoint(cfg.checkpoint.load, model, optimizer)
-        scheduler.load_state_dict(state.scheduler)
+        if state.scheduler is not None:  # None: model-only checkpoint, training starts there
+            scheduler.load_state_dict(state.scheduler)
         start = state.step
     if start >= t.iters and is_first:
         print(f"checkpoint is at step {start} >= train.iters={t.iters}: nothing to train")
