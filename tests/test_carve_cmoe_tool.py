@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,6 +90,20 @@ def test_all_experts_active_reproduces_the_dense_model(tiny_llama, tmp_path):
     sparse = run_distributed(_megatron_logits, world_size=1,
                              args=(str(tmp_path / "sparse" / "megatron"), ids))[0]
     assert (sparse["logits"] - expected).abs().max() > 1e-3
+
+    # tools/evaluate.py: the carved checkpoint with every expert active has the dense PPL
+    np.save(tmp_path / "tokens.npy", torch.randint(0, 4096, (4 * SEQ + 1,)).numpy())
+    ppl = {}
+    for name, checkpoint in [("dense", tiny_llama), ("all", tmp_path / "all" / "megatron"),
+                             ("sparse", tmp_path / "sparse" / "megatron")]:
+        done = subprocess.run([sys.executable, str(TOOL.parent / "evaluate.py"), "--checkpoint",
+                               str(checkpoint), "--tokens", str(tmp_path / "tokens.npy"),
+                               "--seq-length", str(SEQ), "--json"], capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(TOOL.parents[1])))
+        assert done.returncode == 0, done.stderr[-2000:]
+        ppl[name] = json.loads(done.stdout.strip().splitlines()[-1])["ppl"]
+    all_error, sparse_error = (abs(ppl[k] / ppl["dense"] - 1) for k in ("all", "sparse"))
+    assert all_error < 1e-4 and sparse_error > 10 * all_error, ppl
 
     record = json.loads((tmp_path / "sparse" / "carve.json").read_text())
     assert record["spec"] == "S1A2E8" and record["neurons_per_expert"] == 6  # ceil(44 / 8)

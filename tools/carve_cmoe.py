@@ -86,63 +86,28 @@ def _default_calibration_text() -> str:
     return "\n\n".join(Path(f).read_text() for f in embedded_train_files())
 
 
-def dense_llama_to_megatron(hf_state: dict, hf_config: dict) -> dict:
-    """The non-FFN tensors of a dense HF Llama/Qwen3 state dict under our Megatron GPTModel's
-    global names (QKV packed per KV group as Megatron's ``linear_qkv``).
+def write_megatron_checkpoint(cfg, dense_cfg, hf_state: dict, carved: list,
+                              folder: Path) -> None:
+    """The carved model as a model-only Megatron checkpoint in ``folder``: the dense tensors through the HF -> Megatron mapping of the dense model
+    ``dense_cfg``, every FFN replaced by its carved experts and router."""
+    from megatron_grove.cmoe.weights import carved_ffn_to_megatron
+    from megatron_grove.hf_conversion.megatron_io import save_megatron_checkpoint
+    from megatron_grove.hf_conversion.tensor_mapping import hf_to_megatron
+    from megatron_grove.runtime import single_process_world
 
-    TODO(lead): the issue-6 HF <-> Megatron mapping covers this; rewire when merged."""
-    import torch
-
-    heads = hf_config["num_attention_heads"]
-    groups = hf_config.get("num_key_value_heads", heads)
-    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
-    out = {"embedding.word_embeddings.weight": hf_state["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf_state["model.norm.weight"]}
-    if not hf_config.get("tie_word_embeddings", False):
-        out["output_layer.weight"] = hf_state["lm_head.weight"]
-    for i in range(hf_config["num_hidden_layers"]):
-        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q, k, v = (hf_state[f"{hf}self_attn.{n}_proj.weight"] for n in "qkv")
-        hidden = q.shape[1]
-        q = q.reshape(groups, heads // groups * head_dim, hidden)
-        k, v = (t.reshape(groups, head_dim, hidden) for t in (k, v))
-        out[mg + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, hidden)
-        out[mg + "self_attention.linear_proj.weight"] = hf_state[f"{hf}self_attn.o_proj.weight"]
-        out[mg + "input_layernorm.weight"] = hf_state[f"{hf}input_layernorm.weight"]
-        out[mg + "pre_mlp_layernorm.weight"] = hf_state[f"{hf}post_attention_layernorm.weight"]
-        for n in ("q", "k"):
-            if f"{hf}self_attn.{n}_norm.weight" in hf_state:
-                out[mg + f"self_attention.{n}_layernorm.weight"] = hf_state[
-                    f"{hf}self_attn.{n}_norm.weight"]
-    return out
+    state = {name: tensor for name, tensor in hf_to_megatron(hf_state, dense_cfg).items()
+             if ".mlp." not in name}
+    for i, ffn in enumerate(carved):
+        state.update(carved_ffn_to_megatron(ffn, f"decoder.layers.{i}.mlp."))
+    with single_process_world():
+        save_megatron_checkpoint(folder, cfg, state)
 
 
-def write_megatron_checkpoint(cfg, state: dict, folder: Path) -> None:
-    """Build our GPTModel for ``cfg`` in a private one-process world, load the global
-    ``state`` and save it as a model-only checkpoint in ``folder``, with ``config.yaml``."""
+def _write_run_config(cfg, folder: Path) -> None:
     import yaml
 
-    from megatron_grove.checkpointing import TrainState, save_checkpoint
     from megatron_grove.config import config_to_dict
-    from megatron_grove.megatron_config import to_transformer_config
-    from megatron_grove.model import build_gpt_model
-    from megatron_grove.runtime import destroy_parallel, initialize_parallel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        initialize_parallel(device="cpu", init_method=f"file://{tmp}/init", rank=0, world_size=1)
-        try:
-            model = build_gpt_model(to_transformer_config(cfg), cfg.model.vocab_size,
-                                    cfg.model.seq_length, cfg.model.rotary_base,
-                                    cfg.model.tie_embeddings)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.endswith("_extra_state")]
-            if missing or unexpected:
-                raise RuntimeError(f"carved weights do not fit the model: missing {missing[:3]}, "
-                                   f"unexpected {unexpected[:3]}")
-            save_checkpoint(folder, model, None, TrainState(
-                step=0, consumed_samples=0, scheduler=None, config=config_to_dict(cfg)))
-        finally:
-            destroy_parallel()
     (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
@@ -180,8 +145,8 @@ def carve(args: argparse.Namespace) -> dict:
 
     from megatron_grove.cmoe.carve_model import (CarveSpec, calibration_inputs, carve_model,
                                                  carved_run_config)
-    from megatron_grove.cmoe.weights import carved_ffn_to_megatron
     from megatron_grove.gguf_llama import gguf_to_hf_dir
+    from megatron_grove.hf_conversion.hf_config import grove_config_from_hf
 
     spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
     output = Path(args.output)
@@ -207,12 +172,15 @@ def carve(args: argparse.Namespace) -> dict:
                              progress=not args.no_progress)
         carve_seconds = time.perf_counter() - began
         write_hf_export(hf_dir, hf_config, hf_state, carved, spec, tmp / "hf")
-        cfg = carved_run_config(hf_config, spec, args.seq_length,
-                                str((output / "hf").resolve()))
-        state = dense_llama_to_megatron(hf_state, hf_config)
-        for i, ffn in enumerate(carved):
-            state.update(carved_ffn_to_megatron(ffn, f"decoder.layers.{i}.mlp."))
-        write_megatron_checkpoint(cfg, state, tmp / "megatron")
+        dense_cfg = grove_config_from_hf(hf_config, hf_state)
+        # the tokenizer is the export's, at its place after the final rename
+        cfg = carved_run_config(dense_cfg, spec, args.seq_length, str((output / "hf").resolve()))
+        (tmp / "megatron").mkdir()
+        shutil.copytree(tmp / "hf", tmp / "megatron" / "tokenizer",  # the checkpoint's copy
+                        ignore=lambda _dir, names: [n for n in names if n.endswith(".safetensors")
+                                                    or n == "config.json"])
+        write_megatron_checkpoint(cfg, dense_cfg, hf_state, carved, tmp / "megatron")
+        _write_run_config(cfg, tmp / "megatron")
         record = {"spec": spec.name, "model": str(args.model),
                   "calibration_tokens": int(windows.numel()), "window": args.window,
                   "activation_topk": spec.activation_topk or hf_config["intermediate_size"] // 10,
@@ -241,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
         CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
         record = carve(args)
-    except ValueError as exc:
+    except ValueError as exc:  # HFFormatError and ConfigError included
         return _fail(str(exc))
     print(f"carved {record['spec']} in {record['construction_s']:.1f} s (calibration "
           f"{record['calibration_s']:.1f} s, {record['calibration_tokens']} tokens); wrote "

@@ -9,13 +9,14 @@ in our Megatron builder (``moe.router_type: cmoe``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from megatron_grove.cmoe.carve import CarvedFFN, carve_ffn
-from megatron_grove.config import GroveConfig, load_config
+from megatron_grove.config import GroveConfig, MoEConfig, config_from_dict, config_to_dict
 
 __all__ = ["CarveSpec", "calibration_inputs", "carve_model", "carved_run_config"]
 
@@ -80,29 +81,17 @@ def carve_model(hf_state: dict[str, torch.Tensor], num_layers: int,
     return carved
 
 
-def carved_run_config(hf_config: dict, spec: CarveSpec, seq_length: int,
+def carved_run_config(dense: GroveConfig, spec: CarveSpec, seq_length: int,
                       tokenizer_dir: str) -> GroveConfig:
-    """Our run config for the carved model of a Llama/Qwen-style HF ``config.json`` dict."""
-    heads = hf_config["num_attention_heads"]
-    hidden = hf_config["hidden_size"]
-    m = spec.neurons_per_expert(hf_config["intermediate_size"])
-    if hf_config.get("rope_scaling"):
-        raise ValueError("config.json: rope_scaling is not supported (only plain RoPE)")
-    overrides = {
-        "model.num_layers": hf_config["num_hidden_layers"], "model.hidden_size": hidden,
-        "model.num_attention_heads": heads,
-        "model.num_query_groups": hf_config.get("num_key_value_heads", heads),
-        "model.kv_channels": hf_config.get("head_dim") or hidden // heads,
-        "model.ffn_hidden_size": hf_config["intermediate_size"], "model.seq_length": seq_length,
-        "model.vocab_size": hf_config["vocab_size"],
-        "model.rotary_base": float(hf_config.get("rope_theta", 10000.0)),
-        "model.norm_epsilon": float(hf_config["rms_norm_eps"]),
-        "model.qk_layernorm": hf_config.get("model_type") == "qwen3",
-        "model.tie_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
-        "moe.num_experts": spec.experts - spec.shared, "moe.router_topk": spec.active,
-        "moe.ffn_hidden_size": m, "moe.router_type": "cmoe", "moe.num_expert_groups": 0,
-        "moe.shared_expert_ffn_hidden_size": spec.shared * m if spec.shared else None,
-        "moe.router_score_function": "softmax", "moe.bias_update_rule": "paper",
-        "parallel.expert_model_parallel_size": 1, "data.tokenizer": tokenizer_dir,
-    }
-    return load_config(None, [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
+    """Our run config of the carved model, from the dense model's (``moe.num_experts == 0``,
+    e.g. :func:`~megatron_grove.hf_conversion.hf_config.grove_config_from_hf`)."""
+    cfg = copy.deepcopy(dense)
+    m = spec.neurons_per_expert(cfg.model.ffn_hidden_size)
+    cfg.model.seq_length = seq_length
+    cfg.moe = MoEConfig(num_experts=spec.experts - spec.shared, router_topk=spec.active,
+                        ffn_hidden_size=m, router_type="cmoe", num_expert_groups=0,
+                        shared_expert_ffn_hidden_size=spec.shared * m if spec.shared else None,
+                        router_score_function="softmax", bias_update_rule="paper")
+    cfg.parallel.expert_model_parallel_size = 1
+    cfg.data.tokenizer = tokenizer_dir
+    return config_from_dict(config_to_dict(cfg))  # validated
