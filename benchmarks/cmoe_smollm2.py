@@ -16,7 +16,6 @@ import json
 import math
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -51,33 +50,18 @@ def hf_perplexity(hf_dir: str, windows: torch.Tensor) -> tuple[float, int]:
 
 
 def megatron_perplexity(checkpoint: str, windows: torch.Tensor) -> tuple[float, int]:
-    """Perplexity of one of our checkpoints (TODO(lead): tools/evaluate.py of issue 6)."""
-    from megatron import core  # noqa: F401  (before dist_checkpointing below)
-    from megatron.core import dist_checkpointing
-
-    from megatron_grove.checkpointing import checkpoint_dir, latest_iteration, load_checkpoint
-    from megatron_grove.config import config_from_dict
-    from megatron_grove.megatron_config import to_transformer_config
-    from megatron_grove.model import build_gpt_model
-    from megatron_grove.runtime import destroy_parallel, initialize_parallel
+    """Perplexity of one of our checkpoints, with the same windows as the dense model."""
+    from megatron_grove.hf_conversion.megatron_io import load_megatron_model
+    from megatron_grove.runtime import single_process_world
     from megatron_grove.training import causal_attention_mask
 
-    folder = checkpoint_dir(checkpoint, latest_iteration(checkpoint))
-    cfg = config_from_dict(dist_checkpointing.load_common_state_dict(str(folder))
-                           ["train_state"]["config"])
-    with tempfile.TemporaryDirectory() as tmp:
-        initialize_parallel(device="cpu", init_method=f"file://{tmp}/init", rank=0, world_size=1)
-        try:
-            model = build_gpt_model(to_transformer_config(cfg), cfg.model.vocab_size,
-                                    cfg.model.seq_length, cfg.model.rotary_base,
-                                    cfg.model.tie_embeddings).eval()
-            load_checkpoint(checkpoint, model, None)
-            length = windows.shape[1]
-            mask = causal_attention_mask(length, torch.device("cpu"))
-            positions = torch.arange(length)[None]
-            return _ppl(lambda ids: model(ids, positions, mask), windows)
-        finally:
-            destroy_parallel()
+    with single_process_world():
+        cfg, model = load_megatron_model(checkpoint)
+        length = windows.shape[1]
+        mask = causal_attention_mask(length, torch.device("cpu"))
+        positions = torch.arange(length)[None]
+        return _ppl(lambda ids: model.eval()(ids, positions, mask)[..., :cfg.model.vocab_size],
+                    windows)
 
 
 def main(argv: list[str] | None = None) -> int:
