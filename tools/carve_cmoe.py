@@ -188,6 +188,7 @@ def carve(args: argparse.Namespace) -> dict:
                   "calibration_s": round(calibrated - began, 2),
                   "construction_s": round(carve_seconds, 2)}
         (tmp / "carve.json").write_text(json.dumps(record, indent=2) + "\n")
+        shutil.rmtree(tmp / "dense_from_gguf", ignore_errors=True)  # the .gguf's dense HF copy
         os.rename(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
