@@ -3,9 +3,17 @@
 Layout under ``checkpoint.save``::
 
     iter_0000004/                 a complete Megatron distributed checkpoint
-        (dist_checkpointing files: model + optimizer sharded tensors, common.pt)
+        (dist_checkpointing files: model [+ optimizer] sharded tensors, common.pt)
         rng/rank_00000.pt         each rank's RNG states
     latest_checkpointed_iteration.txt
+    tokenizer/                    tokenizer.json (+ tokenizer_config.json ...), when known
+
+``common.pt`` holds ``train_state``: ``step``, ``consumed_samples``, ``scheduler`` (None in a
+model-only checkpoint, e.g. one converted from Hugging Face) and ``config`` (the whole
+:class:`~megatron_grove.config.GroveConfig` as a dict), so that tools rebuild the model from
+the checkpoint alone (:func:`read_checkpoint_config`). The tokenizer is the one named by
+``config.data.tokenizer`` (None: the shipped tokenizer), copied into ``tokenizer/`` at the
+first save; :func:`checkpoint_tokenizer` finds it.
 
 A checkpoint is written to ``.iter_XXXXXXX.tmp`` and renamed into place by rank 0 only after
 every rank finished; ``latest_checkpointed_iteration.txt`` is replaced atomically after that.
@@ -31,9 +39,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 __all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_iteration",
-           "checkpoint_dir"]
+           "checkpoint_dir", "resolve_checkpoint_folder", "read_checkpoint_config",
+           "checkpoint_tokenizer", "TOKENIZER_DIR"]
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -90,11 +100,35 @@ _OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
 
 
 def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
+    """Model (and, unless ``optimizer`` is None, optimizer) sharded state dicts."""
     module = model.module if hasattr(model, "module") else model
     model_sd = module.sharded_state_dict()
+    if optimizer is None:
+        return {"model": model_sd}
     return {"model": model_sd,
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                       metadata=_OPTIMIZER_METADATA)}
+
+
+def _store_tokenizer(root: Path, config: dict[str, Any]) -> None:
+    """Copy the run's tokenizer files into ``root/tokenizer`` once (rank 0)."""
+    from megatron_grove.tokenizer import default_tokenizer_path
+
+    target = root / TOKENIZER_DIR
+    source = (config.get("data") or {}).get("tokenizer") or default_tokenizer_path()
+    if target.exists():
+        return
+    source = Path(source)
+    folder = source if source.is_dir() else source.parent
+    files = [source / "tokenizer.json"] if source.is_dir() else [source]
+    files += [folder / "tokenizer_config.json"]
+    tmp = root / f".{TOKENIZER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for file in files:
+        if file.is_file():
+            shutil.copy2(file, tmp / file.name)
+    os.replace(tmp, target)
 
 
 def _barrier() -> None:
@@ -104,7 +138,8 @@ def _barrier() -> None:
 
 def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
                     state: TrainState) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder. ``optimizer``
+    None writes a model-only checkpoint (``state.scheduler`` should then be None)."""
     root = Path(root)
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = checkpoint_dir(root, state.step)
@@ -131,27 +166,67 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
         pointer = root / f".{LATEST_FILE}.tmp"
         pointer.write_text(str(state.step))
         os.replace(pointer, root / LATEST_FILE)
+        _store_tokenizer(root, state.config)
     _barrier()
     return final
+
+
+def resolve_checkpoint_folder(path: str | Path, step: int | None = None) -> Path:
+    """A checkpoint root (with ``latest_checkpointed_iteration.txt``) -> its latest (or
+    ``step``) ``iter_*`` folder; an ``iter_*`` folder itself is returned as is."""
+    path = Path(path)
+    if (path / "metadata.json").is_file() and step is None:
+        return path
+    step = latest_iteration(path) if step is None else step
+    if step is None:
+        raise FileNotFoundError(
+            f"{path}: no {LATEST_FILE} there; not a checkpoint written by checkpoint.save or "
+            "tools/convert_checkpoint.py")
+    return checkpoint_dir(path, step)
+
+
+def _train_state(folder: Path) -> dict[str, Any]:
+    try:
+        return dist_checkpointing.load_common_state_dict(str(folder))["train_state"]
+    except (FileNotFoundError, KeyError) as exc:
+        raise FileNotFoundError(f"{folder}: no train_state in the checkpoint's common state "
+                                f"({exc}); the checkpoint is partial or not ours") from None
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The run config (a :func:`~megatron_grove.config.config_to_dict` dict) stored in the
+    checkpoint at ``path`` (root or ``iter_*`` folder)."""
+    return _train_state(resolve_checkpoint_folder(path))["config"]
+
+
+def checkpoint_tokenizer(path: str | Path) -> str | None:
+    """The tokenizer folder of the checkpoint root ``path`` (or of an ``iter_*`` folder's
+    parent); None when the checkpoint carries none."""
+    path = Path(path)
+    for candidate in (path / TOKENIZER_DIR, path.parent / TOKENIZER_DIR):
+        if (candidate / "tokenizer.json").is_file():
+            return str(candidate)
+    return None
 
 
 def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
                     step: int | None = None) -> TrainState:
     """Collective: load model, optimizer, RNG and train state from the latest (or ``step``)
     checkpoint under ``root``. Works under a different TP/EP layout than the one saved; the RNG
-    states are restored only when the world size is unchanged."""
-    step = latest_iteration(root) if step is None else step
-    if step is None:
-        raise FileNotFoundError(
-            f"checkpoint.load={root}: no {LATEST_FILE} there; point it at a folder written by "
-            "checkpoint.save")
-    folder = checkpoint_dir(root, step)
+    states are restored only when the world size is unchanged. A model-only checkpoint (e.g.
+    converted from Hugging Face, or ``optimizer`` None) loads the model only and returns step 0
+    with ``scheduler`` None: training starts from those weights."""
+    folder = resolve_checkpoint_folder(root, step)
+    common = _train_state(folder)
+    if common["scheduler"] is None:
+        optimizer = None
     sharded = _sharded_state(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(folder))
     module = model.module if hasattr(model, "module") else model
     module.load_state_dict(loaded["model"])
+    if optimizer is None:
+        return TrainState(step=0, consumed_samples=0, scheduler=None, config=common["config"])
     optimizer.load_state_dict(loaded["optimizer"])
-    common = dist_checkpointing.load_common_state_dict(str(folder))["train_state"]
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = folder / "rng" / f"rank_{rank:05d}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -23,7 +23,7 @@ __all__ = [
     "ConfigError", "ModelConfig", "MoEConfig", "ParallelConfig", "TrainConfig", "DataConfig",
     "CheckpointConfig", "LoggingConfig", "RuntimeConfig", "KernelsConfig", "PrecisionConfig",
     "GroveConfig",
-    "load_config", "apply_overrides", "config_to_dict", "validate_layout",
+    "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "validate_layout",
 ]
 
 
@@ -54,7 +54,7 @@ class ModelConfig:
 class MoEConfig:
     """Routed experts, Grove groups/adjugates, router and balancing."""
 
-    num_experts: int = 8
+    num_experts: int = 8  # 0 = a dense model (every layer a SwiGLU FFN of model.ffn_hidden_size)
     router_topk: int = 2
     ffn_hidden_size: int = 128  # per routed expert
     first_k_dense_layers: int = 0  # DeepSeek-style: the first k layers use a dense FFN
@@ -67,6 +67,8 @@ class MoEConfig:
     bias_update_rule: Literal["paper", "megatron", "none"] = "paper"
     bias_update_rate: float = 1e-3
     aux_loss_coeff: float = 0.0
+    router_type: Literal["grove", "cmoe"] = "grove"  # cmoe: carved models (tools/carve_cmoe.py)
+    shared_expert_ffn_hidden_size: Optional[int] = None  # Megatron's shared expert; None = none
 
 
 @dataclass
@@ -93,6 +95,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     exit_at_iter: Optional[int] = None  # stop (and save, if checkpoint.save) after this step
+    trainable: Literal["all", "router"] = "all"  # router: train only the routers' parameters
 
 
 @dataclass
@@ -270,6 +273,13 @@ def config_to_dict(cfg: GroveConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_from_dict(data: dict) -> GroveConfig:
+    """Inverse of :func:`config_to_dict` (e.g. the config stored in a checkpoint), validated."""
+    cfg = _build(GroveConfig, data, "")
+    _validate(cfg)
+    return cfg
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -279,14 +289,18 @@ def _validate(cfg: GroveConfig) -> None:
     m, e, t, p = cfg.model, cfg.moe, cfg.train, cfg.parallel
     for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
                        ("model.num_attention_heads", m.num_attention_heads),
-                       ("model.seq_length", m.seq_length), ("moe.num_experts", e.num_experts),
-                       ("moe.router_topk", e.router_topk), ("moe.ffn_hidden_size", e.ffn_hidden_size),
+                       ("model.seq_length", m.seq_length),
                        ("train.iters", t.iters), ("train.global_batch_size", t.global_batch_size),
                        ("train.micro_batch_size", t.micro_batch_size),
                        ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
                        ("parallel.expert_model_parallel_size", p.expert_model_parallel_size),
                        ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size)]:
         _require(value >= 1, f"{key}={value}: must be >= 1")
+    _require(e.num_experts >= 0, f"moe.num_experts={e.num_experts}: must be >= 0 (0 = dense model)")
+    if e.num_experts:
+        for key, value in [("moe.router_topk", e.router_topk),
+                           ("moe.ffn_hidden_size", e.ffn_hidden_size)]:
+            _require(value >= 1, f"{key}={value}: must be >= 1")
     _require(m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
              f"model.hidden_size={m.hidden_size}: must be divisible by model.num_attention_heads="
              f"{m.num_attention_heads} (or set model.kv_channels)")
@@ -294,14 +308,18 @@ def _validate(cfg: GroveConfig) -> None:
         _require(m.num_attention_heads % m.num_query_groups == 0,
                  f"model.num_query_groups={m.num_query_groups}: must divide "
                  f"model.num_attention_heads={m.num_attention_heads}")
-    _require(e.router_topk <= e.num_experts,
+    _require(e.router_topk <= e.num_experts or not e.num_experts,
              f"moe.router_topk={e.router_topk}: must be <= moe.num_experts={e.num_experts}")
-    _require(not (e.router_topk == 1 and e.router_score_function == "softmax"),
+    _require(not (e.num_experts and e.router_topk == 1 and e.router_score_function == "softmax"
+                  and e.router_type == "grove"),
              "moe.router_topk=1 with moe.router_score_function=softmax: the renormalised "
              "weight is always 1 (no router gradient); use router_score_function=sigmoid or topk >= 2")
     _require(0 <= e.first_k_dense_layers <= m.num_layers,
              f"moe.first_k_dense_layers={e.first_k_dense_layers}: allowed 0..{m.num_layers}")
     _require(e.num_expert_groups >= 0, f"moe.num_expert_groups={e.num_expert_groups}: must be >= 0")
+    _require(e.num_experts or not e.num_expert_groups,
+             f"moe.num_expert_groups={e.num_expert_groups}: a dense model (moe.num_experts=0) "
+             "has no expert groups; set it to 0")
     if e.num_expert_groups:
         G, E = e.num_expert_groups, e.num_experts
         _require(E % G == 0, f"moe.num_expert_groups={G}: must divide moe.num_experts={E} "
@@ -314,6 +332,13 @@ def _validate(cfg: GroveConfig) -> None:
                  f"{G / E:g}; lower it or set moe.allow_large_adjugate_scale=true")
     elif e.token_dispatcher_type == "grove_alltoall":
         raise ConfigError("moe.token_dispatcher_type=grove_alltoall needs moe.num_expert_groups > 0")
+    if e.router_type == "cmoe":
+        _require(e.num_expert_groups == 0 and e.aux_loss_coeff == 0,
+                 "moe.router_type=cmoe: CMoE has no expert groups and no aux loss; set "
+                 "moe.num_expert_groups=0 and moe.aux_loss_coeff=0")
+    _require(e.shared_expert_ffn_hidden_size is None or e.shared_expert_ffn_hidden_size >= 1,
+             f"moe.shared_expert_ffn_hidden_size={e.shared_expert_ffn_hidden_size}: must be "
+             ">= 1 or null")
     _require(e.bias_update_rate >= 0, f"moe.bias_update_rate={e.bias_update_rate}: must be >= 0")
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
@@ -351,6 +376,9 @@ def validate_layout(cfg: GroveConfig, world_size: int) -> int:
              f"parallel.expert_model_parallel_size={ep}: must divide the data-parallel size "
              f"{dp} (= world size {world_size} / (tp {tp} x pp {pp})); allowed: "
              f"{', '.join(str(d) for d in range(1, dp + 1) if dp % d == 0)}")
+    _require(e.num_experts > 0 or ep == 1,
+             f"parallel.expert_model_parallel_size={ep}: a dense model (moe.num_experts=0) has "
+             "no experts to distribute; allowed: 1")
     _require(e.num_experts % ep == 0,
              f"parallel.expert_model_parallel_size={ep}: must divide moe.num_experts="
              f"{e.num_experts}")

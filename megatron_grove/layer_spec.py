@@ -2,7 +2,8 @@
 
 Megatron's ``get_gpt_decoder_block_spec`` already lays out dense vs MoE layers from
 ``moe_layer_freq`` (our ``moe.first_k_dense_layers``); we only swap the MoE layer's class and
-router for ours: every MoE layer routes with :class:`~megatron_grove.router.GroveTopKRouter`,
+router for ours: every MoE layer routes with :class:`~megatron_grove.router.GroveTopKRouter`
+(:class:`~megatron_grove.cmoe_router.CMoERouter` when ``moe_router_type == 'cmoe'``),
 and is a :class:`~megatron_grove.grove_layer.GroveMoELayer` when ``moe_num_expert_groups > 0``
 (Megatron's ``MoELayer`` otherwise).
 
@@ -23,6 +24,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from kernels.swiglu import SwiGLU
+from megatron_grove.cmoe_router import CMoERouter
 from megatron_grove.grove_layer import GroveMoELayer
 from megatron_grove.megatron_config import GroveTransformerConfig
 from megatron_grove.router import GroveTopKRouter
@@ -41,7 +43,8 @@ def _moe_layer_builder(config: GroveTransformerConfig,
                        stock: functools.partial) -> functools.partial:
     submodules: MoESubmodules = stock.keywords["submodules"]
     layer_cls = GroveMoELayer if config.moe_num_expert_groups > 0 else MoELayer
-    submodules = dataclasses.replace(submodules, router=GroveTopKRouter)
+    router_cls = CMoERouter if config.moe_router_type == "cmoe" else GroveTopKRouter
+    submodules = dataclasses.replace(submodules, router=router_cls)
     if config.grove_kernels_backend == "triton":
         submodules = dataclasses.replace(
             submodules, experts=_with_swiglu_module(submodules.experts),

@@ -43,6 +43,9 @@ class GroveTransformerConfig(TransformerConfig):
     moe_first_k_dense_layers: int = 0
     """The first k decoder layers use a dense FFN instead of MoE."""
 
+    moe_router_type: str = "grove"
+    """'grove' (:class:`GroveTopKRouter`) or 'cmoe' (:class:`CMoERouter`, carved models)."""
+
     moe_group_aware_dispatch: bool = False
     """With the alltoall dispatcher: Grove layers use ``GroupAwareAlltoAllDispatcher`` (one
     row per (token, EP rank)) instead of adjugates as extra experts (``grove_alltoall``)."""
@@ -89,11 +92,11 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
-        num_moe_experts=e.num_experts,
-        moe_ffn_hidden_size=e.ffn_hidden_size,
+        num_moe_experts=e.num_experts or None,
+        moe_ffn_hidden_size=e.ffn_hidden_size if e.num_experts else None,
         moe_router_topk=e.router_topk,
         moe_router_score_function=e.router_score_function,
-        moe_router_pre_softmax=False,
+        moe_router_pre_softmax=e.router_type == "cmoe",  # CMoE: softmax over all, then top-k
         moe_token_dispatcher_type=(
             "alltoall" if e.token_dispatcher_type == "grove_alltoall" else e.token_dispatcher_type),
         moe_router_load_balancing_type="aux_loss" if e.aux_loss_coeff > 0 else "none",
@@ -101,11 +104,14 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_router_enable_expert_bias=False,
         moe_router_bias_update_rate=e.bias_update_rate,
         **megatron_fields(acc, cfg.precision),
-        moe_layer_freq=[0] * e.first_k_dense_layers + [1] * (m.num_layers - e.first_k_dense_layers),
+        moe_layer_freq=([0] * e.first_k_dense_layers + [1] * (m.num_layers - e.first_k_dense_layers)
+                        if e.num_experts else 1),
         moe_num_expert_groups=e.num_expert_groups,
         moe_adjugate_ffn_hidden_size=e.adjugate_ffn_hidden_size,
         moe_adjugate_scale=e.adjugate_scale,
         moe_bias_update_rule=e.bias_update_rule,
         moe_first_k_dense_layers=e.first_k_dense_layers,
         moe_group_aware_dispatch=e.token_dispatcher_type == "grove_alltoall",
+        moe_router_type=e.router_type,
+        moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size,
     )

@@ -7,8 +7,11 @@ nothing here knows about SLURM.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +20,7 @@ import torch.distributed as dist
 from megatron_grove.cpu_runtime import apply_cpu_patches
 
 __all__ = ["ParallelRuntime", "resolve_device", "initialize_parallel", "current_runtime",
-           "destroy_parallel"]
+           "destroy_parallel", "single_process_world"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +104,21 @@ def destroy_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process_world(device: str = "cpu", seed: int = 1234) -> Iterator[ParallelRuntime]:
+    """A private world of one process (TP = EP = 1) for tools (conversion, evaluation), torn
+    down on exit; inside an already initialised world (tests, torchrun) that world is used."""
+    from megatron.core import parallel_state
+
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        yield current_runtime(resolve_device(device))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        runtime = initialize_parallel(seed=seed, device=device, init_method=f"file://{tmp}/init",
+                                      rank=0, world_size=1)
+        try:
+            yield runtime
+        finally:
+            destroy_parallel()

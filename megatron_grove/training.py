@@ -37,7 +37,8 @@ from megatron_grove.moe_stats import collect_moe_counters, reset_moe_counters
 from megatron_grove.runtime import ParallelRuntime, initialize_parallel
 from megatron_grove.tokenizer import load_tokenizer
 
-__all__ = ["TrainingSetup", "setup_training", "train", "causal_attention_mask", "micro_batches"]
+__all__ = ["TrainingSetup", "setup_training", "train", "causal_attention_mask", "micro_batches",
+           "freeze_untrainable"]
 
 
 def causal_attention_mask(seq_length: int, device: torch.device) -> torch.Tensor:
@@ -73,6 +74,17 @@ def _forward_step(attention_mask: torch.Tensor, device: torch.device,
     return output, functools.partial(_masked_mean_loss, batch["loss_mask"])
 
 
+def freeze_untrainable(model: torch.nn.Module, trainable: str) -> None:
+    """``train.trainable``: 'all', or 'router' (only the MoE routers' parameters get gradients,
+    e.g. a carved CMoE model's router scale). Call before wrapping in DDP."""
+    if trainable == "all":
+        return
+    for name, param in model.named_parameters():
+        param.requires_grad_(".router." in name)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"train.trainable={trainable}: the model has no such parameters")
+
+
 def _dp_mean(value: torch.Tensor) -> float:
     group = parallel_state.get_data_parallel_group()
     value = value.detach().clone()
@@ -97,7 +109,7 @@ def _build_optimizer(cfg: GroveConfig, model: torch.nn.Module, dtype: torch.dtyp
 
 def _dataset(cfg: GroveConfig, tokenizer):
     # embedded_corpus_prefix is safe to call from every rank at once (atomic tmp + rename)
-    prefix = cfg.data.path or embedded_corpus_prefix()
+    prefix = cfg.data.path or embedded_corpus_prefix(tokenizer=tokenizer)
     return build_gpt_dataset(prefix, cfg.model.seq_length,
                              num_samples=cfg.train.iters * cfg.train.global_batch_size,
                              seed=cfg.train.seed, tokenizer=tokenizer)
@@ -128,6 +140,7 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
     model = build_gpt_model(tconfig, cfg.model.vocab_size or tokenizer.vocab_size,
                             cfg.model.seq_length, cfg.model.rotary_base,
                             cfg.model.tie_embeddings, seed=cfg.train.seed).to(runtime.device)
+    freeze_untrainable(model, cfg.train.trainable)
     model = DistributedDataParallel(
         config=tconfig, module=model,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
@@ -155,7 +168,8 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
     start = 0
     if cfg.checkpoint.load:
         state = load_checkpoint(cfg.checkpoint.load, model, optimizer)
-        scheduler.load_state_dict(state.scheduler)
+        if state.scheduler is not None:  # None: model-only checkpoint, training starts there
+            scheduler.load_state_dict(state.scheduler)
         start = state.step
     if start >= t.iters and is_first:
         print(f"checkpoint is at step {start} >= train.iters={t.iters}: nothing to train")

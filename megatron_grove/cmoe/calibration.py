@@ -1,0 +1,35 @@
+"""CMoE calibration statistics of one SwiGLU FFN: hidden activations, markers, activation rates.
+
+For calibration inputs ``x`` ``[T, H]`` (the FFN's inputs, i.e. after the pre-FFN norm) and
+the FFN's ``w_gate``, ``w_up`` ``[d_h, H]``:
+
+* ``h = silu(x w_gate^T) * (x w_up^T)`` ``[T, d_h]``;
+* each token marks its ``K_a`` neurons of largest ``|h|`` (binary markers ``[T, d_h]``);
+* the activation rate of neuron ``j`` is the share of tokens that mark it (``[d_h]``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ffn_hidden", "activation_markers", "activation_rates"]
+
+
+def ffn_hidden(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[T, H]``, ``w_gate``/``w_up`` ``[d_h, H]`` -> ``silu(x w_g^T) * (x w_u^T)`` ``[T, d_h]``."""
+    return F.silu(x @ w_gate.T) * (x @ w_up.T)
+
+
+def activation_markers(hidden: torch.Tensor, k_a: int) -> torch.Tensor:
+    """``hidden`` ``[T, d_h]`` -> bool ``[T, d_h]``, True at each token's ``k_a`` neurons of
+    largest ``|h|``."""
+    if not 1 <= k_a <= hidden.shape[1]:
+        raise ValueError(f"activation top-k K_a={k_a}: allowed 1..{hidden.shape[1]} (d_ffn)")
+    index = hidden.abs().topk(k_a, dim=1).indices
+    return torch.zeros_like(hidden, dtype=torch.bool).scatter_(1, index, True)
+
+
+def activation_rates(markers: torch.Tensor) -> torch.Tensor:
+    """Bool markers ``[T, d_h]`` -> fp32 activation rates ``[d_h]`` (share of tokens marking each)."""
+    return markers.float().mean(dim=0)

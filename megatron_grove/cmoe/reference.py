@@ -1,0 +1,52 @@
+"""Plain-torch forward of a carved FFN (the definition the Megatron layer is tested against).
+
+For one token ``x`` ``[H]``: router scores ``s_e = |silu(g_e . x) * (u_e . x)|`` (``g_e``,
+``u_e`` the router rows), weights ``p = softmax(s)`` over the ``E`` routed experts; the
+selection is the top-``k`` of ``p + b`` (balancing bias ``b``, selection only); the output is
+
+    y = Shared(x) + sum_{e in selection} (1 + p_e * u_e) * Expert_e(x)
+
+with learnable scales ``u`` (0 at carving).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_grove.cmoe.carve import CarvedFFN
+
+__all__ = ["swiglu", "cmoe_router_probs", "carved_ffn_forward"]
+
+
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+           ) -> torch.Tensor:
+    """``x`` ``[T, H]`` -> ``(silu(x w_g^T) * (x w_u^T)) w_d^T`` ``[T, H]``."""
+    return (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+
+
+def cmoe_router_probs(x: torch.Tensor, router_gate: torch.Tensor, router_up: torch.Tensor
+                      ) -> torch.Tensor:
+    """``x`` ``[T, H]`` -> ``softmax_e |silu(g_e . x) * (u_e . x)|`` ``[T, E]``."""
+    return torch.softmax((F.silu(x @ router_gate.T) * (x @ router_up.T)).abs(), dim=-1)
+
+
+def carved_ffn_forward(carved: CarvedFFN, x: torch.Tensor, topk: int,
+                       scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """Token by token, expert by expert: ``x`` ``[T, H]`` -> ``[T, H]`` (see module docstring).
+    ``scale`` = u ``[E]`` (default 0), ``bias`` = b ``[E]`` (default 0)."""
+    num_routed = carved.num_routed
+    scale = torch.zeros(num_routed) if scale is None else scale
+    bias = torch.zeros(num_routed) if bias is None else bias
+    probs = cmoe_router_probs(x, carved.router_gate, carved.router_up)
+    out = swiglu(x, carved.shared_gate, carved.shared_up, carved.shared_down)
+    rows = []
+    for t in range(x.shape[0]):
+        y = out[t]
+        for e in (probs[t] + bias).topk(topk).indices.tolist():
+            expert = swiglu(x[t:t + 1], carved.expert_gate[e], carved.expert_up[e],
+                            carved.expert_down[e])[0]
+            y = y + (1 + probs[t, e] * scale[e]) * expert
+        rows.append(y)
+    return torch.stack(rows)

@@ -1,0 +1,68 @@
+"""Perplexity of a model on a 1-D token stream, with Megatron's sample convention.
+
+Window ``k`` covers tokens ``[kL, kL + L]`` (``L + 1`` tokens): its first ``L`` are the
+inputs, its last ``L`` the targets; windows that do not fit are dropped. PPL =
+``exp(mean NLL over all targets)``, computed in fp32 over the true vocabulary (the padded
+vocabulary rows Megatron adds are ignored).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megatron_grove.training import causal_attention_mask
+
+__all__ = ["token_windows", "PerplexityResult", "perplexity"]
+
+
+def token_windows(tokens: np.ndarray | torch.Tensor, seq_length: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D ``tokens`` -> ``(inputs, targets)``, each ``[N, L]`` int64, ``N = (n - 1) // L``."""
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).reshape(-1)
+    n = (tokens.numel() - 1) // seq_length
+    if n < 1:
+        raise ValueError(f"{tokens.numel()} tokens do not fill one window of seq_length "
+                         f"{seq_length} + 1; use a shorter --seq-length or more tokens")
+    inputs = tokens[:n * seq_length].reshape(n, seq_length)
+    targets = tokens[1:n * seq_length + 1].reshape(n, seq_length)
+    return inputs, targets
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per target token (nats)
+    tokens: int  # target tokens scored
+    windows: int
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, seq_length: int,
+               vocab_size: int, batch_size: int = 4, device: torch.device | str = "cpu",
+               progress: bool = True) -> PerplexityResult:
+    """Score ``tokens`` (1-D ids < ``vocab_size``) with our ``GPTModel`` (logits
+    ``[b, L, V_padded]`` for inputs ``[b, L]``)."""
+    inputs, targets = token_windows(tokens, seq_length)
+    if int(inputs.max()) >= vocab_size or int(targets.max()) >= vocab_size:
+        raise ValueError(f"token id {int(max(inputs.max(), targets.max()))} is outside the "
+                         f"model's vocabulary of {vocab_size}")
+    model.eval()
+    mask = causal_attention_mask(seq_length, torch.device(device))
+    positions = torch.arange(seq_length, device=device).unsqueeze(0)
+    total, count = 0.0, 0
+    batches = range(0, inputs.shape[0], batch_size)
+    for start in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
+        x = inputs[start:start + batch_size].to(device)
+        y = targets[start:start + batch_size].to(device)
+        logits = model(x, positions.expand_as(x), mask)[..., :vocab_size].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1),
+                                                reduction="sum")
+        total += float(nll)
+        count += y.numel()
+    mean = total / count
+    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, windows=inputs.shape[0])

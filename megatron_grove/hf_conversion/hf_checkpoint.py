@@ -1,0 +1,58 @@
+"""Whole Hugging Face checkpoints <-> (our config, the global Megatron state dict)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from megatron_grove.config import GroveConfig
+from megatron_grove.hf_conversion.hf_config import (HFFormatError, grove_config_from_hf,
+                                                    hf_config_from_grove)
+from megatron_grove.hf_conversion.safetensors_io import (HFTensors, read_hf_config,
+                                                         write_hf_checkpoint)
+from megatron_grove.hf_conversion.tensor_mapping import hf_to_megatron, megatron_to_hf
+
+__all__ = ["load_hf_checkpoint", "save_hf_checkpoint"]
+
+_DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16"}
+
+
+def load_hf_checkpoint(path: str | Path, progress: Callable[[Iterator], Iterator] = iter
+                       ) -> tuple[GroveConfig, dict[str, torch.Tensor]]:
+    """A HF checkpoint folder -> (:class:`GroveConfig` with ``model``/``moe`` of the checkpoint,
+    ``runtime.dtype`` its weights' dtype and ``data.tokenizer`` the folder when it holds a
+    ``tokenizer.json``; the global Megatron state dict). Raises :class:`HFFormatError` on an
+    unsupported, partial or mismatched checkpoint."""
+    path = Path(path)
+    hf_config = read_hf_config(path)
+    with HFTensors(path) as tensors:
+        cfg = grove_config_from_hf(hf_config, tensors)
+        dtype = tensors.dtype_name("model.embed_tokens.weight")
+        if dtype not in _DTYPE_NAMES:
+            raise HFFormatError(f"{path}: weights of dtype {dtype} are not supported "
+                                "(allowed: F32, BF16)")
+        cfg.runtime.dtype = _DTYPE_NAMES[dtype]
+        if (path / "tokenizer.json").is_file():
+            cfg.data.tokenizer = str(path.resolve())
+        state = hf_to_megatron(tensors, cfg, progress)
+    return cfg, state
+
+
+def save_hf_checkpoint(output: str | Path, cfg: GroveConfig, state: Mapping[str, torch.Tensor],
+                       tokenizer_dir: str | Path | None = None,
+                       max_shard_bytes: int = 5 * 2 ** 30,
+                       progress: Callable[[Iterator], Iterator] = iter) -> None:
+    """Write the global Megatron state dict as a HF checkpoint folder (Llama / Qwen3 /
+    Qwen3-MoE / GroveMoE, see :func:`hf_config_from_grove`), tensors in their own dtype."""
+    state = dict(state)
+    if cfg.moe.num_experts and not cfg.moe.num_expert_groups:
+        for name in [n for n in state if n.endswith("mlp.router.expert_bias")]:
+            if torch.count_nonzero(state.pop(name)):
+                raise HFFormatError(f"{name} is non-zero but Qwen3-MoE has no expert bias; the "
+                                    "model cannot be written exactly in the Qwen3-MoE format")
+    hf_state = megatron_to_hf(state, cfg, progress)
+    dtype = "bfloat16" if cfg.runtime.dtype == "bf16" else "float32"
+    write_hf_checkpoint(output, hf_config_from_grove(cfg, dtype), hf_state, max_shard_bytes,
+                        tokenizer_dir)

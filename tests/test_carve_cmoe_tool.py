@@ -1,0 +1,128 @@
+"""tools/carve_cmoe.py end to end on a tiny random Hugging Face Llama (d_ffn % N != 0): the
+Megatron checkpoint it writes computes the dense model's logits when every expert is active,
+differs when not, keeps the router state; the HF-style export; bad input exits with code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _dist import run_distributed
+from megatron_grove.tokenizer import default_tokenizer_path
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "carve_cmoe.py"
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=44,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=default_tokenizer_path(),
+                                        eos_token="<|endoftext|>", pad_token="<|pad|>")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _run_tool(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in its own process (it starts a private torch.distributed world)."""
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(TOOL.parents[1])), timeout=600)
+
+
+def _carve(model: Path, out: Path, active: int) -> subprocess.CompletedProcess:
+    return _run_tool("--model", str(model), "--shared", "1", "--active", str(active),
+                     "--experts", "8", "--output", str(out), "--calibration-tokens", "256",
+                     "--window", "64", "--seq-length", str(SEQ), "--no-progress")
+
+
+def _megatron_logits(rank: int, checkpoint: str, ids: torch.Tensor) -> dict:
+    from megatron.core import dist_checkpointing
+
+    from megatron_grove.checkpointing import checkpoint_dir, latest_iteration, load_checkpoint
+    from megatron_grove.config import config_from_dict
+    from megatron_grove.megatron_config import to_transformer_config
+    from megatron_grove.model import build_gpt_model
+    from megatron_grove.training import causal_attention_mask
+
+    folder = checkpoint_dir(checkpoint, latest_iteration(checkpoint))
+    cfg = config_from_dict(dist_checkpointing.load_common_state_dict(str(folder))
+                           ["train_state"]["config"])
+    model = build_gpt_model(to_transformer_config(cfg), cfg.model.vocab_size, SEQ,
+                            cfg.model.rotary_base, cfg.model.tie_embeddings, seed=99).eval()
+    load_checkpoint(checkpoint, model, None)
+    with torch.no_grad():
+        logits = model(ids, torch.arange(SEQ)[None], causal_attention_mask(SEQ, ids.device))
+    router = model.decoder.layers[0].mlp.router
+    return {"logits": logits[..., :4096], "scale": router.expert_scale.detach().clone(),
+            "bias": router.expert_bias.clone(), "topk": router.topk}
+
+
+def test_all_experts_active_reproduces_the_dense_model(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = torch.randint(0, 4096, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = dense(input_ids=ids).logits
+    done = _carve(tiny_llama, tmp_path / "all", active=7)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "carved S1A7E8 in" in done.stdout
+    got = run_distributed(_megatron_logits, world_size=1,
+                          args=(str(tmp_path / "all" / "megatron"), ids))[0]
+    torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)
+    assert got["topk"] == 7 and torch.equal(got["scale"], torch.zeros(7))
+
+    assert _carve(tiny_llama, tmp_path / "sparse", active=2).returncode == 0
+    sparse = run_distributed(_megatron_logits, world_size=1,
+                             args=(str(tmp_path / "sparse" / "megatron"), ids))[0]
+    assert (sparse["logits"] - expected).abs().max() > 1e-3
+
+    # tools/evaluate.py: the carved checkpoint with every expert active has the dense PPL
+    np.save(tmp_path / "tokens.npy", torch.randint(0, 4096, (4 * SEQ + 1,)).numpy())
+    ppl = {}
+    for name, checkpoint in [("dense", tiny_llama), ("all", tmp_path / "all" / "megatron"),
+                             ("sparse", tmp_path / "sparse" / "megatron")]:
+        done = subprocess.run([sys.executable, str(TOOL.parent / "evaluate.py"), "--checkpoint",
+                               str(checkpoint), "--tokens", str(tmp_path / "tokens.npy"),
+                               "--seq-length", str(SEQ), "--json"], capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(TOOL.parents[1])))
+        assert done.returncode == 0, done.stderr[-2000:]
+        ppl[name] = json.loads(done.stdout.strip().splitlines()[-1])["ppl"]
+    all_error, sparse_error = (abs(ppl[k] / ppl["dense"] - 1) for k in ("all", "sparse"))
+    assert all_error < 1e-4 and sparse_error > 10 * all_error, ppl
+
+    record = json.loads((tmp_path / "sparse" / "carve.json").read_text())
+    assert record["spec"] == "S1A2E8" and record["neurons_per_expert"] == 6  # ceil(44 / 8)
+    export = json.loads((tmp_path / "sparse" / "hf" / "config.json").read_text())
+    assert export["cmoe"]["num_routed_experts"] == 7
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "sparse" / "hf" / "model.safetensors"))
+    assert tensors["model.layers.1.mlp.experts.6.gate_proj.weight"].shape == (6, 32)
+    assert tensors["model.layers.1.mlp.shared_expert.down_proj.weight"].shape == (32, 6)
+    assert (tmp_path / "sparse" / "hf" / "tokenizer.json").is_file()
+
+
+def test_bad_input_exits_with_code_2(tiny_llama, tmp_path):
+    done = _carve(tiny_llama, tmp_path / "x", active=8)  # only 7 routed experts
+    assert done.returncode == 2 and "--active 8: allowed 1..7" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    (tmp_path / "exists").mkdir()
+    assert _carve(tiny_llama, tmp_path / "exists", active=2).returncode == 2
+    done = _run_tool("--model", str(tmp_path), "--shared", "1", "--active", "1",
+                     "--experts", "2", "--output", str(tmp_path / "y"))
+    assert done.returncode == 2 and "neither a .gguf file" in done.stderr

@@ -1,0 +1,109 @@
+"""CMoE carving on plain tensors: against slow references and the dense-equality invariant."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from megatron_grove.cmoe import (activation_markers, balanced_assignment, balanced_clusters,
+                                 carve_ffn, ffn_hidden, representative_neurons)
+from megatron_grove.cmoe.reference import carved_ffn_forward, swiglu
+
+
+def _dense(d_h: int, hidden: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(d_h, hidden, generator=g) / hidden ** 0.5,
+            torch.randn(d_h, hidden, generator=g) / hidden ** 0.5,
+            torch.randn(hidden, d_h, generator=g) / d_h ** 0.5,
+            torch.randn(64, hidden, generator=g))
+
+
+def test_markers_are_each_tokens_top_k_by_magnitude():
+    h = torch.tensor([[0.1, -3.0, 2.0, 0.0], [5.0, 0.2, -0.3, 0.1]])
+    assert activation_markers(h, 2).tolist() == [[False, True, True, False],
+                                                 [True, False, True, False]]
+    with pytest.raises(ValueError, match="K_a=5"):
+        activation_markers(h, 5)
+
+
+def test_balanced_assignment_is_the_brute_force_optimum():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        cost = torch.rand(6, 3, generator=g)
+        best = min(sum(float(cost[j, c]) for j, c in enumerate(labels))
+                   for labels in itertools.product(range(3), repeat=6)
+                   if all(labels.count(c) == 2 for c in range(3)))
+        got = balanced_assignment(cost, 2)
+        assert torch.bincount(got, minlength=3).tolist() == [2, 2, 2]
+        assert float(cost[torch.arange(6), got].sum()) == pytest.approx(best, abs=1e-6)
+
+
+def test_balanced_clusters_recover_planted_co_activation_groups():
+    g = torch.Generator().manual_seed(0)
+    groups = torch.arange(12) % 4  # neuron j belongs to planted group j % 4
+    topic = torch.randint(0, 4, (300,), generator=g)  # each token activates one group...
+    markers = groups[None, :] == topic[:, None]
+    markers ^= torch.rand(300, 12, generator=g) < 0.05  # ...with a little noise
+    got = balanced_clusters(markers, 4)
+    for c in range(4):
+        assert len(set(groups[got == c].tolist())) == 1  # every cluster is one planted group
+    assert torch.bincount(got, minlength=4).tolist() == [3, 3, 3, 3]
+
+
+def test_representative_is_the_member_closest_to_the_cluster_mean():
+    g = torch.Generator().manual_seed(1)
+    markers = torch.rand(40, 8, generator=g) < 0.4
+    assignment = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    reps = representative_neurons(markers, assignment, 2)
+    for c in range(2):
+        members = [j for j in range(8) if assignment[j] == c]
+        mean = markers[:, members].float().mean(dim=1)
+        dist = {j: float((markers[:, j].float() - mean).abs().sum()) for j in members}
+        assert int(reps[c]) == min(members, key=lambda j: (dist[j], j))
+
+
+@pytest.mark.parametrize("d_h,shared,experts", [(64, 1, 4), (50, 3, 8), (37, 2, 8)])
+def test_every_expert_active_equals_the_dense_ffn(d_h, shared, experts):
+    w_g, w_u, w_d, x = _dense(d_h, 16)
+    carved = carve_ffn(w_g, w_u, w_d, x, shared, experts, activation_topk=max(1, d_h // 4))
+    m = -(-d_h // experts)
+    assert carved.expert_gate.shape == (experts - shared, m, 16)
+    assert carved.shared_gate.shape == (shared * m, 16)
+    # every dense neuron is in exactly one expert; the rest of the slots are zero padding
+    assert sorted(carved.neuron_order.tolist()) == list(range(experts * m))
+    dense = swiglu(x, w_g, w_u, w_d)
+    routed = experts - shared
+    torch.testing.assert_close(carved_ffn_forward(carved, x, topk=routed), dense,
+                               rtol=1e-5, atol=1e-5)
+    sparse = carved_ffn_forward(carved, x, topk=max(1, routed // 2))
+    assert (sparse - dense).abs().max() > 1e-3  # dropping experts changes the output
+
+
+def test_shared_experts_hold_the_most_active_neurons_and_router_rows_are_unit():
+    w_g, w_u, w_d, x = _dense(48, 16, seed=2)
+    carved = carve_ffn(w_g, w_u, w_d, x, 2, 6, activation_topk=12)
+    rates = activation_markers(ffn_hidden(x, w_g, w_u), 12).float().mean(0)
+    expected = sorted(sorted(range(48), key=lambda j: (-float(rates[j]), j))[:16])
+    assert carved.neuron_order[:16].tolist() == expected
+    torch.testing.assert_close(carved.shared_down, w_d[:, expected])
+    torch.testing.assert_close(carved.router_gate.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(carved.router_up.norm(dim=1), torch.ones(4))
+    rows = {tuple(r.tolist()) for r in carved.router_gate}
+    assert all(any(torch.allclose(w_g[j] / w_g[j].norm(), carved.router_gate[e])
+                   for j in carved.neuron_order[16 + 8 * e:16 + 8 * (e + 1)].tolist())
+               for e in range(4)) and len(rows) == 4  # each from a neuron of its own expert
+
+
+def test_scale_and_bias_follow_the_definition():
+    w_g, w_u, w_d, x = _dense(32, 8, seed=4)
+    carved = carve_ffn(w_g, w_u, w_d, x[:8], 1, 4, activation_topk=8)
+    u = torch.tensor([0.5, -1.0, 2.0])
+    big_bias = torch.tensor([0.0, 0.0, 10.0])  # forces expert 2 into every selection
+    out = carved_ffn_forward(carved, x[:8], topk=1, scale=u, bias=big_bias)
+    probs = torch.softmax((torch.nn.functional.silu(x[:8] @ carved.router_gate.T)
+                           * (x[:8] @ carved.router_up.T)).abs(), -1)
+    shared = swiglu(x[:8], carved.shared_gate, carved.shared_up, carved.shared_down)
+    expert2 = swiglu(x[:8], carved.expert_gate[2], carved.expert_up[2], carved.expert_down[2])
+    torch.testing.assert_close(out, shared + (1 + probs[:, 2:3] * 2.0) * expert2)
