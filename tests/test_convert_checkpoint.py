@@ -4,6 +4,7 @@ Megatron checkpoints loading at another EP size, refusing bad input."""
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,28 @@ def test_refuses_non_empty_output_and_bad_arguments(qwen3_moe, tmp_path):
     assert last.startswith("convert_checkpoint.py: error: moe.num_expert_groups=3: must divide "
                            "moe.num_experts=8")
     assert not (tmp_path / "g").exists()
+
+
+def _model_only_checkpoint(path: str, overrides: list) -> None:
+    from megatron_grove.config import load_config
+    from megatron_grove.hf_conversion import build_model, model_state_dict, save_megatron_checkpoint
+
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", overrides)
+    model = build_model(cfg, initialize=True)
+    state = model_state_dict(model, cfg)
+    state["output_layer.weight"] = torch.zeros_like(state["output_layer.weight"])
+    save_megatron_checkpoint(path, cfg, state)
+
+
+def test_training_starts_from_a_model_only_checkpoint(tmp_path):
+    """checkpoint.load of a converted (model-only) checkpoint loads its weights and starts at
+    step 1: with a zero output layer every logit is 0, so the first loss is ln(V)."""
+    from test_training import FAST, losses, torchrun
+
+    overrides = FAST + ["model.vocab_size=4096", "train.iters=2", "train.lr_warmup_iters=1"]
+    in_world(_model_only_checkpoint, str(tmp_path / "ckpt"), overrides)
+    assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
+    torchrun("train.iters=2", "train.lr_warmup_iters=1", f"checkpoint.load={tmp_path / 'ckpt'}",
+             f"logging.dir={tmp_path / 'log'}")
+    assert sorted(losses(tmp_path / "log")) == [1, 2]
+    assert losses(tmp_path / "log")[1] == pytest.approx(math.log(4096), rel=1e-6)
