@@ -16,7 +16,7 @@ from megatron_grove.evaluation import perplexity
 from megatron_grove.hf_conversion import (HFFormatError, build_model, load_hf_checkpoint,
                                           load_megatron_state, load_state_into_model,
                                           save_hf_checkpoint, save_megatron_checkpoint)
-from megatron_grove.runtime import single_process_world
+from _dist import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
@@ -29,11 +29,20 @@ def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def in_world(fn, *args):
+    """``fn(*args)`` in a forked one-process Megatron world (a world set up in the pytest
+    process itself would break the forked workers of later tests)."""
+    return run_distributed(lambda rank, *a: fn(*a), world_size=1, args=args)[0]
+
+
+def _our_perplexity(cfg, state, tokens) -> float:
+    model = build_model(cfg)
+    load_state_into_model(model, cfg, state)
+    return perplexity(model, tokens, SEQ, cfg.model.vocab_size, progress=False).ppl
+
+
 def our_perplexity(cfg, state, tokens) -> float:
-    with single_process_world():
-        model = build_model(cfg)
-        load_state_into_model(model, cfg, state)
-        return perplexity(model, tokens, SEQ, cfg.model.vocab_size, progress=False).ppl
+    return in_world(_our_perplexity, cfg, state, tokens)
 
 
 def run_evaluate(*args: str) -> dict:
@@ -55,8 +64,7 @@ def test_qwen3_moe_to_megatron_evaluates_to_transformers_ppl(qwen3_moe, tmp_path
     tokens = random_tokens(2000)
     np.save(tmp_path / "tokens.npy", tokens)
     cfg, state = load_hf_checkpoint(folder)
-    with single_process_world():
-        save_megatron_checkpoint(tmp_path / "megatron", cfg, state)
+    in_world(save_megatron_checkpoint, tmp_path / "megatron", cfg, state)
     expected = hf_perplexity(hf_model, tokens, SEQ)
     for ckpt in (tmp_path / "megatron", folder):  # Megatron and HF input, auto-detected
         result = run_evaluate("--checkpoint", str(ckpt), "--tokens", str(tmp_path / "tokens.npy"),
@@ -69,9 +77,8 @@ def test_qwen3_moe_to_megatron_evaluates_to_transformers_ppl(qwen3_moe, tmp_path
 def test_qwen3_moe_hf_megatron_hf_is_bit_identical(qwen3_moe, tmp_path):
     folder, _ = qwen3_moe
     cfg, state = load_hf_checkpoint(folder)
-    with single_process_world():
-        save_megatron_checkpoint(tmp_path / "megatron", cfg, state)
-        cfg2, state2 = load_megatron_state(tmp_path / "megatron")
+    in_world(save_megatron_checkpoint, tmp_path / "megatron", cfg, state)
+    cfg2, state2 = in_world(load_megatron_state, tmp_path / "megatron")
     save_hf_checkpoint(tmp_path / "back", cfg2, state2, max_shard_bytes=200_000)
     source, back = all_tensors(folder), all_tensors(tmp_path / "back")
     assert source.keys() == back.keys()

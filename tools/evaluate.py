@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -53,6 +54,7 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's import-time CUDA notice
     import numpy as np
 
     from megatron_grove.checkpointing import checkpoint_tokenizer

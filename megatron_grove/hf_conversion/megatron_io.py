@@ -9,6 +9,7 @@ layout a later run uses is only its ``parallel`` config.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Mapping
 
@@ -30,9 +31,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def build_model(cfg: GroveConfig, dtype: torch.dtype | None = None, initialize: bool = False,
                 device: torch.device | str = "cpu") -> GPTModel:
-    """Our ``GPTModel`` for ``cfg`` at the current parallel layout (``cfg.runtime.dtype``
-    unless ``dtype``); ``initialize=False`` skips random initialisation (weights are loaded)."""
+    """Our ``GPTModel`` for ``cfg`` at the running world's parallel layout, whatever
+    ``cfg.parallel`` says (``cfg.runtime.dtype`` unless ``dtype``); ``initialize=False`` skips
+    random initialisation (weights are loaded)."""
     dtype = dtype or DTYPES[cfg.runtime.dtype]
+    cfg = copy.deepcopy(cfg)
+    p = cfg.parallel
+    p.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+    p.expert_model_parallel_size = parallel_state.get_expert_model_parallel_world_size()
+    p.sequence_parallel = p.tensor_model_parallel_size > 1 and cfg.moe.num_experts > 0
     tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=True)
     tconfig.perform_initialization = initialize
     model = build_gpt_model(tconfig, cfg.model.vocab_size, cfg.model.seq_length,
@@ -99,10 +106,6 @@ def load_megatron_model(path: str | Path, dtype: torch.dtype | None = None,
     layout and load its weights (Megatron reshards from the saved layout)."""
     folder = resolve_checkpoint_folder(path)
     cfg = config_from_dict(read_checkpoint_config(folder))
-    p = cfg.parallel  # the layout is the running world's, not the saved one
-    p.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
-    p.expert_model_parallel_size = parallel_state.get_expert_model_parallel_world_size()
-    p.sequence_parallel = p.tensor_model_parallel_size > 1 and cfg.moe.num_experts > 0
     model = build_model(cfg, dtype=dtype, device=device)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
     model.load_state_dict(loaded["model"])
