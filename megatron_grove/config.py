@@ -74,6 +74,11 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False  # shard fp32 master weights + Adam moments over DP
+    # activation recompute (Megatron's): none | selective (attention core) | full (whole layers)
+    recompute_granularity: Literal["none", "selective", "full"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"  # full only: how layers are chosen
+    recompute_num_layers: int = 1  # full only: layers per recompute unit (uniform) / first N (block)
 
 
 @dataclass
@@ -318,6 +323,10 @@ def _validate(cfg: GroveConfig) -> None:
     _require(p.pipeline_model_parallel_size == 1,
              f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}: pipeline "
              "parallelism is not supported yet; allowed: 1")
+    if p.recompute_granularity == "full":
+        _require(1 <= p.recompute_num_layers <= m.num_layers,
+                 f"parallel.recompute_num_layers={p.recompute_num_layers}: allowed 1.."
+                 f"model.num_layers={m.num_layers} with parallel.recompute_granularity=full")
     _require(not (p.tensor_model_parallel_size > 1 and e.num_experts and not p.sequence_parallel),
              f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}: MoE with tensor "
              "parallelism needs parallel.sequence_parallel=true (as in Megatron-Core)")

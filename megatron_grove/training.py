@@ -85,7 +85,7 @@ def _build_optimizer(cfg: GroveConfig, model: torch.nn.Module, dtype: torch.dtyp
         OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
                         clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                        use_distributed_optimizer=False),
+                        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
         [model])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
@@ -130,7 +130,7 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
         config=tconfig, module=model,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                  overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=False))
+                                                 use_distributed_optimizer=cfg.parallel.use_distributed_optimizer))
     optimizer, scheduler = _build_optimizer(cfg, model, dtype)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.no_sync_func = model.no_sync
