@@ -23,7 +23,12 @@ main keys:
   moe.num_experts / moe.router_topk / moe.num_expert_groups / moe.adjugate_ffn_hidden_size
   moe.adjugate_scale / moe.router_score_function / moe.bias_update_rule / moe.bias_update_rate
   data.path (Megatron .bin/.idx prefix from tools/preprocess_data.py; default: embedded corpus)
-  checkpoint.save / checkpoint.load / checkpoint.save_interval / logging.dir
+  checkpoint.save / checkpoint.load (a folder, or auto: checkpoint.save if it holds a
+  checkpoint) / checkpoint.save_interval / logging.dir / runtime.dist_timeout_s
+  parallel.use_distributed_optimizer / parallel.recompute_granularity (none|selective|full)
+multi-node: one torchrun per node with --rdzv-backend c10d (see docs/multinode.md and
+  launch/slurm/pretrain_grove.sbatch); a rank whose peer dies stops with one line naming the
+  failure, within runtime.dist_timeout_s
 outputs (in logging.dir): metrics.jsonl (one JSON object per step) and tensorboard/
 layout check without GPUs:  python launch/pretrain_grove.py --config configs/grovemoe_33b_a3b.yaml --dry-run
 exit codes: 0 ok, 2 bad configuration (one line on stderr saying which key and what is allowed)
@@ -94,13 +99,24 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
-    from megatron_grove.runtime import destroy_parallel
+    from megatron_grove.runtime import collective_failure, destroy_parallel
     from megatron_grove.training import train
 
     try:
         records = train(cfg)
-    finally:
-        destroy_parallel()
+    except Exception as exc:
+        reason = collective_failure(exc)
+        if reason is None:
+            destroy_parallel()
+            raise
+        resume = (f"restart the job to resume from the last checkpoint in {cfg.checkpoint.save} "
+                  "(checkpoint.load=auto)" if cfg.checkpoint.save else
+                  "set checkpoint.save and checkpoint.save_interval to be able to resume")
+        print(f"pretrain_grove.py: rank {rank}: a collective failed ({reason}): another rank "
+              f"died, hung past runtime.dist_timeout_s={cfg.runtime.dist_timeout_s}s or the network "
+              f"failed; stopping. {resume}", file=sys.stderr, flush=True)
+        os._exit(1)  # no teardown: it would wait on the dead peers
+    destroy_parallel()
     if rank == 0 and records:
         print(f"done: {len(records)} steps, loss {records[0]['loss']:.4f} -> "
               f"{records[-1]['loss']:.4f}; metrics in {cfg.logging.dir}/metrics.jsonl")

@@ -108,7 +108,7 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     save: Optional[str] = None
-    load: Optional[str] = None
+    load: Optional[str] = None  # a checkpoint.save folder, or "auto": checkpoint.save if it has one
     save_interval: int = 0  # 0 = only at the end (when save is set)
 
 
@@ -316,6 +316,11 @@ def _validate(cfg: GroveConfig) -> None:
              f"(allowed 0..{t.iters - 1})")
     _require(t.exit_at_iter is None or 1 <= t.exit_at_iter <= t.iters,
              f"train.exit_at_iter={t.exit_at_iter}: allowed 1..train.iters={t.iters} or null")
+    _require(cfg.checkpoint.load != "auto" or cfg.checkpoint.save is not None,
+             "checkpoint.load=auto: resumes from checkpoint.save, which is not set; set "
+             "checkpoint.save=DIR")
+    _require(cfg.runtime.dist_timeout_s >= 1,
+             f"runtime.dist_timeout_s={cfg.runtime.dist_timeout_s}: must be >= 1")
     _require(cfg.checkpoint.save_interval >= 0,
              f"checkpoint.save_interval={cfg.checkpoint.save_interval}: must be >= 0")
     _require(cfg.logging.log_interval >= 1,

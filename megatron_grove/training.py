@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
 from megatron_grove.balancing import update_expert_bias
-from megatron_grove.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from megatron_grove.checkpointing import TrainState, latest_iteration, load_checkpoint, save_checkpoint
 from megatron_grove.config import GroveConfig, config_to_dict, validate_layout
 from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix
 from megatron_grove.megatron_config import GroveTransformerConfig, to_transformer_config
@@ -36,7 +36,7 @@ from megatron_grove.moe_stats import collect_moe_counters, reset_moe_counters
 from megatron_grove.runtime import ParallelRuntime, initialize_parallel
 from megatron_grove.tokenizer import load_tokenizer
 
-__all__ = ["TrainingSetup", "setup_training", "train", "causal_attention_mask", "micro_batches"]
+__all__ = ["TrainingSetup", "setup_training", "train", "resolve_checkpoint_load", "causal_attention_mask", "micro_batches"]
 
 
 def causal_attention_mask(seq_length: int, device: torch.device) -> torch.Tensor:
@@ -139,6 +139,15 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
                          model=model, optimizer=optimizer, scheduler=scheduler, dataset=dataset)
 
 
+def resolve_checkpoint_load(cfg: GroveConfig) -> str | None:
+    """``checkpoint.load: auto`` = resume from ``checkpoint.save`` when it holds a complete
+    checkpoint, else start fresh (so one command both starts and restarts a job)."""
+    load, save = cfg.checkpoint.load, cfg.checkpoint.save
+    if load != "auto":
+        return load
+    return save if save and latest_iteration(save) is not None else None
+
+
 def train(cfg: GroveConfig) -> list[dict[str, Any]]:
     """Run the configured training; return the per-step metric records (all ranks)."""
     p, t = cfg.parallel, cfg.train
@@ -151,10 +160,13 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
     device, is_first = runtime.device, runtime.rank == 0
 
     start = 0
-    if cfg.checkpoint.load:
-        state = load_checkpoint(cfg.checkpoint.load, model, optimizer)
+    load = resolve_checkpoint_load(cfg)
+    if load:
+        state = load_checkpoint(load, model, optimizer)
         scheduler.load_state_dict(state.scheduler)
         start = state.step
+        if is_first:
+            print(f"resumed from checkpoint step {start} in {Path(load).resolve()}", flush=True)
     if start >= t.iters and is_first:
         print(f"checkpoint is at step {start} >= train.iters={t.iters}: nothing to train")
 
