@@ -46,17 +46,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="build the model on the meta device (nothing allocated) and print "
                              "total / activated parameters and per-rank parameter memory for the "
                              "configured layout; needs no GPU and no torchrun")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --dry-run: ranks of the planned job (nodes x GPUs per node); "
+                             "default: TP x PP x EP (one expert-parallel group)")
     parser.add_argument("--json", action="store_true",
                         help="with --dry-run: print the plan as one JSON object on the last line")
     return parser.parse_args(argv)
 
 
-def dry_run(cfg, as_json: bool) -> int:
+def dry_run(cfg, as_json: bool, world_size: int | None) -> int:
     """Plan the configured model in a private single-process world (any machine)."""
     import json
     import tempfile
 
-    from megatron_grove.planner import format_plan, plan_parameters
+    from megatron_grove.config import validate_layout
+    from megatron_grove.planner import format_plan, plan_memory, plan_parameters
     from megatron_grove.runtime import destroy_parallel, initialize_parallel
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,9 +69,14 @@ def dry_run(cfg, as_json: bool) -> int:
             plan = plan_parameters(cfg)
         finally:
             destroy_parallel()
-    print(format_plan(plan))
+    p = cfg.parallel
+    world = world_size or (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                           * p.expert_model_parallel_size)
+    validate_layout(cfg, world)
+    memory = plan_memory(cfg, plan, world)
+    print(format_plan(plan, memory))
     if as_json:
-        print(json.dumps(plan.as_dict()))
+        print(json.dumps({**plan.as_dict(), "memory": memory.as_dict()}))
     return 0
 
 
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            return dry_run(cfg, args.json)
+            return dry_run(cfg, args.json, args.world_size)
         validate_layout(cfg, world_size)
     except ConfigError as exc:
         if rank == 0:
