@@ -60,7 +60,7 @@ class DispatchVolume:
     copies_per_token: float  # per MoE layer, local copies included
     tokens_per_rank: int  # tokens entering each MoE layer on one rank per step
     bytes_per_copy: int  # hidden_size x bytes per activation element
-    collectives_per_layer: int  # dispatch + combine, forward and backward = 4
+    collectives_per_layer: int  # dispatch + combine, forward and backward = 4 (6 with full recompute)
     bytes_per_step: float  # sent by one rank, local copies included
     off_rank_bytes_per_step: float  # the share that crosses the wire: (ep - 1) / ep
 
@@ -70,14 +70,15 @@ class DispatchVolume:
 
 def dispatch_volume(dispatcher: str, num_experts: int, topk: int, ep: int, num_groups: int,
                     moe_layers: int, tokens_per_rank: int, hidden_size: int,
-                    bytes_per_element: int) -> DispatchVolume:
+                    bytes_per_element: int, recompute_forward: bool = False) -> DispatchVolume:
     """All-to-all bytes one rank sends per step: ``tokens_per_rank x copies x hidden x bytes``
     per collective; each MoE layer runs four (dispatch and combine, each in forward and
-    again, transposed, in backward)."""
+    again, transposed, in backward), six when full recompute runs its forward twice."""
     copies = copies_per_token(dispatcher, num_experts, topk, ep, num_groups)
     per_copy = hidden_size * bytes_per_element
-    total = 4 * moe_layers * tokens_per_rank * copies * per_copy
+    collectives = 6 if recompute_forward else 4
+    total = collectives * moe_layers * tokens_per_rank * copies * per_copy
     return DispatchVolume(
         dispatcher=dispatcher, expert_parallel_size=ep, copies_per_token=copies,
-        tokens_per_rank=tokens_per_rank, bytes_per_copy=per_copy, collectives_per_layer=4,
+        tokens_per_rank=tokens_per_rank, bytes_per_copy=per_copy, collectives_per_layer=collectives,
         bytes_per_step=total, off_rank_bytes_per_step=total * (ep - 1) / ep)
