@@ -103,3 +103,26 @@ def test_killed_rank_stops_the_job_and_restart_resumes(single_launcher, tmp_path
     for step in range(saved + 1, ITERS + 1):
         assert resumed[step] == pytest.approx(single_launcher[step], rel=1e-5), step
     assert latest_iteration(ckpt) == ITERS
+
+
+def test_sbatch_script_runs_one_torchrun_per_node(tmp_path):
+    """The SLURM script, with stand-ins for ``srun`` (runs its command) and ``scontrol`` (names
+    this host), on a one-"node" allocation of 2 CPU ranks."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    root = LAUNCH.parents[1]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(root),
+           "GPUS_PER_NODE": "2", "RDZV_PORT": str(_free_port()), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(root / "launch" / "slurm" / "pretrain_grove.sbatch"),
+                           str(TINY), *FAST, "parallel.expert_model_parallel_size=2",
+                           f"logging.dir={tmp_path / 'log'}"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rendezvous 127.0.0.1:" in proc.stdout and "done: 8 steps" in proc.stdout
+    assert sorted(losses(tmp_path / "log")) == list(range(1, 9))
