@@ -132,9 +132,11 @@ def activation_bytes_per_layer(cfg: GroveConfig, groups_hit: float) -> dict[str,
     """
     m, e, p = cfg.model, cfg.moe, cfg.parallel
     d = BYTES[cfg.runtime.dtype]
-    t, s, b, h = p.tensor_model_parallel_size, m.seq_length, cfg.train.micro_batch_size, m.hidden_size
+    t, s, h = p.tensor_model_parallel_size, m.seq_length, m.hidden_size
+    b = cfg.train.micro_batch_size
     head_dim = m.kv_channels or h // m.num_attention_heads
-    hq, hkv = m.num_attention_heads * head_dim, (m.num_query_groups or m.num_attention_heads) * head_dim
+    hq = m.num_attention_heads * head_dim
+    hkv = (m.num_query_groups or m.num_attention_heads) * head_dim
     tokens = s * b / t if p.sequence_parallel else s * b
     attention = d * (3 * tokens * h + s * b * (2 * hq + 3 * hkv) / t + s * b * hq / t)
     core = d * b * (m.num_attention_heads / t) * s * s
@@ -142,6 +144,30 @@ def activation_bytes_per_layer(cfg: GroveConfig, groups_hit: float) -> dict[str,
            + tokens * e.router_topk * d * (h + 5 * e.ffn_hidden_size)
            + tokens * groups_hit * d * (h + 5 * e.adjugate_ffn_hidden_size))
     return {"attention": attention, "core_attention": core, "moe": moe}
+
+
+def _activation_bytes(cfg: GroveConfig, parts: dict[str, float]) -> float:
+    """All layers' saved activations for one micro-batch, recompute-aware, plus the output
+    layer's input and its fp32 logits (see :func:`plan_memory`)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    d, tp, L = BYTES[cfg.runtime.dtype], p.tensor_model_parallel_size, m.num_layers
+    sb = m.seq_length * t.micro_batch_size
+    tokens = sb / (tp if p.sequence_parallel else 1)
+    layer = parts["attention"] + parts["core_attention"] + parts["moe"]
+    if p.recompute_granularity == "full":
+        n = p.recompute_num_layers
+        if p.recompute_method == "uniform":  # every unit of n layers keeps its input
+            layers = math.ceil(L / n) * d * tokens * m.hidden_size + n * layer
+        else:  # block: the first n layers keep their input, the others everything
+            layers = n * d * tokens * m.hidden_size + layer + (L - n) * layer
+    else:
+        if p.recompute_granularity == "selective":
+            layer -= parts["core_attention"]
+        dense_ffn = d * tokens * 2 * m.hidden_size + d * sb * 3 * m.ffn_hidden_size / tp
+        k = cfg.moe.first_k_dense_layers
+        layers = (L - k) * layer + k * (layer - parts["moe"] + dense_ffn)
+    vocab = (m.vocab_size or 4096) / tp
+    return layers + d * tokens * m.hidden_size + 4 * sb * vocab
 
 
 def plan_memory(cfg: GroveConfig, plan: ParamPlan, world_size: int) -> MemoryPlan:
@@ -162,7 +188,8 @@ def plan_memory(cfg: GroveConfig, plan: ParamPlan, world_size: int) -> MemoryPla
     from megatron_grove.dispatch_volume import dispatch_volume, expected_blocks_hit
 
     m, e, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
-    tp, ep, pp = p.tensor_model_parallel_size, p.expert_model_parallel_size, p.pipeline_model_parallel_size
+    tp, ep = p.tensor_model_parallel_size, p.expert_model_parallel_size
+    pp = p.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
     edp = world_size // (ep * tp * pp)
     d = BYTES[cfg.runtime.dtype]
@@ -173,34 +200,19 @@ def plan_memory(cfg: GroveConfig, plan: ParamPlan, world_size: int) -> MemoryPla
         optimizer = per_param_state * (dense_rank / dp + expert_rank / edp)
     else:
         optimizer = per_param_state * plan.params_per_rank
-    g = expected_blocks_hit(e.num_experts, e.router_topk, e.num_expert_groups) \
-        if e.num_expert_groups else 0.0
+    g = (expected_blocks_hit(e.num_experts, e.router_topk, e.num_expert_groups)
+         if e.num_expert_groups else 0.0)
     parts = activation_bytes_per_layer(cfg, g)
-    tokens = m.seq_length * t.micro_batch_size / (tp if p.sequence_parallel else 1)
-    dense_layers = e.first_k_dense_layers
-    dense_ffn = d * tokens * (2 * m.hidden_size) + d * m.seq_length * t.micro_batch_size * 3 * m.ffn_hidden_size / tp
-    layer_full = parts["attention"] + parts["core_attention"] + parts["moe"]
-    if p.recompute_granularity == "full":
-        units = math.ceil(m.num_layers / p.recompute_num_layers) if p.recompute_method == "uniform" \
-            else p.recompute_num_layers
-        kept_layers = 0 if p.recompute_method == "uniform" else m.num_layers - p.recompute_num_layers
-        layers = units * d * tokens * m.hidden_size + layer_full * (
-            p.recompute_num_layers if p.recompute_method == "uniform" else 1) + kept_layers * layer_full
-    else:
-        per_layer = layer_full - (parts["core_attention"] if p.recompute_granularity == "selective" else 0)
-        layers = (m.num_layers - dense_layers) * per_layer + dense_layers * (
-            per_layer - parts["moe"] + dense_ffn)
-    vocab = (m.vocab_size or 4096) / tp
-    head = d * tokens * m.hidden_size + 4 * m.seq_length * t.micro_batch_size * vocab
-    activations = int(layers + head)
-    tokens_per_rank = int(t.global_batch_size // dp * m.seq_length / (tp if p.sequence_parallel else 1))
+    activations = int(_activation_bytes(cfg, parts))
+    tokens_per_rank = int(t.global_batch_size // dp * m.seq_length
+                          / (tp if p.sequence_parallel else 1))
     volume = dispatch_volume(e.token_dispatcher_type, e.num_experts, e.router_topk, ep,
                              e.num_expert_groups, plan.moe_layers, tokens_per_rank,
                              m.hidden_size, d, recompute_forward=p.recompute_granularity == "full")
     params, grads = plan.param_bytes_per_rank, 4 * plan.params_per_rank
     return MemoryPlan(world_size=world_size, data_parallel_size=dp, expert_data_parallel_size=edp,
                       param_bytes=params, grad_bytes=grads, optimizer_bytes=int(optimizer),
-                      activation_bytes=activations, activation_bytes_per_layer=int(layer_full),
+                      activation_bytes=activations, activation_bytes_per_layer=int(sum(parts.values())),
                       total_bytes=int(params + grads + optimizer + activations),
                       dispatch=volume.as_dict())
 

@@ -26,7 +26,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
 from megatron_grove.balancing import update_expert_bias
-from megatron_grove.checkpointing import TrainState, latest_iteration, load_checkpoint, save_checkpoint
+from megatron_grove.checkpointing import (TrainState, latest_iteration, load_checkpoint,
+                                          save_checkpoint)
 from megatron_grove.config import GroveConfig, config_to_dict, validate_layout
 from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix
 from megatron_grove.megatron_config import GroveTransformerConfig, to_transformer_config
@@ -36,7 +37,8 @@ from megatron_grove.moe_stats import collect_moe_counters, reset_moe_counters
 from megatron_grove.runtime import ParallelRuntime, initialize_parallel
 from megatron_grove.tokenizer import load_tokenizer
 
-__all__ = ["TrainingSetup", "setup_training", "train", "resolve_checkpoint_load", "causal_attention_mask", "micro_batches"]
+__all__ = ["TrainingSetup", "setup_training", "train", "resolve_checkpoint_load",
+           "causal_attention_mask", "micro_batches"]
 
 
 def causal_attention_mask(seq_length: int, device: torch.device) -> torch.Tensor:
@@ -126,11 +128,10 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
     model = build_gpt_model(tconfig, cfg.model.vocab_size or tokenizer.vocab_size,
                             cfg.model.seq_length, cfg.model.rotary_base,
                             cfg.model.tie_embeddings, seed=cfg.train.seed).to(runtime.device)
-    model = DistributedDataParallel(
-        config=tconfig, module=model,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                 overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=cfg.parallel.use_distributed_optimizer))
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    model = DistributedDataParallel(config=tconfig, module=model, ddp_config=ddp_config)
     optimizer, scheduler = _build_optimizer(cfg, model, dtype)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.no_sync_func = model.no_sync

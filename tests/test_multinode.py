@@ -126,3 +126,14 @@ def test_sbatch_script_runs_one_torchrun_per_node(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rendezvous 127.0.0.1:" in proc.stdout and "done: 8 steps" in proc.stdout
     assert sorted(losses(tmp_path / "log")) == list(range(1, 9))
+
+
+def test_only_collective_failures_get_the_one_line_exit():
+    from megatron_grove.runtime import collective_failure
+
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:45440: Connection reset by peer. This is typically caused by "
+                        "a remote worker hanging")
+    assert collective_failure(gloo) == "Read error [127.0.0.1]:45440: Connection reset by peer"
+    assert collective_failure(RuntimeError("shape mismatch: [2, 3] vs [3]")) is None
+    assert collective_failure(ValueError("Connection reset")) is None
