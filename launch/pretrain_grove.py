@@ -23,7 +23,12 @@ main keys:
   moe.num_experts / moe.router_topk / moe.num_expert_groups / moe.adjugate_ffn_hidden_size
   moe.adjugate_scale / moe.router_score_function / moe.bias_update_rule / moe.bias_update_rate
   data.path (Megatron .bin/.idx prefix from tools/preprocess_data.py; default: embedded corpus)
-  checkpoint.save / checkpoint.load / checkpoint.save_interval / logging.dir
+  checkpoint.save / checkpoint.load (a folder, or auto: checkpoint.save if it holds a
+  checkpoint) / checkpoint.save_interval / logging.dir / runtime.dist_timeout_s
+  parallel.use_distributed_optimizer / parallel.recompute_granularity (none|selective|full)
+multi-node: one torchrun per node with --rdzv-backend c10d (see docs/multinode.md and
+  launch/slurm/pretrain_grove.sbatch); a rank whose peer dies stops with one line naming the
+  failure, within runtime.dist_timeout_s
 outputs (in logging.dir): metrics.jsonl (one JSON object per step) and tensorboard/
 layout check without GPUs:  python launch/pretrain_grove.py --config configs/grovemoe_33b_a3b.yaml --dry-run
 exit codes: 0 ok, 2 bad configuration (one line on stderr saying which key and what is allowed)
@@ -41,28 +46,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="build the model on the meta device (nothing allocated) and print "
                              "total / activated parameters and per-rank parameter memory for the "
                              "configured layout; needs no GPU and no torchrun")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --dry-run: ranks of the planned job (nodes x GPUs per node); "
+                             "default: TP x PP x EP (one expert-parallel group)")
     parser.add_argument("--json", action="store_true",
                         help="with --dry-run: print the plan as one JSON object on the last line")
     return parser.parse_args(argv)
 
 
-def dry_run(cfg, as_json: bool) -> int:
+def dry_run(cfg, as_json: bool, world_size: int | None) -> int:
     """Plan the configured model in a private single-process world (any machine)."""
     import json
     import tempfile
 
-    from megatron_grove.planner import format_plan, plan_parameters
+    from megatron_grove.config import validate_layout
+    from megatron_grove.planner import format_plan, plan_memory, plan_parameters
     from megatron_grove.runtime import destroy_parallel, initialize_parallel
 
+    p = cfg.parallel
+    world = world_size or (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                           * p.expert_model_parallel_size)
+    validate_layout(cfg, world)
     with tempfile.TemporaryDirectory() as tmp:
         initialize_parallel(device="cpu", init_method=f"file://{tmp}/init", rank=0, world_size=1)
         try:
             plan = plan_parameters(cfg)
         finally:
             destroy_parallel()
-    print(format_plan(plan))
+    memory = plan_memory(cfg, plan, world)
+    print(format_plan(plan, memory))
     if as_json:
-        print(json.dumps(plan.as_dict()))
+        print(json.dumps({**plan.as_dict(), "memory": memory.as_dict()}))
     return 0
 
 
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            return dry_run(cfg, args.json)
+            return dry_run(cfg, args.json, args.world_size)
         validate_layout(cfg, world_size)
         resolve_acceleration(cfg)  # kernels / TE / FP8 requests this machine cannot serve
     except ConfigError as exc:
@@ -96,13 +110,24 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
-    from megatron_grove.runtime import destroy_parallel
+    from megatron_grove.runtime import collective_failure, destroy_parallel
     from megatron_grove.training import train
 
     try:
         records = train(cfg)
-    finally:
-        destroy_parallel()
+    except Exception as exc:
+        reason = collective_failure(exc)
+        if reason is None:
+            destroy_parallel()
+            raise
+        resume = (f"restart the job to resume from the last checkpoint in {cfg.checkpoint.save} "
+                  "(checkpoint.load=auto)" if cfg.checkpoint.save else
+                  "set checkpoint.save and checkpoint.save_interval to be able to resume")
+        print(f"pretrain_grove.py: rank {rank}: a collective failed ({reason}): another rank "
+              f"died, hung past runtime.dist_timeout_s={cfg.runtime.dist_timeout_s}s or the network "
+              f"failed; stopping. {resume}", file=sys.stderr, flush=True)
+        os._exit(1)  # no teardown: it would wait on the dead peers
+    destroy_parallel()
     if rank == 0 and records:
         print(f"done: {len(records)} steps, loss {records[0]['loss']:.4f} -> "
               f"{records[-1]['loss']:.4f}; metrics in {cfg.logging.dir}/metrics.jsonl")

@@ -96,11 +96,49 @@ def _tracker():
 
 # Without this, Megatron keys optimizer state as "chained_<i>.<param>", where i counts the
 # sub-optimizers (dense / expert), whose number depends on the EP layout (upstream #1517).
-_OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
+# The distributed optimizer's default format ("fully_sharded_model_space") uses flattened
+# ranges that dist_checkpointing no longer accepts; "fully_reshardable" gathers each DP group's
+# shards on save and reslices on load, so the layout may change between save and load.
+_OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True,
+                       "distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state before a load.
+
+    Without TE/Apex, ``DistributedOptimizer.state_dict()`` reads ``step`` from torch Adam's
+    per-parameter state, which a fresh optimizer does not have yet; Megatron's own dummy-state
+    initialiser (a zero-gradient step, used for its FSDP loads) creates it. The dummy values
+    are overwritten by the load."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.is_stub_optimizer \
+                and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Without TE/Apex, Megatron's ``DistributedOptimizer`` keeps Adam's iteration count in each
+    param group's ``step`` (saved and loaded with the checkpoint), but on load leaves torch
+    Adam's per-parameter ``step`` at the value of the state it found (our dummy one), or one
+    tensor shared by every parameter (which torch Adam would advance once per parameter). Each
+    parameter gets its own counter equal to its group's step."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in (inner.param_groups if inner is not None else ()):
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
 def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
     """Model (and, unless ``optimizer`` is None, optimizer) sharded state dicts."""
+    if is_loading and optimizer is not None:
+        _ensure_optimizer_state(optimizer)
     module = model.module if hasattr(model, "module") else model
     model_sd = module.sharded_state_dict()
     if optimizer is None:
@@ -226,7 +264,9 @@ def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
     module.load_state_dict(loaded["model"])
     if optimizer is None:
         return TrainState(step=0, consumed_samples=0, scheduler=None, config=common["config"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # the fp32 distributed optimizer copies into views of the params
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = folder / "rng" / f"rank_{rank:05d}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -77,6 +77,11 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False  # shard fp32 master weights + Adam moments over DP
+    # activation recompute (Megatron's): none | selective (attention core) | full (whole layers)
+    recompute_granularity: Literal["none", "selective", "full"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"  # full only: how layers are chosen
+    recompute_num_layers: int = 1  # full only: layers per recompute unit (uniform) / first N (block)
 
 
 @dataclass
@@ -107,7 +112,7 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     save: Optional[str] = None
-    load: Optional[str] = None
+    load: Optional[str] = None  # a checkpoint.save folder, or "auto": checkpoint.save if it has one
     save_interval: int = 0  # 0 = only at the end (when save is set)
 
 
@@ -348,6 +353,11 @@ def _validate(cfg: GroveConfig) -> None:
              f"(allowed 0..{t.iters - 1})")
     _require(t.exit_at_iter is None or 1 <= t.exit_at_iter <= t.iters,
              f"train.exit_at_iter={t.exit_at_iter}: allowed 1..train.iters={t.iters} or null")
+    _require(cfg.checkpoint.load != "auto" or cfg.checkpoint.save is not None,
+             "checkpoint.load=auto: resumes from checkpoint.save, which is not set; set "
+             "checkpoint.save=DIR")
+    _require(cfg.runtime.dist_timeout_s >= 1,
+             f"runtime.dist_timeout_s={cfg.runtime.dist_timeout_s}: must be >= 1")
     _require(cfg.checkpoint.save_interval >= 0,
              f"checkpoint.save_interval={cfg.checkpoint.save_interval}: must be >= 0")
     _require(cfg.logging.log_interval >= 1,
@@ -355,6 +365,10 @@ def _validate(cfg: GroveConfig) -> None:
     _require(p.pipeline_model_parallel_size == 1,
              f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}: pipeline "
              "parallelism is not supported yet; allowed: 1")
+    if p.recompute_granularity == "full":
+        _require(1 <= p.recompute_num_layers <= m.num_layers,
+                 f"parallel.recompute_num_layers={p.recompute_num_layers}: allowed 1.."
+                 f"model.num_layers={m.num_layers} with parallel.recompute_granularity=full")
     _require(not (p.tensor_model_parallel_size > 1 and e.num_experts and not p.sequence_parallel),
              f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}: MoE with tensor "
              "parallelism needs parallel.sequence_parallel=true (as in Megatron-Core)")

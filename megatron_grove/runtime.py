@@ -20,7 +20,11 @@ import torch.distributed as dist
 from megatron_grove.cpu_runtime import apply_cpu_patches
 
 __all__ = ["ParallelRuntime", "resolve_device", "initialize_parallel", "current_runtime",
-           "destroy_parallel", "single_process_world"]
+           "destroy_parallel", "single_process_world", "collective_failure"]
+
+# What gloo / NCCL / the c10d store say when a peer died, hung past the timeout or vanished.
+_PEER_FAILURE_MARKERS = ("connection reset", "connection closed", "connection refused",
+                         "broken pipe", "timed out", "timeout", "nccl", "gloo", "socket")
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def initialize_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         expert_model_parallel_size=expert_parallel,
-        distributed_timeout_minutes=max(1, timeout_s // 60),
+        distributed_timeout_minutes=timeout_s / 60,  # Megatron makes a timedelta of it
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -122,3 +126,18 @@ def single_process_world(device: str = "cpu", seed: int = 1234) -> Iterator[Para
             yield runtime
         finally:
             destroy_parallel()
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """A one-line reason when ``exc`` is a failed collective (a peer rank died, hung past
+    ``runtime.dist_timeout_s`` or the network failed); None for any other error."""
+    if not isinstance(exc, (dist.DistError, RuntimeError)):
+        return None
+    text = str(exc).strip()
+    if not isinstance(exc, dist.DistError) and not any(m in text.lower()
+                                                       for m in _PEER_FAILURE_MARKERS):
+        return None
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "] " in first:  # drop gloo's "[/path/to/pair.cc:537] " source-location prefix
+        first = first.split("] ", 1)[1]
+    return first.split(". This is typically")[0][:200]

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from megatron_grove.acceleration import resolve_acceleration
 from megatron_grove.balancing import update_expert_bias
-from megatron_grove.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from megatron_grove.checkpointing import (TrainState, latest_iteration, load_checkpoint,
+                                          save_checkpoint)
 from megatron_grove.config import GroveConfig, config_to_dict, validate_layout
 from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix
 from megatron_grove.megatron_config import GroveTransformerConfig, to_transformer_config
@@ -37,8 +38,8 @@ from megatron_grove.moe_stats import collect_moe_counters, reset_moe_counters
 from megatron_grove.runtime import ParallelRuntime, initialize_parallel
 from megatron_grove.tokenizer import load_tokenizer
 
-__all__ = ["TrainingSetup", "setup_training", "train", "causal_attention_mask", "micro_batches",
-           "freeze_untrainable"]
+__all__ = ["TrainingSetup", "setup_training", "train", "resolve_checkpoint_load",
+           "causal_attention_mask", "micro_batches", "freeze_untrainable"]
 
 
 def causal_attention_mask(seq_length: int, device: torch.device) -> torch.Tensor:
@@ -98,7 +99,7 @@ def _build_optimizer(cfg: GroveConfig, model: torch.nn.Module, dtype: torch.dtyp
         OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
                         clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                        use_distributed_optimizer=False),
+                        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
         [model])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
@@ -141,17 +142,25 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
                             cfg.model.seq_length, cfg.model.rotary_base,
                             cfg.model.tie_embeddings, seed=cfg.train.seed).to(runtime.device)
     freeze_untrainable(model, cfg.train.trainable)
-    model = DistributedDataParallel(
-        config=tconfig, module=model,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                 overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=False))
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    model = DistributedDataParallel(config=tconfig, module=model, ddp_config=ddp_config)
     optimizer, scheduler = _build_optimizer(cfg, model, dtype)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.no_sync_func = model.no_sync
     return TrainingSetup(runtime=runtime, dp_size=dp_size,
                          dp_rank=parallel_state.get_data_parallel_rank(), tconfig=tconfig,
                          model=model, optimizer=optimizer, scheduler=scheduler, dataset=dataset)
+
+
+def resolve_checkpoint_load(cfg: GroveConfig) -> str | None:
+    """``checkpoint.load: auto`` = resume from ``checkpoint.save`` when it holds a complete
+    checkpoint, else start fresh (so one command both starts and restarts a job)."""
+    load, save = cfg.checkpoint.load, cfg.checkpoint.save
+    if load != "auto":
+        return load
+    return save if save and latest_iteration(save) is not None else None
 
 
 def train(cfg: GroveConfig) -> list[dict[str, Any]]:
@@ -166,11 +175,14 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
     device, is_first = runtime.device, runtime.rank == 0
 
     start = 0
-    if cfg.checkpoint.load:
-        state = load_checkpoint(cfg.checkpoint.load, model, optimizer)
+    load = resolve_checkpoint_load(cfg)
+    if load:
+        state = load_checkpoint(load, model, optimizer)
         if state.scheduler is not None:  # None: model-only checkpoint, training starts there
             scheduler.load_state_dict(state.scheduler)
         start = state.step
+        if is_first:
+            print(f"resumed from checkpoint step {start} in {Path(load).resolve()}", flush=True)
     if start >= t.iters and is_first:
         print(f"checkpoint is at step {start} >= train.iters={t.iters}: nothing to train")
 

@@ -43,3 +43,33 @@ def test_plain_moe_has_no_adjugates():
     plan = dry_run("tiny_cpu.yaml", "moe.num_expert_groups=0")
     assert plan["adjugate_params"] == 0
     assert plan["activated_params_min"] == plan["activated_params_max"]
+
+
+def test_memory_plan_of_the_8_node_recipe():
+    plan = dry_run("grovemoe_33b_a3b.yaml", "--world-size", "64")
+    mem = plan["memory"]
+    assert (mem["data_parallel_size"], mem["expert_data_parallel_size"]) == (64, 8)
+    assert mem["grad_bytes"] == 4 * plan["params_per_rank"]  # fp32 grad buffer
+    # distributed optimizer: fp32 master + 2 Adam moments, dense over DP 64, experts over 8
+    expert = plan["params_per_rank"] - plan["dense_params"]
+    assert mem["optimizer_bytes"] == int(12 * (plan["dense_params"] / 64 + expert / 8))
+    assert mem["total_bytes"] < 80 * 2**30  # fits an 80 GB GPU
+    d = mem["dispatch"]
+    assert round(d["copies_per_token"], 2) == 15.78  # k + groups hit (adjugates as virtual experts)
+    assert d["collectives_per_layer"] == 6  # full recompute reruns the forward all-to-alls
+    assert d["tokens_per_rank"] == 512 // 64 * 8192
+    plain = dry_run("grovemoe_33b_a3b.yaml", "--world-size", "64",
+                    "parallel.use_distributed_optimizer=false", "parallel.recompute_granularity=none",
+                    "moe.token_dispatcher_type=grove_alltoall")
+    assert plain["memory"]["optimizer_bytes"] == 12 * plan["params_per_rank"]
+    assert plain["memory"]["activation_bytes"] > 4 * mem["activation_bytes"]
+    assert round(plain["memory"]["dispatch"]["copies_per_token"], 2) == 5.34  # once per rank, EP=8
+    assert plain["memory"]["dispatch"]["collectives_per_layer"] == 4
+
+
+def test_dry_run_checks_the_layout_against_the_world_size():
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_grove.py"), "--config",
+                           str(ROOT / "configs" / "grovemoe_33b_a3b.yaml"), "--dry-run",
+                           "--world-size", "12"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "parallel.expert_model_parallel_size=8: must divide the data-parallel size 12" in proc.stderr
