@@ -38,6 +38,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_grove.optimizer_state import (load_optimizer_state, optimizer_skeleton,
+                                            sharded_optimizer_state)
+
 __all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_iteration",
            "checkpoint_dir", "resolve_checkpoint_folder", "read_checkpoint_config",
            "checkpoint_tokenizer", "TOKENIZER_DIR"]
@@ -94,58 +97,14 @@ def _tracker():
     return get_cuda_rng_tracker()
 
 
-# Without this, Megatron keys optimizer state as "chained_<i>.<param>", where i counts the
-# sub-optimizers (dense / expert), whose number depends on the EP layout (upstream #1517).
-# The distributed optimizer's default format ("fully_sharded_model_space") uses flattened
-# ranges that dist_checkpointing no longer accepts; "fully_reshardable" gathers each DP group's
-# shards on save and reslices on load, so the layout may change between save and load.
-_OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True,
-                       "distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def _ensure_optimizer_state(optimizer) -> None:
-    """Give a fresh distributed optimizer its Adam state before a load.
-
-    Without TE/Apex, ``DistributedOptimizer.state_dict()`` reads ``step`` from torch Adam's
-    per-parameter state, which a fresh optimizer does not have yet; Megatron's own dummy-state
-    initialiser (a zero-gradient step, used for its FSDP loads) creates it. The dummy values
-    are overwritten by the load."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and not opt.is_stub_optimizer \
-                and not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Without TE/Apex, Megatron's ``DistributedOptimizer`` keeps Adam's iteration count in each
-    param group's ``step`` (saved and loaded with the checkpoint), but on load leaves torch
-    Adam's per-parameter ``step`` at the value of the state it found (our dummy one), or one
-    tensor shared by every parameter (which torch Adam would advance once per parameter). Each
-    parameter gets its own counter equal to its group's step."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for group in (inner.param_groups if inner is not None else ()):
-            if "step" not in group:
-                continue
-            for param in group["params"]:
-                state = inner.state.get(param)
-                if state and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
-
-
 def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
     """Model (and, unless ``optimizer`` is None, optimizer) sharded state dicts."""
-    if is_loading and optimizer is not None:
-        _ensure_optimizer_state(optimizer)
     module = model.module if hasattr(model, "module") else model
     model_sd = module.sharded_state_dict()
     if optimizer is None:
         return {"model": model_sd}
     return {"model": model_sd,
-            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                      metadata=_OPTIMIZER_METADATA)}
+            "optimizer": sharded_optimizer_state(optimizer, model_sd, is_loading)}
 
 
 def _store_tokenizer(root: Path, config: dict[str, Any]) -> None:
@@ -223,18 +182,23 @@ def resolve_checkpoint_folder(path: str | Path, step: int | None = None) -> Path
     return checkpoint_dir(path, step)
 
 
-def _train_state(folder: Path) -> dict[str, Any]:
+def _common_state(folder: Path) -> dict[str, Any]:
+    """The checkpoint's plain (non-sharded) state: ``train_state`` and the optimizer's."""
     try:
-        return dist_checkpointing.load_common_state_dict(str(folder))["train_state"]
-    except (FileNotFoundError, KeyError) as exc:
+        common = dist_checkpointing.load_common_state_dict(str(folder))
+    except FileNotFoundError as exc:
+        common = {"error": exc}
+    if "train_state" not in common:
         raise FileNotFoundError(f"{folder}: no train_state in the checkpoint's common state "
-                                f"({exc}); the checkpoint is partial or not ours") from None
+                                f"({common.get('error', 'key missing')}); the checkpoint is "
+                                "partial or not ours")
+    return common
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     """The run config (a :func:`~megatron_grove.config.config_to_dict` dict) stored in the
     checkpoint at ``path`` (root or ``iter_*`` folder)."""
-    return _train_state(resolve_checkpoint_folder(path))["config"]
+    return _common_state(resolve_checkpoint_folder(path))["train_state"]["config"]
 
 
 def checkpoint_tokenizer(path: str | Path) -> str | None:
@@ -255,22 +219,23 @@ def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
     converted from Hugging Face, or ``optimizer`` None) loads the model only and returns step 0
     with ``scheduler`` None: training starts from those weights."""
     folder = resolve_checkpoint_folder(root, step)
-    common = _train_state(folder)
-    if common["scheduler"] is None:
+    saved = _common_state(folder)
+    train = saved["train_state"]
+    if train["scheduler"] is None:
         optimizer = None
     sharded = _sharded_state(model, optimizer, is_loading=True)
+    skeleton = optimizer_skeleton(sharded.get("optimizer"))
     loaded = dist_checkpointing.load(sharded, str(folder))
     module = model.module if hasattr(model, "module") else model
     module.load_state_dict(loaded["model"])
     if optimizer is None:
-        return TrainState(step=0, consumed_samples=0, scheduler=None, config=common["config"])
-    with torch.no_grad():  # the fp32 distributed optimizer copies into views of the params
-        optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(optimizer)
+        return TrainState(step=0, consumed_samples=0, scheduler=None, config=train["config"])
+    load_optimizer_state(optimizer, skeleton, loaded["optimizer"], saved["optimizer"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = folder / "rng" / f"rank_{rank:05d}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rng_file.is_file() and len(list((folder / "rng").glob("rank_*.pt"))) == world:
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return TrainState(step=common["step"], consumed_samples=common["consumed_samples"],
-                      scheduler=common["scheduler"], config=common["config"])
+    return TrainState(step=train["step"], consumed_samples=train["consumed_samples"],
+                      scheduler=train["scheduler"], config=train["config"])
+

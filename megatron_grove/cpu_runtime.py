@@ -32,6 +32,18 @@ Patches:
     ``all_to_all_single``'s binding accepts split sizes only as int sequences; Megatron's
     dispatcher hands over tensors / numpy arrays (seen failing in ``token_dispatch`` at
     EP=2 without this patch). They are converted to Python lists.
+``gloo_all_gather_uneven``
+    Under tensor parallelism Megatron's MoE dispatcher gathers each TP rank's routed tokens with
+    ``all_gather`` into a list of tensors of different lengths; gloo requires equal shapes
+    ("ProcessGroupGloo::allgather: invalid tensor size"). Uneven gathers are padded to the
+    longest slice and trimmed after. (Gloo's list ``reduce_scatter``, used in the backward,
+    accepts uneven slices.)
+``distopt_reshardable_load_without_step``
+    Without TE/Apex (always so on CPU) the distributed optimizer runs torch's Adam, which keeps
+    a ``step`` tensor in each parameter's state. Loading a "fully_reshardable" checkpoint
+    (the layout-independent format, :mod:`megatron_grove.optimizer_state`) copies every tensor
+    of that state from the checkpoint, but the checkpoint keeps no per-parameter step:
+    ``KeyError: 'step'``. The steps are set aside for the copy and put back after it.
 ``torch_compile_off``
     Megatron's ``jit_fuser`` is ``torch.compile``; on CPU that would compile every fused
     op with the C++ inductor backend on first use. Dynamo is disabled, so they run eagerly.
@@ -201,6 +213,59 @@ def _patch_alltoall_splits_as_lists() -> None:
 
 
 # --------------------------------------------------------------------------------------
+# gloo_all_gather_uneven
+# --------------------------------------------------------------------------------------
+
+
+def _patch_gloo_all_gather_uneven() -> None:
+    dist = torch.distributed
+    original = dist.all_gather
+    if getattr(original, "_grove_cpu_patch", False):
+        return
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if all(out.shape == tensor.shape for out in tensor_list):
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(out.shape[0] for out in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        original(gathered, padded, group=group)
+        for out, full in zip(tensor_list, gathered):
+            out.copy_(full[:out.shape[0]])
+        return None
+
+    all_gather._grove_cpu_patch = True  # type: ignore[attr-defined]
+    dist.all_gather = all_gather
+
+
+# --------------------------------------------------------------------------------------
+# distopt_reshardable_load_without_step
+# --------------------------------------------------------------------------------------
+
+
+def _patch_distopt_reshardable_load_without_step() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    upstream = DistributedOptimizer.load_parameter_state_from_fully_reshardable
+    if getattr(upstream, "_grove_cpu_patch", False):
+        return
+
+    def load_parameter_state_from_fully_reshardable(self, state_dict: dict) -> None:
+        steps = {param: state.pop("step") for param, state in self.optimizer.state.items()
+                 if "step" in state}
+        try:
+            upstream(self, state_dict)
+        finally:
+            for param, step in steps.items():
+                self.optimizer.state[param]["step"] = step
+
+    load_parameter_state_from_fully_reshardable._grove_cpu_patch = True  # type: ignore
+    DistributedOptimizer.load_parameter_state_from_fully_reshardable = \
+        load_parameter_state_from_fully_reshardable
+
+
+# --------------------------------------------------------------------------------------
 # torch_compile_off
 # --------------------------------------------------------------------------------------
 
@@ -222,6 +287,11 @@ CPU_PATCHES: tuple[CpuPatch, ...] = (
              _patch_cuda_rng_to_cpu),
     CpuPatch("alltoall_splits_as_lists", "all_to_all_single split sizes as tensors",
              _patch_alltoall_splits_as_lists),
+    CpuPatch("gloo_all_gather_uneven", "all_gather of TP ranks' token slices of unequal length",
+             _patch_gloo_all_gather_uneven),
+    CpuPatch("distopt_reshardable_load_without_step",
+             "fully_reshardable load copies a per-parameter Adam step it never saved",
+             _patch_distopt_reshardable_load_without_step),
     CpuPatch("torch_compile_off", "megatron.core.jit.jit_fuser = torch.compile",
              _patch_torch_compile_off),
 )

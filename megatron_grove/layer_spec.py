@@ -12,12 +12,19 @@ With ``grove_transformer_engine`` the spec is Megatron's TE spec (TE linears/att
 builder, so they run as a TE grouped GEMM too). With ``grove_kernels_backend == "triton"``
 every MLP (dense, experts, adjugates) gets :class:`kernels.swiglu.SwiGLU` as its activation
 module (``config.use_te_activation_func`` is set by ``to_transformer_config``).
+
+Megatron's local norm (``WrappedTorchNorm``) refuses sequence parallelism, which Megatron
+requires for MoE with tensor parallelism; without TE every norm is a
+:class:`SequenceParallelTorchNorm` instead.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -29,7 +36,26 @@ from megatron_grove.grove_layer import GroveMoELayer
 from megatron_grove.megatron_config import GroveTransformerConfig
 from megatron_grove.router import GroveTopKRouter
 
-__all__ = ["build_decoder_block_spec"]
+__all__ = ["build_decoder_block_spec", "SequenceParallelTorchNorm"]
+
+
+class SequenceParallelTorchNorm:
+    """Megatron's torch norm (``WrappedTorchNorm``) that also works with sequence parallelism.
+
+    Under sequence parallelism a norm sees only its rank's slice of the sequence ([s/tp, b, h]
+    in, same shape out), so each TP rank holds a partial gradient of the (replicated) norm
+    weight. Megatron all-reduces such gradients over the TP group for every parameter marked
+    ``sequence_parallel`` (``finalize_model_grads``), as TE's norms are marked; so is this one.
+    Nothing else differs from ``WrappedTorchNorm``, which is built with sequence parallelism
+    hidden from its check."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
 
 
 def _with_swiglu_module(builder: functools.partial) -> functools.partial:
@@ -53,11 +79,23 @@ def _moe_layer_builder(config: GroveTransformerConfig,
     return functools.partial(layer_cls, submodules=submodules)
 
 
+def _use_sequence_parallel_norms(spec: TransformerBlockSubmodules) -> None:
+    """Every ``WrappedTorchNorm`` of the local spec -> :class:`SequenceParallelTorchNorm`."""
+    for submodules in (spec, *(layer.submodules for layer in spec.layer_specs),
+                       *(layer.submodules.self_attention.submodules
+                         for layer in spec.layer_specs)):
+        for field in dataclasses.fields(submodules):
+            if getattr(submodules, field.name) is WrappedTorchNorm:
+                setattr(submodules, field.name, SequenceParallelTorchNorm)
+
+
 def build_decoder_block_spec(config: GroveTransformerConfig) -> TransformerBlockSubmodules:
     """Per-layer specs for the whole decoder (no pipeline parallelism: pp_rank 0 builds all)."""
     spec = get_gpt_decoder_block_spec(config,
                                       use_transformer_engine=config.grove_transformer_engine,
                                       normalization="RMSNorm", qk_l2_norm=False, pp_rank=0)
+    if not config.grove_transformer_engine:
+        _use_sequence_parallel_norms(spec)
     for layer in spec.layer_specs:
         mlp = layer.submodules.mlp
         # Dense layers' mlp is a partial of a bound method (MLP.as_mlp_submodule), not a class.

@@ -15,9 +15,16 @@ from megatron_grove.megatron_config import GroveTransformerConfig
 __all__ = ["build_gpt_model", "padded_vocab_size", "init_params_layout_independent"]
 
 
+# Megatron pads the vocabulary to a multiple of 128 x TP, so the embedding and output-layer
+# shapes, and with them every checkpoint, depend on the TP size. We pad for the largest usual TP
+# size instead: a checkpoint then loads at any TP <= 8.
+VOCAB_PAD_TP = 8
+
+
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
-    """Round the vocabulary up so every TP shard has the same, aligned size (as Megatron does)."""
-    step = multiple * tensor_parallel
+    """The vocabulary rounded up to a multiple of ``multiple x max(TP, VOCAB_PAD_TP)``: every
+    TP shard has the same, aligned size, and for TP <= 8 the size does not depend on TP."""
+    step = multiple * max(tensor_parallel, VOCAB_PAD_TP)
     return ((vocab_size + step - 1) // step) * step
 
 

@@ -181,15 +181,32 @@ def _model_only_checkpoint(path: str, overrides: list) -> None:
     save_megatron_checkpoint(path, cfg, state)
 
 
-def test_training_starts_from_a_model_only_checkpoint(tmp_path):
-    """checkpoint.load of a converted (model-only) checkpoint loads its weights and starts at
-    step 1: with a zero output layer every logit is 0, so the first loss is ln(V)."""
+@pytest.mark.parametrize("layout", [
+    ("parallel.expert_model_parallel_size=2",),
+    ("parallel.expert_model_parallel_size=1", "parallel.tensor_model_parallel_size=2",
+     "parallel.sequence_parallel=true"),
+], ids=["ep2", "tp2"])
+def test_training_starts_from_a_model_only_checkpoint(tmp_path, layout):
+    """checkpoint.load of a converted (model-only, TP = EP = 1) checkpoint, at EP=2 or TP=2,
+    loads its weights and starts at step 1: with a zero output layer every logit is 0, so the
+    first loss is ln(V)."""
     from test_training import FAST, losses, torchrun
 
     overrides = FAST + ["model.vocab_size=4096", "train.iters=2", "train.lr_warmup_iters=1"]
     in_world(_model_only_checkpoint, str(tmp_path / "ckpt"), overrides)
     assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
-    torchrun("train.iters=2", "train.lr_warmup_iters=1", f"checkpoint.load={tmp_path / 'ckpt'}",
+    torchrun(*layout, "train.iters=2", "train.lr_warmup_iters=1",
+             f"checkpoint.load={tmp_path / 'ckpt'}",
              f"logging.dir={tmp_path / 'log'}")
     assert sorted(losses(tmp_path / "log")) == [1, 2]
     assert losses(tmp_path / "log")[1] == pytest.approx(math.log(4096), rel=1e-6)
+
+
+def test_vocabulary_padding_does_not_depend_on_tp():
+    """Checkpoints hold the padded embedding, so its size must not change with TP (<= 8)."""
+    from megatron_grove.model import padded_vocab_size
+
+    assert {padded_vocab_size(300, tp) for tp in (1, 2, 4, 8)} == {1024}
+    assert {padded_vocab_size(151936, tp) for tp in (1, 2, 4, 8)} == {152576}
+    assert padded_vocab_size(300, 16) == 2048
+

@@ -5,7 +5,8 @@ import inspect
 
 import pytest
 import torch
-from megatron.core.optimizer import clip_grads
+from megatron.core.optimizer import clip_grads, distrib_optimizer
+from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel import random as mp_random
 from megatron.core.transformer.moe import router, token_dispatcher
 
@@ -99,6 +100,46 @@ def test_patch_alltoall_splits_as_lists():
     assert out[0].tolist() == [0.0, 10.0, 11.0]
     assert out[1].tolist() == [1.0, 2.0, 12.0]
     assert cpu_runtime._as_int_list(torch.tensor([3, 4])) == [3, 4]
+
+
+def _gather_uneven_slices(rank):
+    """What Megatron's ``gather_from_sequence_parallel_region`` does with split sizes."""
+    x = torch.arange(2.0 + rank).unsqueeze(1) + 10 * rank
+    output = torch.empty(5, 1)
+    torch.distributed.all_gather(list(torch.split(output, [2, 3])), x)
+    return output
+
+
+def test_patch_gloo_all_gather_uneven():
+    source = inspect.getsource(mappings._gather_along_first_dim)
+    assert "torch.distributed.all_gather(output_tensor_list" in source
+    out = run_distributed(_gather_uneven_slices, world_size=2)
+    assert out[0].flatten().tolist() == out[1].flatten().tolist() == [0, 1, 10, 11, 12]
+
+
+class _TorchAdamDistOptStub:
+    """Just what ``load_parameter_state_from_fully_reshardable`` touches when this rank holds
+    no parameter ranges, plus a torch-Adam state with ``step`` tensors."""
+
+    def __init__(self):
+        self.gbuf_ranges, self.buffers = [], []
+        self.step = torch.tensor(7.0)
+        self.optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
+        self.optimizer.state[self.optimizer.param_groups[0]["params"][0]] = {
+            "step": self.step, "exp_avg": torch.zeros(2)}
+
+
+def test_patch_distopt_reshardable_load_without_step():
+    load = distrib_optimizer.DistributedOptimizer.load_parameter_state_from_fully_reshardable
+    upstream = inspect.getsource(inspect.getclosurevars(load).nonlocals["upstream"])
+    assert 'if k == "step":' in upstream  # the checkpoint's step is skipped ...
+    setter = inspect.getsource(
+        distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states)
+    assert "for key in dst_tensors:" in setter and "tensors[key]" in setter  # ... then read
+    stub = _TorchAdamDistOptStub()
+    load(stub, {})
+    (state,) = stub.optimizer.state.values()
+    assert state["step"] is stub.step and set(state) == {"step", "exp_avg"}
 
 
 def test_patch_torch_compile_off():

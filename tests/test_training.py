@@ -95,6 +95,42 @@ def test_resume_is_identical_to_uninterrupted(straight_ep2, tmp_path):
         assert resumed[step] == straight[step], step
 
 
+@pytest.fixture(scope="module")
+def ep2_checkpoints(tmp_path_factory):
+    """The first 4 of straight_ep2's steps, checkpointed at EP=2: with the plain optimizer
+    ("plain") and with the distributed optimizer ("distributed")."""
+    root = tmp_path_factory.mktemp("ep2_ckpt")
+    for optimizer in ("plain", "distributed"):
+        torchrun("parallel.expert_model_parallel_size=2", "train.exit_at_iter=4",
+                 f"parallel.use_distributed_optimizer={optimizer == 'distributed'}",
+                 f"checkpoint.save={root / optimizer}", f"logging.dir={root / optimizer}-log")
+    return root
+
+
+TP2 = ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true")
+
+
+@pytest.mark.parametrize("optimizer, layout, nproc", [
+    ("plain", ("parallel.expert_model_parallel_size=1",), 2),
+    ("plain", ("parallel.expert_model_parallel_size=4",), 4),
+    ("plain", ("parallel.expert_model_parallel_size=1", *TP2), 2),
+    ("plain", ("parallel.expert_model_parallel_size=2", *TP2), 4),
+    ("distributed", ("parallel.expert_model_parallel_size=1",), 2),
+    ("distributed", ("parallel.expert_model_parallel_size=4",), 4),
+], ids=["ep1", "ep4", "tp2-ep1", "tp2-ep2", "distopt-ep1", "distopt-ep4"])
+def test_resume_under_another_layout_continues_the_run(straight_ep2, ep2_checkpoints, tmp_path,
+                                                       optimizer, layout, nproc):
+    """Saved at EP=2, resumed at another EP/TP size (Megatron reshards the model and the Adam
+    state on load): steps 5-8 lose what the run that kept EP=2 lost."""
+    torchrun(*layout, f"parallel.use_distributed_optimizer={optimizer == 'distributed'}",
+             f"checkpoint.load={ep2_checkpoints / optimizer}", f"logging.dir={tmp_path}",
+             nproc=nproc)
+    resumed, straight = losses(tmp_path), losses(straight_ep2)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=0), step
+
+
 def test_bad_config_is_one_line_and_nonzero_exit():
     proc = subprocess.run([sys.executable, str(LAUNCH), "--config", str(TINY), "train.iterz=5"],
                           capture_output=True, text=True, timeout=120)
