@@ -23,6 +23,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 from tqdm import tqdm
 
 from megatron_grove.acceleration import resolve_acceleration
@@ -142,6 +143,11 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
                             cfg.model.seq_length, cfg.model.rotary_base,
                             cfg.model.tie_embeddings, seed=cfg.train.seed).to(runtime.device)
     freeze_untrainable(model, cfg.train.trainable)
+    if dtype == torch.bfloat16:
+        # Megatron's mixed-precision wrapper: every weight in bf16 (the torch norms too, which
+        # Megatron's bf16 optimizer requires of the params it checkpoints), outputs in fp32;
+        # the routers keep their fp32 expert bias (_maintain_float32_expert_bias).
+        model = Float16Module(tconfig, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)

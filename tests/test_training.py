@@ -131,6 +131,24 @@ def test_resume_under_another_layout_continues_the_run(straight_ep2, ep2_checkpo
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=0), step
 
 
+def test_bf16_run_checkpoints_and_resumes(tmp_path):
+    """bf16 weights (Megatron's Float16Module + its bf16 optimizer with fp32 main params):
+    the checkpoint saves, resumes exactly at the same EP size, and at EP=1 continues within
+    bf16 rounding of the different reduction order."""
+    bf16 = ("runtime.dtype=bf16", "train.iters=6")
+    torchrun(*bf16, f"logging.dir={tmp_path / 'straight'}")
+    torchrun(*bf16, "train.exit_at_iter=3", f"checkpoint.save={tmp_path / 'ckpt'}",
+             f"logging.dir={tmp_path / 'first'}")
+    straight = losses(tmp_path / "straight")
+    for ep, rel in ((2, 0.0), (1, 1e-4)):
+        torchrun(*bf16, f"parallel.expert_model_parallel_size={ep}",
+                 f"checkpoint.load={tmp_path / 'ckpt'}", f"logging.dir={tmp_path / str(ep)}")
+        resumed = losses(tmp_path / str(ep))
+        assert sorted(resumed) == [4, 5, 6]
+        for step in resumed:
+            assert resumed[step] == pytest.approx(straight[step], rel=rel, abs=0), (ep, step)
+
+
 def test_bad_config_is_one_line_and_nonzero_exit():
     proc = subprocess.run([sys.executable, str(LAUNCH), "--config", str(TINY), "train.iterz=5"],
                           capture_output=True, text=True, timeout=120)
