@@ -110,11 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
+    from megatron_grove.checkpointing import CheckpointError
     from megatron_grove.runtime import collective_failure, destroy_parallel
     from megatron_grove.training import train
 
     try:
         records = train(cfg)
+    except CheckpointError as exc:  # raised alike on every rank, before any training step
+        destroy_parallel()
+        if rank == 0:
+            print(f"pretrain_grove.py: checkpoint error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         reason = collective_failure(exc)
         if reason is None:

@@ -39,14 +39,18 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_grove.optimizer_state import (load_optimizer_state, optimizer_skeleton,
-                                            sharded_optimizer_state)
+                                            saved_distributed_format, sharded_optimizer_state)
 
-__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_iteration",
+__all__ = ["CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint", "latest_iteration",
            "checkpoint_dir", "resolve_checkpoint_folder", "read_checkpoint_config",
            "checkpoint_tokenizer", "TOKENIZER_DIR"]
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged, partial, or cannot load as asked."""
 
 
 @dataclass
@@ -70,7 +74,7 @@ def latest_iteration(root: str | Path) -> int | None:
         return None
     text = path.read_text().strip()
     if not text.isdigit() or not checkpoint_dir(root, int(text)).is_dir():
-        raise RuntimeError(f"{path} names iteration {text!r}, which has no checkpoint folder; "
+        raise CheckpointError(f"{path} names iteration {text!r}, which has no checkpoint folder; "
                            f"the checkpoint root {root} is damaged")
     return int(text)
 
@@ -97,14 +101,15 @@ def _tracker():
     return get_cuda_rng_tracker()
 
 
-def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool) -> dict[str, Any]:
+def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool,
+                   optimizer_format: str) -> dict[str, Any]:
     """Model (and, unless ``optimizer`` is None, optimizer) sharded state dicts."""
     module = model.module if hasattr(model, "module") else model
     model_sd = module.sharded_state_dict()
     if optimizer is None:
         return {"model": model_sd}
-    return {"model": model_sd,
-            "optimizer": sharded_optimizer_state(optimizer, model_sd, is_loading)}
+    return {"model": model_sd, "optimizer": sharded_optimizer_state(optimizer, model_sd,
+                                                                    is_loading, optimizer_format)}
 
 
 def _store_tokenizer(root: Path, config: dict[str, Any]) -> None:
@@ -133,10 +138,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
-                    state: TrainState) -> Path:
+def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer, state: TrainState,
+                    optimizer_format: str = "fully_reshardable") -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder. ``optimizer``
-    None writes a model-only checkpoint (``state.scheduler`` should then be None)."""
+    None writes a model-only checkpoint (``state.scheduler`` should then be None).
+    ``optimizer_format``: the distributed optimizer's format (``checkpoint.optimizer_format``)."""
     root = Path(root)
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = checkpoint_dir(root, state.step)
@@ -146,7 +152,7 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
         for stale in root.glob(".iter_*.tmp"):
             shutil.rmtree(stale)
     _barrier()
-    sharded = _sharded_state(model, optimizer, is_loading=False)
+    sharded = _sharded_state(model, optimizer, is_loading=False, optimizer_format=optimizer_format)
     sharded["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples,
                               "scheduler": state.scheduler, "config": state.config}
     if rank == 0:
@@ -176,7 +182,7 @@ def resolve_checkpoint_folder(path: str | Path, step: int | None = None) -> Path
         return path
     step = latest_iteration(path) if step is None else step
     if step is None:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{path}: no {LATEST_FILE} there; not a checkpoint written by checkpoint.save or "
             "tools/convert_checkpoint.py")
     return checkpoint_dir(path, step)
@@ -189,7 +195,7 @@ def _common_state(folder: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         common = {"error": exc}
     if "train_state" not in common:
-        raise FileNotFoundError(f"{folder}: no train_state in the checkpoint's common state "
+        raise CheckpointError(f"{folder}: no train_state in the checkpoint's common state "
                                 f"({common.get('error', 'key missing')}); the checkpoint is "
                                 "partial or not ours")
     return common
@@ -211,6 +217,23 @@ def checkpoint_tokenizer(path: str | Path) -> str | None:
     return None
 
 
+def _check_same_layout(folder: Path, config: dict[str, Any]) -> None:
+    """A "dp_reshardable" distributed-optimizer checkpoint loads only at its TP/EP sizes."""
+    from megatron.core import parallel_state
+
+    saved = config["parallel"]
+    saved_layout = (saved["tensor_model_parallel_size"], saved["expert_model_parallel_size"])
+    layout = (parallel_state.get_tensor_model_parallel_world_size(),
+              parallel_state.get_expert_model_parallel_world_size())
+    if layout != saved_layout:
+        raise CheckpointError(
+            f"{folder}: its distributed-optimizer state was saved with "
+            f"checkpoint.optimizer_format=dp_reshardable at TP={saved_layout[0]}, "
+            f"EP={saved_layout[1]} and loads only at those sizes (this run: TP={layout[0]}, "
+            f"EP={layout[1]}); resume at the saved layout (a later save with "
+            "checkpoint.optimizer_format=fully_reshardable can then change it)")
+
+
 def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
                     step: int | None = None) -> TrainState:
     """Collective: load model, optimizer, RNG and train state from the latest (or ``step``)
@@ -223,7 +246,11 @@ def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
     train = saved["train_state"]
     if train["scheduler"] is None:
         optimizer = None
-    sharded = _sharded_state(model, optimizer, is_loading=True)
+    optimizer_format = saved_distributed_format(saved.get("optimizer"))
+    if optimizer is not None and optimizer_format == "dp_reshardable":
+        _check_same_layout(folder, train["config"])
+    sharded = _sharded_state(model, optimizer, is_loading=True,
+                             optimizer_format=optimizer_format or "fully_reshardable")
     skeleton = optimizer_skeleton(sharded.get("optimizer"))
     loaded = dist_checkpointing.load(sharded, str(folder))
     module = model.module if hasattr(model, "module") else model

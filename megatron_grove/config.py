@@ -114,6 +114,11 @@ class CheckpointConfig:
     save: Optional[str] = None
     load: Optional[str] = None  # a checkpoint.save folder, or "auto": checkpoint.save if it has one
     save_interval: int = 0  # 0 = only at the end (when save is set)
+    # Distributed-optimizer state on disk (Megatron's formats): "fully_reshardable" resumes at
+    # any TP/EP/DP layout but gathers each DP group's state in host memory on save;
+    # "dp_reshardable" saves every rank's shard in parallel and resumes only at the saved
+    # TP/EP sizes. Ignored by the plain optimizer, whose checkpoints always reshard.
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
 
 
 @dataclass

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 
-__all__ = ["sharded_optimizer_state", "optimizer_skeleton", "load_optimizer_state"]
+__all__ = ["sharded_optimizer_state", "saved_distributed_format", "optimizer_skeleton",
+           "load_optimizer_state"]
 
 
 class _Loaded:
@@ -37,18 +38,19 @@ def _sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _metadata(optimizer) -> dict[str, Any]:
+def _metadata(optimizer, distributed_format: str) -> dict[str, Any]:
     """``chained_optim_avoid_prefix``: without it Megatron keys optimizer state as
     "chained_<i>.<param>", where i counts the sub-optimizers, whose number depends on the EP
     layout (upstream #1517). Megatron adds that prefix anyway whenever
     ``distrib_optim_sharding_type`` names a format that is not fully reshardable, so the key is
-    set only for the distributed optimizer, and there to "fully_reshardable" (state gathered per
-    parameter in model space on save, resliced on load)."""
+    set only for the distributed optimizer (``distributed_format``: "fully_reshardable", state
+    gathered per parameter in model space on save and resliced on load, or "dp_reshardable",
+    each rank's flat shard)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     metadata: dict[str, Any] = {"chained_optim_avoid_prefix": True}
     if any(isinstance(opt, DistributedOptimizer) for opt in _sub_optimizers(optimizer)):
-        metadata["distrib_optim_sharding_type"] = "fully_reshardable"
+        metadata["distrib_optim_sharding_type"] = distributed_format
     return metadata
 
 
@@ -67,12 +69,28 @@ def _ensure_adam_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-def sharded_optimizer_state(optimizer, model_sharded_state: dict, is_loading: bool) -> dict:
-    """The optimizer's sharded state dict for ``dist_checkpointing.save``/``load``."""
+def sharded_optimizer_state(optimizer, model_sharded_state: dict, is_loading: bool,
+                            distributed_format: str = "fully_reshardable") -> dict:
+    """The optimizer's sharded state dict for ``dist_checkpointing.save``/``load``
+    (``distributed_format``: see ``checkpoint.optimizer_format``)."""
     if is_loading:
         _ensure_adam_state(optimizer)
     return optimizer.sharded_state_dict(model_sharded_state, is_loading=is_loading,
-                                        metadata=_metadata(optimizer))
+                                        metadata=_metadata(optimizer, distributed_format))
+
+
+def saved_distributed_format(saved: Any) -> str | None:
+    """The distributed-optimizer format of a checkpoint's plain optimizer state (None: saved by
+    the plain optimizer)."""
+    if isinstance(saved, dict):
+        if "param_state_sharding_type" in saved:
+            return saved["param_state_sharding_type"]
+        saved = list(saved.values())
+    for value in saved if isinstance(saved, list) else ():
+        found = saved_distributed_format(value)
+        if found is not None:
+            return found
+    return None
 
 
 def optimizer_skeleton(request: Any) -> Any:

@@ -237,7 +237,8 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
             save_checkpoint(cfg.checkpoint.save, model, optimizer,
                             TrainState(step=step, consumed_samples=step * t.global_batch_size,
                                        scheduler=scheduler.state_dict(),
-                                       config=config_to_dict(cfg)))
+                                       config=config_to_dict(cfg)),
+                            optimizer_format=cfg.checkpoint.optimizer_format)
             last_saved = step
         if stopping:
             break

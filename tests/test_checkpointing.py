@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from megatron_grove.checkpointing import TrainState, latest_iteration, load_checkpoint, save_checkpoint
+from megatron_grove.checkpointing import (CheckpointError, TrainState, latest_iteration,
+                                          load_checkpoint, save_checkpoint)
 from megatron_grove.config import load_config
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import setup_training
@@ -75,5 +76,5 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
 
 
 def test_load_without_checkpoint_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no latest_checkpointed_iteration.txt"):
+    with pytest.raises(CheckpointError, match="no latest_checkpointed_iteration.txt"):
         load_checkpoint(tmp_path, model=None, optimizer=None)

@@ -75,7 +75,8 @@ def _worker_pid(launcher: subprocess.Popen) -> int:
 def test_killed_rank_stops_the_job_and_restart_resumes(single_launcher, tmp_path):
     ckpt, log = tmp_path / "ckpt", tmp_path / "log"
     args = (f"logging.dir={log}", f"checkpoint.save={ckpt}", "checkpoint.save_interval=2",
-            "checkpoint.load=auto", "parallel.use_distributed_optimizer=true")
+            "checkpoint.load=auto", "parallel.use_distributed_optimizer=true",
+            "checkpoint.optimizer_format=dp_reshardable")  # as in the 33B recipes
     nodes = launch_nodes(tmp_path, *args)
     deadline = time.monotonic() + 240
     while not ((ckpt / "latest_checkpointed_iteration.txt").is_file() and latest_iteration(ckpt) >= 4):

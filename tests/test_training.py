@@ -98,11 +98,14 @@ def test_resume_is_identical_to_uninterrupted(straight_ep2, tmp_path):
 @pytest.fixture(scope="module")
 def ep2_checkpoints(tmp_path_factory):
     """The first 4 of straight_ep2's steps, checkpointed at EP=2: with the plain optimizer
-    ("plain") and with the distributed optimizer ("distributed")."""
+    ("plain"), the distributed optimizer ("distributed", fully_reshardable format) and the
+    distributed optimizer in the dp_reshardable format ("dp_reshardable")."""
     root = tmp_path_factory.mktemp("ep2_ckpt")
-    for optimizer in ("plain", "distributed"):
+    for optimizer in ("plain", "distributed", "dp_reshardable"):
+        fmt = "dp_reshardable" if optimizer == "dp_reshardable" else "fully_reshardable"
         torchrun("parallel.expert_model_parallel_size=2", "train.exit_at_iter=4",
-                 f"parallel.use_distributed_optimizer={optimizer == 'distributed'}",
+                 f"parallel.use_distributed_optimizer={optimizer != 'plain'}",
+                 f"checkpoint.optimizer_format={fmt}",
                  f"checkpoint.save={root / optimizer}", f"logging.dir={root / optimizer}-log")
     return root
 
@@ -129,6 +132,19 @@ def test_resume_under_another_layout_continues_the_run(straight_ep2, ep2_checkpo
     assert sorted(resumed) == [5, 6, 7, 8]
     for step in resumed:
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=0), step
+
+
+def test_dp_reshardable_checkpoint_refuses_another_layout(ep2_checkpoints, tmp_path):
+    proc = torchrun("parallel.expert_model_parallel_size=1",
+                    "parallel.use_distributed_optimizer=true",
+                    f"checkpoint.load={ep2_checkpoints / 'dp_reshardable'}",
+                    f"logging.dir={tmp_path}", check=False)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if "checkpoint error" in line]
+    assert len(ours) == 1 and "[rank0]: Traceback" not in proc.stderr
+    assert ours[0].startswith("pretrain_grove.py: checkpoint error: ")
+    assert ("saved with checkpoint.optimizer_format=dp_reshardable at TP=1, EP=2 and loads only "
+            "at those sizes (this run: TP=1, EP=1)") in ours[0]
 
 
 def test_bf16_run_checkpoints_and_resumes(tmp_path):

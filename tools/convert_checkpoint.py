@@ -143,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    from megatron_grove.checkpointing import CheckpointError
     from megatron_grove.config import ConfigError
     from megatron_grove.hf_conversion import HFFormatError
 
     try:
         print(convert(args))
-    except (HFFormatError, ConfigError, FileNotFoundError) as exc:
+    except (HFFormatError, ConfigError, CheckpointError, FileNotFoundError) as exc:
         return _fail(exc)
     return 0
 

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's import-time CUDA notice
     import numpy as np
 
-    from megatron_grove.checkpointing import checkpoint_tokenizer
+    from megatron_grove.checkpointing import CheckpointError, checkpoint_tokenizer
     from megatron_grove.config import ConfigError
     from megatron_grove.evaluation import perplexity
     from megatron_grove.hf_conversion import (HFFormatError, build_model, is_hf_checkpoint,
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             result = perplexity(model, tokens, seq_length, cfg.model.vocab_size,
                                 batch_size=args.batch_size, device=device,
                                 progress=not args.no_progress)
-    except (HFFormatError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (HFFormatError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         return _fail(str(exc).splitlines()[0])
     print(f"{fmt} checkpoint {ckpt}: ppl {result.ppl:.4f} (nll {result.nll:.6f}) over "
           f"{result.tokens} tokens in {result.windows} windows of {seq_length}")
