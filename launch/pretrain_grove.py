@@ -19,12 +19,15 @@ overrides: any number of dotted key=value pairs applied after the YAML file, val
 as YAML scalars, e.g.  train.iters=20 moe.router_score_function=sigmoid checkpoint.save=ckpt
 main keys:
   train.iters / train.global_batch_size / train.micro_batch_size / train.seed / train.lr
-  parallel.expert_model_parallel_size / parallel.tensor_model_parallel_size
+  parallel.expert_model_parallel_size / parallel.tensor_model_parallel_size (TP > 1 with MoE
+  needs parallel.sequence_parallel=true) / runtime.dtype (fp32|bf16)
   moe.num_experts / moe.router_topk / moe.num_expert_groups / moe.adjugate_ffn_hidden_size
   moe.adjugate_scale / moe.router_score_function / moe.bias_update_rule / moe.bias_update_rate
   data.path (Megatron .bin/.idx prefix from tools/preprocess_data.py; default: embedded corpus)
   checkpoint.save / checkpoint.load (a folder, or auto: checkpoint.save if it holds a
   checkpoint) / checkpoint.save_interval / logging.dir / runtime.dist_timeout_s
+  a checkpoint resumes at another TP/EP size, unless the distributed optimizer saved it with
+  checkpoint.optimizer_format=dp_reshardable (default fully_reshardable)
   parallel.use_distributed_optimizer / parallel.recompute_granularity (none|selective|full)
 multi-node: one torchrun per node with --rdzv-backend c10d (see docs/multinode.md and
   launch/slurm/pretrain_grove.sbatch); a rank whose peer dies stops with one line naming the
@@ -32,6 +35,7 @@ multi-node: one torchrun per node with --rdzv-backend c10d (see docs/multinode.m
 outputs (in logging.dir): metrics.jsonl (one JSON object per step) and tensorboard/
 layout check without GPUs:  python launch/pretrain_grove.py --config configs/grovemoe_33b_a3b.yaml --dry-run
 exit codes: 0 ok, 2 bad configuration (one line on stderr saying which key and what is allowed)
+  or a checkpoint that cannot load as asked (one line saying why)
 """
 
 
