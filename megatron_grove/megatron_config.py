@@ -16,7 +16,10 @@ from megatron.core.transformer import TransformerConfig
 from megatron_grove.acceleration import Acceleration, megatron_fields
 from megatron_grove.config import GroveConfig
 
-__all__ = ["GroveTransformerConfig", "to_transformer_config"]
+__all__ = ["GroveTransformerConfig", "to_transformer_config", "TORCH_DTYPES"]
+
+# ``runtime.dtype`` (and the tools' ``--dtype``) -> torch dtype
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass

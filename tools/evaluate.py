@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_grove.hf_conversion import (HFFormatError, build_model, is_hf_checkpoint,
                                               load_hf_checkpoint, load_megatron_model,
                                               load_state_into_model)
-    from megatron_grove.hf_conversion.megatron_io import DTYPES
+    from megatron_grove.megatron_config import TORCH_DTYPES
     from megatron_grove.runtime import single_process_world
     from megatron_grove.tokenizer import load_tokenizer
 
@@ -78,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
             if is_hf_checkpoint(ckpt):
                 fmt = "hf"
                 cfg, state = load_hf_checkpoint(ckpt)
-                dtype = DTYPES[cfg.runtime.dtype if args.dtype == "checkpoint" else args.dtype]
+                dtype = TORCH_DTYPES[cfg.runtime.dtype if args.dtype == "checkpoint"
+                                     else args.dtype]
                 model = build_model(cfg, dtype=dtype)
                 load_state_into_model(model, cfg, state)
                 model = model.to(device)
                 tokenizer_dir = str(ckpt) if (ckpt / "tokenizer.json").is_file() else None
             else:
                 fmt = "megatron"
-                dtype = None if args.dtype == "checkpoint" else DTYPES[args.dtype]
+                dtype = None if args.dtype == "checkpoint" else TORCH_DTYPES[args.dtype]
                 cfg, model = load_megatron_model(ckpt, dtype=dtype, device=device)
                 tokenizer_dir = checkpoint_tokenizer(ckpt)
             if args.tokens:
