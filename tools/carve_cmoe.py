@@ -9,8 +9,8 @@ CMoE's training-free router (DESIGN.md section 3). Writes into --output:
 
   megatron/   a model-only Megatron checkpoint our trainer loads (checkpoint.load=...) and
               config.yaml, the run config to fine-tune it with launch/pretrain_grove.py
-  hf/         a Hugging Face-style export: config.json (+ "cmoe" fields), model.safetensors,
-              tokenizer files
+  hf/         a Hugging Face-style export: config.json (+ "cmoe" fields), safetensors (one
+              model.safetensors, sharded past 5 GiB), tokenizer files
   carve.json  the carving record: shape, calibration, construction time
 """
 
@@ -113,17 +113,14 @@ def _write_run_config(cfg, folder: Path) -> None:
 
 def write_hf_export(hf_dir: Path, hf_config: dict, hf_state: dict, carved: list, spec,
                     folder: Path) -> None:
-    """The Hugging Face-style export: dense tensors as in ``hf_dir``, FFNs as CMoE experts."""
-    from safetensors.torch import save_file
-
+    """The Hugging Face-style export: dense tensors as in ``hf_dir``, FFNs as CMoE experts,
+    ``hf_dir``'s tokenizer files."""
     from megatron_grove.cmoe.weights import carved_ffn_to_hf
+    from megatron_grove.hf_conversion.safetensors_io import write_hf_checkpoint
 
     tensors = {k: v for k, v in hf_state.items() if ".mlp." not in k}
     for i, ffn in enumerate(carved):
         tensors.update(carved_ffn_to_hf(ffn, f"model.layers.{i}.mlp."))
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
     m = spec.neurons_per_expert(hf_config["intermediate_size"])
     config = dict(hf_config, cmoe={
         "num_shared_experts": spec.shared, "num_routed_experts": spec.experts - spec.shared,
@@ -131,11 +128,7 @@ def write_hf_export(hf_dir: Path, hf_config: dict, hf_state: dict, carved: list,
         "dense_intermediate_size": hf_config["intermediate_size"],
         "router": "softmax over |silu(gate_rows x) * (up_rows x)|, top-k of scores + "
                   "expert_bias, weight 1 + score * expert_scale"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "generation_config.json"):
-        if (hf_dir / name).is_file():
-            shutil.copy2(hf_dir / name, folder / name)
+    write_hf_checkpoint(folder, config, tensors, tokenizer_dir=hf_dir)
 
 
 def carve(args: argparse.Namespace) -> dict:
@@ -143,10 +136,12 @@ def carve(args: argparse.Namespace) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_grove.checkpointing import TOKENIZER_DIR
     from megatron_grove.cmoe.carve_model import (CarveSpec, calibration_inputs, carve_model,
                                                  carved_run_config)
     from megatron_grove.gguf_llama import gguf_to_hf_dir
     from megatron_grove.hf_conversion.hf_config import grove_config_from_hf
+    from megatron_grove.hf_conversion.safetensors_io import copy_tokenizer_files
 
     spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
     output = Path(args.output)
@@ -175,15 +170,12 @@ def carve(args: argparse.Namespace) -> dict:
         dense_cfg = grove_config_from_hf(hf_config, hf_state)
         # the tokenizer is the export's, at its place after the final rename
         cfg = carved_run_config(dense_cfg, spec, args.seq_length, str((output / "hf").resolve()))
-        (tmp / "megatron").mkdir()
-        shutil.copytree(tmp / "hf", tmp / "megatron" / "tokenizer",  # the checkpoint's copy
-                        ignore=lambda _dir, names: [n for n in names if n.endswith(".safetensors")
-                                                    or n == "config.json"])
+        copy_tokenizer_files(tmp / "hf", tmp / "megatron" / TOKENIZER_DIR)  # its own copy
         write_megatron_checkpoint(cfg, dense_cfg, hf_state, carved, tmp / "megatron")
         _write_run_config(cfg, tmp / "megatron")
         record = {"spec": spec.name, "model": str(args.model),
                   "calibration_tokens": int(windows.numel()), "window": args.window,
-                  "activation_topk": spec.activation_topk or hf_config["intermediate_size"] // 10,
+                  "activation_topk": spec.active_neurons(hf_config["intermediate_size"]),
                   "neurons_per_expert": spec.neurons_per_expert(hf_config["intermediate_size"]),
                   "calibration_s": round(calibrated - began, 2),
                   "construction_s": round(carve_seconds, 2)}
