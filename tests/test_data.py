@@ -92,8 +92,8 @@ def test_preprocess_missing_input_fails_cleanly(tmp_path, capsys) -> None:
     status = _load_preprocess_module().main(
         ["--input", str(tmp_path / "nope.txt"), "--output-prefix", str(tmp_path / "ds")]
     )
-    assert status != 0
-    expected = f"error: input file not found: {tmp_path / 'nope.txt'}"
+    assert status == 2
+    expected = f"preprocess_data.py: error: input file not found: {tmp_path / 'nope.txt'}"
     assert capsys.readouterr().err.strip() == expected
 
 
@@ -104,10 +104,10 @@ def test_preprocess_bad_json_key_exits_with_one_line(tmp_path) -> None:
          "--output-prefix", str(tmp_path / "ds")],
         capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line == f"error: {tmp_path / 'c.jsonl'}:1: no key 'text'"
+    assert last_line == f"preprocess_data.py: error: {tmp_path / 'c.jsonl'}:1: no key 'text'"
     assert not list(tmp_path.glob("ds*"))
 
 

@@ -21,11 +21,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
+PROG = "carve_cmoe.py"
 EPILOG = """\
 examples:
   python tools/carve_cmoe.py --model DIR_OR.gguf --shared 3 --active 3 --experts 8 --output OUT
@@ -36,7 +36,7 @@ exit codes: 0 ok, 2 bad input (one line on stderr saying what was wrong)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="carve_cmoe.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
@@ -61,11 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model.seq_length of the written run config (default 512)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
-
-
-def _fail(message: str) -> int:
-    print(f"carve_cmoe.py: error: {message}", file=sys.stderr)
-    return 2
 
 
 def calibration_token_windows(tokenizer, text: str, tokens: int, window: int):
@@ -188,22 +183,24 @@ def carve(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_grove.cli import fail
+
     args = parse_args(argv)
     if Path(args.output).exists():
-        return _fail(f"--output {args.output} exists; choose a new directory")
+        return fail(PROG, f"--output {args.output} exists; choose a new directory")
     model = Path(args.model)
     if not (model.is_file() and model.suffix == ".gguf") and not (model / "config.json").is_file():
-        return _fail(f"--model {model}: neither a .gguf file nor a Hugging Face directory "
+        return fail(PROG, f"--model {model}: neither a .gguf file nor a Hugging Face directory "
                      "with config.json")
     if args.calibration and not Path(args.calibration).is_file():
-        return _fail(f"--calibration {args.calibration}: no such file")
+        return fail(PROG, f"--calibration {args.calibration}: no such file")
     try:
         from megatron_grove.cmoe.carve_model import CarveSpec
 
         CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
         record = carve(args)
     except ValueError as exc:  # HFFormatError and ConfigError included
-        return _fail(str(exc))
+        return fail(PROG, str(exc))
     print(f"carved {record['spec']} in {record['construction_s']:.1f} s (calibration "
           f"{record['calibration_s']:.1f} s, {record['calibration_tokens']} tokens); wrote "
           f"{args.output}/megatron (our trainer) and {args.output}/hf")
