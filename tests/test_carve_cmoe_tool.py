@@ -50,17 +50,13 @@ def _carve(model: Path, out: Path, active: int) -> subprocess.CompletedProcess:
 
 
 def _megatron_logits(rank: int, checkpoint: str, ids: torch.Tensor) -> dict:
-    from megatron.core import dist_checkpointing
-
-    from megatron_grove.checkpointing import checkpoint_dir, latest_iteration, load_checkpoint
+    from megatron_grove.checkpointing import load_checkpoint, read_checkpoint_config
     from megatron_grove.config import config_from_dict
     from megatron_grove.megatron_config import to_transformer_config
     from megatron_grove.model import build_gpt_model
     from megatron_grove.training import causal_attention_mask
 
-    folder = checkpoint_dir(checkpoint, latest_iteration(checkpoint))
-    cfg = config_from_dict(dist_checkpointing.load_common_state_dict(str(folder))
-                           ["train_state"]["config"])
+    cfg = config_from_dict(read_checkpoint_config(checkpoint))
     model = build_gpt_model(to_transformer_config(cfg), cfg.model.vocab_size, SEQ,
                             cfg.model.rotary_base, cfg.model.tie_embeddings, seed=99).eval()
     load_checkpoint(checkpoint, model, None)
