@@ -128,7 +128,6 @@ def write_hf_export(hf_dir: Path, hf_config: dict, hf_state: dict, carved: list,
 
 def carve(args: argparse.Namespace) -> dict:
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_grove.checkpointing import TOKENIZER_DIR
@@ -136,7 +135,8 @@ def carve(args: argparse.Namespace) -> dict:
                                                  carved_run_config)
     from megatron_grove.gguf_llama import gguf_to_hf_dir
     from megatron_grove.hf_conversion.hf_config import grove_config_from_hf
-    from megatron_grove.hf_conversion.safetensors_io import copy_tokenizer_files
+    from megatron_grove.hf_conversion.safetensors_io import (HFTensors, copy_tokenizer_files,
+                                                             read_hf_config)
 
     spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
     output = Path(args.output)
@@ -147,9 +147,9 @@ def carve(args: argparse.Namespace) -> dict:
         hf_dir = Path(args.model)
         if hf_dir.suffix == ".gguf":
             hf_dir = gguf_to_hf_dir(hf_dir, tmp / "dense_from_gguf")
-        hf_config = json.loads((hf_dir / "config.json").read_text())
-        hf_state = load_file(str(hf_dir / "model.safetensors"))
-        hf_state = {k: v.float() for k, v in hf_state.items()}
+        hf_config = read_hf_config(hf_dir)
+        with HFTensors(hf_dir) as tensors:
+            hf_state = {name: tensors[name].float() for name in tensors}
         tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
         text = (Path(args.calibration).read_text() if args.calibration
                 else _default_calibration_text())
