@@ -139,6 +139,7 @@ def _uniform_routing(args, rank: int, device: torch.device):
 
 def _worker(rank: int, args: argparse.Namespace, init_file: str, queue) -> None:
     import torch.distributed as dist
+    from megatron_grove.moe_stats import reset_moe_counters
     from megatron_grove.runtime import destroy_parallel, initialize_parallel
 
     try:
@@ -160,8 +161,7 @@ def _worker(rank: int, args: argparse.Namespace, init_file: str, queue) -> None:
             for it in range(args.warmup + args.iters):
                 if it == args.warmup:
                     meter.rows = meter.bytes = 0
-                    if hasattr(layer, "reset_grove_counters"):
-                        layer.reset_grove_counters()
+                    reset_moe_counters(layer)
                 inp = x.clone().requires_grad_()
                 dist.barrier()
                 if device.type == "cuda":

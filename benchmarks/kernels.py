@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
               "kernels' correctness tests run on CPU: pytest tests/test_kernels.py")
         return 0
     from megatron_grove.config import ConfigError, load_config
+    from megatron_grove.megatron_config import TORCH_DTYPES
 
     try:
         cfg = load_config(args.config)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kernels.py: --ep {args.ep} must divide moe.num_expert_groups="
               f"{cfg.moe.num_expert_groups} (> 0)", file=sys.stderr)
         return 2
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = TORCH_DTYPES[args.dtype]
     print(f"{torch.cuda.get_device_name()}; {args.config}; {args.tokens} tokens, EP={args.ep}, "
           f"{args.dtype}; median of {args.repeats} (ms)")
     print(f"{'kernel':58s} {'pass':17s} {'eager':>8s} {'compile':>8s} {'triton':>8s} "

@@ -61,22 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def dry_run(cfg, as_json: bool, world_size: int | None) -> int:
     """Plan the configured model in a private single-process world (any machine)."""
     import json
-    import tempfile
 
     from megatron_grove.config import validate_layout
     from megatron_grove.planner import format_plan, plan_memory, plan_parameters
-    from megatron_grove.runtime import destroy_parallel, initialize_parallel
+    from megatron_grove.runtime import single_process_world
 
     p = cfg.parallel
     world = world_size or (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
                            * p.expert_model_parallel_size)
     validate_layout(cfg, world)
-    with tempfile.TemporaryDirectory() as tmp:
-        initialize_parallel(device="cpu", init_method=f"file://{tmp}/init", rank=0, world_size=1)
-        try:
-            plan = plan_parameters(cfg)
-        finally:
-            destroy_parallel()
+    with single_process_world(device="cpu"):
+        plan = plan_parameters(cfg)
     memory = plan_memory(cfg, plan, world)
     print(format_plan(plan, memory))
     if as_json:

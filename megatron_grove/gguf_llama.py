@@ -164,16 +164,15 @@ def read_gguf_llama(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a Hugging Face Llama directory for a dense Llama GGUF into ``out_dir``."""
-    from safetensors.torch import save_file
+    """Write a Hugging Face Llama directory for a dense Llama GGUF into ``out_dir`` (new or
+    empty)."""
     from transformers import AutoTokenizer
 
+    from megatron_grove.hf_conversion.safetensors_io import write_hf_checkpoint
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config, state = read_gguf_llama(gguf_path)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_hf_checkpoint(out, config, state)
     (out / "generation_config.json").write_text(json.dumps(
         {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}) + "\n")
     gguf_path = Path(gguf_path).resolve()

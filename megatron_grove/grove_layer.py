@@ -29,7 +29,7 @@ parameter flags, gradient reduction and sharded checkpoints (``experts.*`` and
 ``adjugate_experts.*``, indexed by global expert / group) apply to both.
 
 Counters: ``grove_counters`` is a dict of Python ints, accumulated over forwards until the
-trainer calls :meth:`GroveMoELayer.reset_grove_counters`:
+trainer zeroes them (:func:`megatron_grove.moe_stats.reset_moe_counters`):
 
 * ``"dispatched_rows"``: token rows this rank's dispatcher sent to another rank or kept locally
   (all-to-alls: the permuted rows; allgather: every token to every EP rank);
@@ -136,10 +136,6 @@ class GroveMoELayer(MoELayer):
             pg_collection=pg_collection,
             name=(name + ".adjugate_experts") if name is not None else None,
         )
-        self.reset_grove_counters()
-
-    def reset_grove_counters(self) -> None:
-        """Zero ``grove_counters`` (see the module docstring)."""
         self.grove_counters: dict[str, int] = {"dispatched_rows": 0, "routed_rows": 0,
                                                "adjugate_rows": 0, "forwards": 0}
 

@@ -16,7 +16,10 @@ from megatron.core.transformer import TransformerConfig
 from megatron_grove.acceleration import Acceleration, megatron_fields
 from megatron_grove.config import GroveConfig
 
-__all__ = ["GroveTransformerConfig", "to_transformer_config"]
+__all__ = ["GroveTransformerConfig", "to_transformer_config", "TORCH_DTYPES"]
+
+# ``runtime.dtype`` (and the tools' ``--dtype``) -> torch dtype
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -39,9 +42,6 @@ class GroveTransformerConfig(TransformerConfig):
 
     moe_bias_update_rule: str = "paper"
     """Aux-loss-free balancing: 'paper' (b -= a (F-Q)/RMS(F-Q)), 'megatron' (sign) or 'none'."""
-
-    moe_first_k_dense_layers: int = 0
-    """The first k decoder layers use a dense FFN instead of MoE."""
 
     moe_router_type: str = "grove"
     """'grove' (:class:`GroveTopKRouter`) or 'cmoe' (:class:`CMoERouter`, carved models)."""
@@ -113,7 +113,6 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_adjugate_ffn_hidden_size=e.adjugate_ffn_hidden_size,
         moe_adjugate_scale=e.adjugate_scale,
         moe_bias_update_rule=e.bias_update_rule,
-        moe_first_k_dense_layers=e.first_k_dense_layers,
         moe_group_aware_dispatch=e.token_dispatcher_type == "grove_alltoall",
         moe_router_type=e.router_type,
         moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size,

@@ -17,13 +17,11 @@ from collections import Counter
 import torch
 
 from megatron_grove.config import GroveConfig
-from megatron_grove.megatron_config import to_transformer_config
+from megatron_grove.megatron_config import TORCH_DTYPES, to_transformer_config
 from megatron_grove.model import build_gpt_model
 
 __all__ = ["ParamPlan", "MemoryPlan", "plan_parameters", "plan_memory", "activation_bytes_per_layer",
            "format_plan"]
-
-BYTES = {"fp32": 4, "bf16": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +87,7 @@ def plan_parameters(cfg: GroveConfig) -> ParamPlan:
         activated_params_min=base + moe_layers * hit_min * per_adjugate,
         activated_params_max=base + moe_layers * hit_max * per_adjugate,
         groups_hit_min=hit_min, groups_hit_max=hit_max, params_per_rank=per_rank,
-        param_bytes_per_rank=per_rank * BYTES[cfg.runtime.dtype],
+        param_bytes_per_rank=per_rank * TORCH_DTYPES[cfg.runtime.dtype].itemsize,
         layout={"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep,
                 "dtype": cfg.runtime.dtype})
 
@@ -131,7 +129,7 @@ def activation_bytes_per_layer(cfg: GroveConfig, groups_hit: float) -> dict[str,
       SwiGLU's silu and product and the down-projection input).
     """
     m, e, p = cfg.model, cfg.moe, cfg.parallel
-    d = BYTES[cfg.runtime.dtype]
+    d = TORCH_DTYPES[cfg.runtime.dtype].itemsize
     t, s, h = p.tensor_model_parallel_size, m.seq_length, m.hidden_size
     b = cfg.train.micro_batch_size
     head_dim = m.kv_channels or h // m.num_attention_heads
@@ -150,7 +148,8 @@ def _activation_bytes(cfg: GroveConfig, parts: dict[str, float]) -> float:
     """All layers' saved activations for one micro-batch, recompute-aware, plus the output
     layer's input and its fp32 logits (see :func:`plan_memory`)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    d, tp, L = BYTES[cfg.runtime.dtype], p.tensor_model_parallel_size, m.num_layers
+    d = TORCH_DTYPES[cfg.runtime.dtype].itemsize
+    tp, L = p.tensor_model_parallel_size, m.num_layers
     sb = m.seq_length * t.micro_batch_size
     tokens = sb / (tp if p.sequence_parallel else 1)
     layer = parts["attention"] + parts["core_attention"] + parts["moe"]
@@ -192,7 +191,7 @@ def plan_memory(cfg: GroveConfig, plan: ParamPlan, world_size: int) -> MemoryPla
     pp = p.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
     edp = world_size // (ep * tp * pp)
-    d = BYTES[cfg.runtime.dtype]
+    d = TORCH_DTYPES[cfg.runtime.dtype].itemsize
     dense_rank = plan.dense_params // tp
     expert_rank = plan.params_per_rank - dense_rank
     per_param_state = 8 + (4 if cfg.runtime.dtype == "bf16" else 0)

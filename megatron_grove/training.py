@@ -32,7 +32,8 @@ from megatron_grove.checkpointing import (TrainState, latest_iteration, load_che
                                           save_checkpoint)
 from megatron_grove.config import GroveConfig, config_to_dict, validate_layout
 from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix
-from megatron_grove.megatron_config import GroveTransformerConfig, to_transformer_config
+from megatron_grove.megatron_config import (TORCH_DTYPES, GroveTransformerConfig,
+                                            to_transformer_config)
 from megatron_grove.metrics import MetricsWriter
 from megatron_grove.model import build_gpt_model
 from megatron_grove.moe_stats import collect_moe_counters, reset_moe_counters
@@ -134,7 +135,7 @@ class TrainingSetup:
 def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
     """Build data, model (wrapped in Megatron DDP), optimizer and LR schedule on this rank."""
     dp_size = validate_layout(cfg, runtime.world_size)
-    dtype = torch.bfloat16 if cfg.runtime.dtype == "bf16" else torch.float32
+    dtype = TORCH_DTYPES[cfg.runtime.dtype]
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     dataset = _dataset(cfg, tokenizer)
     tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=runtime.device.type == "cpu",

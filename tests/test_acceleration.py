@@ -10,14 +10,12 @@
 
 import dataclasses
 import pickle
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from _dist import run_distributed
+from _scripts import ROOT, run_script
 from megatron_grove import acceleration
 from megatron_grove.acceleration import megatron_fields, resolve_acceleration
 from megatron_grove.config import ConfigError, load_config
@@ -26,7 +24,6 @@ from megatron_grove.model import build_gpt_model
 from test_group_aware_dispatcher import FORCED_NAMES, _forced_run, _reference
 from test_grove_layer import ALL_KEYS, CASES, assert_matches, grove_run, run_layers
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("ep", (1, 2))
@@ -138,11 +135,9 @@ def test_fp8_maps_to_megatron_fields(monkeypatch):
 
 
 def test_cli_fp8_without_gpu_is_one_line_exit_2():
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_grove.py"), "--config",
-                           str(ROOT / "configs" / "tiny_cpu.yaml"), "precision.fp8=e4m3",
-                           "runtime.dtype=bf16", "runtime.device=cpu",
-                           "parallel.expert_model_parallel_size=1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script("launch/pretrain_grove.py", "--config",
+                      str(ROOT / "configs" / "tiny_cpu.yaml"), "precision.fp8=e4m3", "runtime.dtype=bf16", "runtime.device=cpu",
+                      "parallel.expert_model_parallel_size=1", timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(

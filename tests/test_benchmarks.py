@@ -1,27 +1,22 @@
 """benchmarks/kernels.py: on a machine without a GPU it says so and exits 0."""
 
 import importlib.util
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+from _scripts import ROOT, run_script
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="behaviour without a GPU")
 def test_kernel_benchmark_without_gpu_says_so_and_exits_0():
-    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
-                          timeout=120)
+    proc = run_script("benchmarks/kernels.py", timeout=120)
     assert proc.returncode == 0
     assert proc.stdout.startswith("benchmarks/kernels.py needs a CUDA GPU (none found)")
 
 
 def test_kernel_benchmark_help():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
-                          text=True, timeout=120)
+    proc = run_script("benchmarks/kernels.py", "--help", timeout=120)
     assert proc.returncode == 0
     for needle in ("--tokens", "--ep", "torch.compile", "33b"):
         assert needle in proc.stdout
@@ -31,7 +26,7 @@ def test_benchmark_cases_agree_with_their_references():
     """The benchmark's inputs at a small Grove layer (CPU: Triton's interpreter)."""
     from megatron_grove.config import load_config
 
-    spec = importlib.util.spec_from_file_location("kernels_benchmark", SCRIPT)
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", ROOT / "benchmarks" / "kernels.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     cfg = load_config(None, ["model.hidden_size=24", "moe.num_experts=8", "moe.num_expert_groups=4",

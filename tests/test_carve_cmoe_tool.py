@@ -5,9 +5,7 @@ differs when not, keeps the router state; the HF-style export; bad input exits w
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +13,9 @@ import pytest
 import torch
 
 from _dist import run_distributed
+from _scripts import run_script
 from megatron_grove.tokenizer import default_tokenizer_path
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "carve_cmoe.py"
 SEQ = 32
 
 
@@ -39,8 +37,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 def _run_tool(*args: str) -> subprocess.CompletedProcess:
     """The CLI in its own process (it starts a private torch.distributed world)."""
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(TOOL.parents[1])), timeout=600)
+    return run_script("tools/carve_cmoe.py", *args, timeout=600)
 
 
 def _carve(model: Path, out: Path, active: int) -> subprocess.CompletedProcess:
@@ -50,17 +47,13 @@ def _carve(model: Path, out: Path, active: int) -> subprocess.CompletedProcess:
 
 
 def _megatron_logits(rank: int, checkpoint: str, ids: torch.Tensor) -> dict:
-    from megatron.core import dist_checkpointing
-
-    from megatron_grove.checkpointing import checkpoint_dir, latest_iteration, load_checkpoint
+    from megatron_grove.checkpointing import load_checkpoint, read_checkpoint_config
     from megatron_grove.config import config_from_dict
     from megatron_grove.megatron_config import to_transformer_config
     from megatron_grove.model import build_gpt_model
     from megatron_grove.training import causal_attention_mask
 
-    folder = checkpoint_dir(checkpoint, latest_iteration(checkpoint))
-    cfg = config_from_dict(dist_checkpointing.load_common_state_dict(str(folder))
-                           ["train_state"]["config"])
+    cfg = config_from_dict(read_checkpoint_config(checkpoint))
     model = build_gpt_model(to_transformer_config(cfg), cfg.model.vocab_size, SEQ,
                             cfg.model.rotary_base, cfg.model.tie_embeddings, seed=99).eval()
     load_checkpoint(checkpoint, model, None)
@@ -96,10 +89,9 @@ def test_all_experts_active_reproduces_the_dense_model(tiny_llama, tmp_path):
     ppl = {}
     for name, checkpoint in [("dense", tiny_llama), ("all", tmp_path / "all" / "megatron"),
                              ("sparse", tmp_path / "sparse" / "megatron")]:
-        done = subprocess.run([sys.executable, str(TOOL.parent / "evaluate.py"), "--checkpoint",
-                               str(checkpoint), "--tokens", str(tmp_path / "tokens.npy"),
-                               "--seq-length", str(SEQ), "--json"], capture_output=True,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(TOOL.parents[1])))
+        done = run_script("tools/evaluate.py", "--checkpoint", str(checkpoint), "--tokens",
+                          str(tmp_path / "tokens.npy"), "--seq-length", str(SEQ), "--json",
+                          timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         ppl[name] = json.loads(done.stdout.strip().splitlines()[-1])["ppl"]
     all_error, sparse_error = (abs(ppl[k] / ppl["dense"] - 1) for k in ("all", "sparse"))

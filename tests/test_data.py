@@ -6,8 +6,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy
@@ -19,10 +17,10 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_grove import data
 from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix, heldout_text_path
+from _scripts import ROOT, run_script
 from megatron_grove.tokenizer import default_tokenizer_path, load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-PREPROCESS = REPO / "tools" / "preprocess_data.py"
+PREPROCESS = ROOT / "tools" / "preprocess_data.py"
 
 
 def _load_preprocess_module():
@@ -92,22 +90,19 @@ def test_preprocess_missing_input_fails_cleanly(tmp_path, capsys) -> None:
     status = _load_preprocess_module().main(
         ["--input", str(tmp_path / "nope.txt"), "--output-prefix", str(tmp_path / "ds")]
     )
-    assert status != 0
-    expected = f"error: input file not found: {tmp_path / 'nope.txt'}"
+    assert status == 2
+    expected = f"preprocess_data.py: error: input file not found: {tmp_path / 'nope.txt'}"
     assert capsys.readouterr().err.strip() == expected
 
 
 def test_preprocess_bad_json_key_exits_with_one_line(tmp_path) -> None:
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-    result = subprocess.run(
-        [sys.executable, str(PREPROCESS), "--input", str(tmp_path / "c.jsonl"),
-         "--output-prefix", str(tmp_path / "ds")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode != 0
+    result = run_script("tools/preprocess_data.py", "--input", str(tmp_path / "c.jsonl"),
+                        "--output-prefix", str(tmp_path / "ds"), timeout=120)
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line == f"error: {tmp_path / 'c.jsonl'}:1: no key 'text'"
+    assert last_line == f"preprocess_data.py: error: {tmp_path / 'c.jsonl'}:1: no key 'text'"
     assert not list(tmp_path.glob("ds*"))
 
 

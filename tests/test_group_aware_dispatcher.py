@@ -8,10 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from _dist import run_distributed
+from _scripts import run_script
 from grove_reference import GroveWeights, grove_forward, route
 from megatron_grove.adjugate_experts import (
     VirtualExpertAlltoAllDispatcher,
@@ -270,12 +268,8 @@ def test_training_matches_stock_alltoall(tmp_path):
 # benchmarks/dispatch.py
 # --------------------------------------------------------------------------------------
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "dispatch.py"
-
-
 def _benchmark(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCHMARK), *flags], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_script("benchmarks/dispatch.py", *flags, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_benchmark_json():

@@ -2,8 +2,6 @@
 fp32): the same perplexity through our model code, bit-identical round trips, clear errors."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +15,8 @@ from megatron_grove.hf_conversion import (HFFormatError, build_model, load_hf_ch
                                           load_megatron_state, load_state_into_model,
                                           save_hf_checkpoint, save_megatron_checkpoint)
 from _dist import run_distributed
+from _scripts import run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
 
 
@@ -46,8 +44,7 @@ def our_perplexity(cfg, state, tokens) -> float:
 
 
 def run_evaluate(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *args, "--json",
-                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    proc = run_script("tools/evaluate.py", *args, "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -1,17 +1,13 @@
 """--dry-run: parameter accounting of the real model built on the meta device."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, run_script
 
 
 def dry_run(config: str, *overrides: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_grove.py"), "--config",
-                           str(ROOT / "configs" / config), "--dry-run", "--json", *overrides],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_script("launch/pretrain_grove.py", "--config", str(ROOT / "configs" / config),
+                      "--dry-run", "--json", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "activated per token (min)" in proc.stdout
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -68,8 +64,8 @@ def test_memory_plan_of_the_8_node_recipe():
 
 
 def test_dry_run_checks_the_layout_against_the_world_size():
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_grove.py"), "--config",
-                           str(ROOT / "configs" / "grovemoe_33b_a3b.yaml"), "--dry-run",
-                           "--world-size", "12"], capture_output=True, text=True, timeout=300)
+    proc = run_script("launch/pretrain_grove.py", "--config",
+                      str(ROOT / "configs" / "grovemoe_33b_a3b.yaml"), "--dry-run",
+                      "--world-size", "12")
     assert proc.returncode == 2
     assert "parallel.expert_model_parallel_size=8: must divide the data-parallel size 12" in proc.stderr

@@ -1,7 +1,6 @@
 """The planner's activation estimate against the bytes autograd really saves (tiny model, CPU),
 and its memory arithmetic for the layout knobs."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest

@@ -1,13 +1,12 @@
 """tools/plot_load.py: load matrices, group sums, imbalance, and the PNGs it writes."""
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, run_script
+
 sys.path.insert(0, str(ROOT / "tools"))
 import plot_load  # noqa: E402
 
@@ -29,9 +28,8 @@ def test_group_load_and_imbalance():
 def test_cli_writes_pngs(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_load.py"), str(metrics),
-                           "--groups", "2", "--out", str(tmp_path / "plots")],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script("tools/plot_load.py", str(metrics), "--groups", "2", "--out",
+                      str(tmp_path / "plots"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert names == ["expert_load_layer0.png", "expert_load_layer1.png", "group_load_layer0.png",
@@ -42,7 +40,6 @@ def test_cli_writes_pngs(tmp_path):
 def test_cli_rejects_groups_not_dividing_experts(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_load.py"), str(metrics),
-                           "--groups", "3"], capture_output=True, text=True, timeout=120)
+    proc = run_script("tools/plot_load.py", str(metrics), "--groups", "3", timeout=120)
     assert proc.returncode == 2
     assert "--groups 3 does not divide the 4 experts" in proc.stderr

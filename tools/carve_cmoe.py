@@ -9,8 +9,8 @@ CMoE's training-free router (DESIGN.md section 3). Writes into --output:
 
   megatron/   a model-only Megatron checkpoint our trainer loads (checkpoint.load=...) and
               config.yaml, the run config to fine-tune it with launch/pretrain_grove.py
-  hf/         a Hugging Face-style export: config.json (+ "cmoe" fields), model.safetensors,
-              tokenizer files
+  hf/         a Hugging Face-style export: config.json (+ "cmoe" fields), safetensors (one
+              model.safetensors, sharded past 5 GiB), tokenizer files
   carve.json  the carving record: shape, calibration, construction time
 """
 
@@ -21,11 +21,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
+PROG = "carve_cmoe.py"
 EPILOG = """\
 examples:
   python tools/carve_cmoe.py --model DIR_OR.gguf --shared 3 --active 3 --experts 8 --output OUT
@@ -36,7 +36,7 @@ exit codes: 0 ok, 2 bad input (one line on stderr saying what was wrong)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="carve_cmoe.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
@@ -61,11 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model.seq_length of the written run config (default 512)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
-
-
-def _fail(message: str) -> int:
-    print(f"carve_cmoe.py: error: {message}", file=sys.stderr)
-    return 2
 
 
 def calibration_token_windows(tokenizer, text: str, tokens: int, window: int):
@@ -113,17 +108,14 @@ def _write_run_config(cfg, folder: Path) -> None:
 
 def write_hf_export(hf_dir: Path, hf_config: dict, hf_state: dict, carved: list, spec,
                     folder: Path) -> None:
-    """The Hugging Face-style export: dense tensors as in ``hf_dir``, FFNs as CMoE experts."""
-    from safetensors.torch import save_file
-
+    """The Hugging Face-style export: dense tensors as in ``hf_dir``, FFNs as CMoE experts,
+    ``hf_dir``'s tokenizer files."""
     from megatron_grove.cmoe.weights import carved_ffn_to_hf
+    from megatron_grove.hf_conversion.safetensors_io import write_hf_checkpoint
 
     tensors = {k: v for k, v in hf_state.items() if ".mlp." not in k}
     for i, ffn in enumerate(carved):
         tensors.update(carved_ffn_to_hf(ffn, f"model.layers.{i}.mlp."))
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
     m = spec.neurons_per_expert(hf_config["intermediate_size"])
     config = dict(hf_config, cmoe={
         "num_shared_experts": spec.shared, "num_routed_experts": spec.experts - spec.shared,
@@ -131,22 +123,20 @@ def write_hf_export(hf_dir: Path, hf_config: dict, hf_state: dict, carved: list,
         "dense_intermediate_size": hf_config["intermediate_size"],
         "router": "softmax over |silu(gate_rows x) * (up_rows x)|, top-k of scores + "
                   "expert_bias, weight 1 + score * expert_scale"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "generation_config.json"):
-        if (hf_dir / name).is_file():
-            shutil.copy2(hf_dir / name, folder / name)
+    write_hf_checkpoint(folder, config, tensors, tokenizer_dir=hf_dir)
 
 
 def carve(args: argparse.Namespace) -> dict:
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_grove.checkpointing import TOKENIZER_DIR
     from megatron_grove.cmoe.carve_model import (CarveSpec, calibration_inputs, carve_model,
                                                  carved_run_config)
     from megatron_grove.gguf_llama import gguf_to_hf_dir
     from megatron_grove.hf_conversion.hf_config import grove_config_from_hf
+    from megatron_grove.hf_conversion.safetensors_io import (HFTensors, copy_tokenizer_files,
+                                                             read_hf_config)
 
     spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
     output = Path(args.output)
@@ -157,9 +147,9 @@ def carve(args: argparse.Namespace) -> dict:
         hf_dir = Path(args.model)
         if hf_dir.suffix == ".gguf":
             hf_dir = gguf_to_hf_dir(hf_dir, tmp / "dense_from_gguf")
-        hf_config = json.loads((hf_dir / "config.json").read_text())
-        hf_state = load_file(str(hf_dir / "model.safetensors"))
-        hf_state = {k: v.float() for k, v in hf_state.items()}
+        hf_config = read_hf_config(hf_dir)
+        with HFTensors(hf_dir) as tensors:
+            hf_state = {name: tensors[name].float() for name in tensors}
         tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
         text = (Path(args.calibration).read_text() if args.calibration
                 else _default_calibration_text())
@@ -175,15 +165,12 @@ def carve(args: argparse.Namespace) -> dict:
         dense_cfg = grove_config_from_hf(hf_config, hf_state)
         # the tokenizer is the export's, at its place after the final rename
         cfg = carved_run_config(dense_cfg, spec, args.seq_length, str((output / "hf").resolve()))
-        (tmp / "megatron").mkdir()
-        shutil.copytree(tmp / "hf", tmp / "megatron" / "tokenizer",  # the checkpoint's copy
-                        ignore=lambda _dir, names: [n for n in names if n.endswith(".safetensors")
-                                                    or n == "config.json"])
+        copy_tokenizer_files(tmp / "hf", tmp / "megatron" / TOKENIZER_DIR)  # its own copy
         write_megatron_checkpoint(cfg, dense_cfg, hf_state, carved, tmp / "megatron")
         _write_run_config(cfg, tmp / "megatron")
         record = {"spec": spec.name, "model": str(args.model),
                   "calibration_tokens": int(windows.numel()), "window": args.window,
-                  "activation_topk": spec.activation_topk or hf_config["intermediate_size"] // 10,
+                  "activation_topk": spec.active_neurons(hf_config["intermediate_size"]),
                   "neurons_per_expert": spec.neurons_per_expert(hf_config["intermediate_size"]),
                   "calibration_s": round(calibrated - began, 2),
                   "construction_s": round(carve_seconds, 2)}
@@ -196,22 +183,24 @@ def carve(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_grove.cli import fail
+
     args = parse_args(argv)
     if Path(args.output).exists():
-        return _fail(f"--output {args.output} exists; choose a new directory")
+        return fail(PROG, f"--output {args.output} exists; choose a new directory")
     model = Path(args.model)
     if not (model.is_file() and model.suffix == ".gguf") and not (model / "config.json").is_file():
-        return _fail(f"--model {model}: neither a .gguf file nor a Hugging Face directory "
+        return fail(PROG, f"--model {model}: neither a .gguf file nor a Hugging Face directory "
                      "with config.json")
     if args.calibration and not Path(args.calibration).is_file():
-        return _fail(f"--calibration {args.calibration}: no such file")
+        return fail(PROG, f"--calibration {args.calibration}: no such file")
     try:
         from megatron_grove.cmoe.carve_model import CarveSpec
 
         CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
         record = carve(args)
     except ValueError as exc:  # HFFormatError and ConfigError included
-        return _fail(str(exc))
+        return fail(PROG, str(exc))
     print(f"carved {record['spec']} in {record['construction_s']:.1f} s (calibration "
           f"{record['calibration_s']:.1f} s, {record['calibration_tokens']} tokens); wrote "
           f"{args.output}/megatron (our trainer) and {args.output}/hf")

@@ -17,6 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
+PROG = "convert_checkpoint.py"
 EPILOG = """\
 examples:
   HF -> Megatron:        --source-format hf --target-format megatron --input qwen3_moe --output mg
@@ -31,7 +32,7 @@ the output folder must not exist or be empty. exit codes: 0 ok, 2 bad input (one
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="convert_checkpoint.py",
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source-format", choices=["hf", "megatron"], required=True)
@@ -136,11 +137,13 @@ def _check_tp(cfg, tp: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_grove.cli import fail
+
     args = parse_args(argv)
     try:
         _check_args(args)  # before the heavy imports: bad input fails in a blink
     except InputError as exc:
-        return _fail(exc)
+        return fail(PROG, exc)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     from megatron_grove.checkpointing import CheckpointError
@@ -150,13 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(convert(args))
     except (HFFormatError, ConfigError, CheckpointError, FileNotFoundError) as exc:
-        return _fail(exc)
+        return fail(PROG, exc)
     return 0
-
-
-def _fail(exc: Exception) -> int:
-    print(f"convert_checkpoint.py: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
+PROG = "evaluate.py"
 EPILOG = """\
 --text uses the checkpoint's tokenizer (tokenizer/ of a Megatron checkpoint, tokenizer.json of
 a Hugging Face folder); --tokens takes a 1-D .npy array of token ids.
@@ -28,7 +29,7 @@ exit codes: 0 ok, 2 bad input (one line on stderr saying what was wrong)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="Megatron or Hugging Face checkpoint")
@@ -46,11 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _fail(message: str) -> int:
-    print(f"evaluate.py: error: {message}", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -58,58 +54,60 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from megatron_grove.checkpointing import CheckpointError, checkpoint_tokenizer
+    from megatron_grove.cli import fail
     from megatron_grove.config import ConfigError
     from megatron_grove.evaluation import perplexity
     from megatron_grove.hf_conversion import (HFFormatError, build_model, is_hf_checkpoint,
                                               load_hf_checkpoint, load_megatron_model,
                                               load_state_into_model)
-    from megatron_grove.hf_conversion.megatron_io import DTYPES
+    from megatron_grove.megatron_config import TORCH_DTYPES
     from megatron_grove.runtime import single_process_world
     from megatron_grove.tokenizer import load_tokenizer
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
-        return _fail(f"--checkpoint {ckpt}: no such directory")
+        return fail(PROG, f"--checkpoint {ckpt}: no such directory")
     if args.seq_length is not None and args.seq_length < 1:
-        return _fail(f"--seq-length {args.seq_length}: must be >= 1")
+        return fail(PROG, f"--seq-length {args.seq_length}: must be >= 1")
     try:
         with single_process_world(device=args.device) as runtime:
             device = runtime.device
             if is_hf_checkpoint(ckpt):
                 fmt = "hf"
                 cfg, state = load_hf_checkpoint(ckpt)
-                dtype = DTYPES[cfg.runtime.dtype if args.dtype == "checkpoint" else args.dtype]
+                dtype = TORCH_DTYPES[cfg.runtime.dtype if args.dtype == "checkpoint"
+                                     else args.dtype]
                 model = build_model(cfg, dtype=dtype)
                 load_state_into_model(model, cfg, state)
                 model = model.to(device)
                 tokenizer_dir = str(ckpt) if (ckpt / "tokenizer.json").is_file() else None
             else:
                 fmt = "megatron"
-                dtype = None if args.dtype == "checkpoint" else DTYPES[args.dtype]
+                dtype = None if args.dtype == "checkpoint" else TORCH_DTYPES[args.dtype]
                 cfg, model = load_megatron_model(ckpt, dtype=dtype, device=device)
                 tokenizer_dir = checkpoint_tokenizer(ckpt)
             if args.tokens:
                 try:
                     tokens = np.load(args.tokens)
                 except (OSError, ValueError) as exc:
-                    return _fail(f"--tokens {args.tokens}: cannot read a .npy array ({exc})")
+                    return fail(PROG, f"--tokens {args.tokens}: cannot read a .npy array ({exc})")
                 if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-                    return _fail(f"--tokens {args.tokens}: expected a 1-D integer array, got "
+                    return fail(PROG, f"--tokens {args.tokens}: expected a 1-D integer array, got "
                                  f"shape {tokens.shape} dtype {tokens.dtype}")
             else:
                 if tokenizer_dir is None:
-                    return _fail(f"--text: {ckpt} carries no tokenizer; pass --tokens instead")
+                    return fail(PROG, f"--text: {ckpt} carries no tokenizer; pass --tokens instead")
                 try:
                     text = Path(args.text).read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError) as exc:
-                    return _fail(f"--text {args.text}: cannot read UTF-8 text ({exc})")
+                    return fail(PROG, f"--text {args.text}: cannot read UTF-8 text ({exc})")
                 tokens = np.asarray(load_tokenizer(tokenizer_dir).encode(text), dtype=np.int64)
             seq_length = args.seq_length or min(cfg.model.seq_length, 2048)
             result = perplexity(model, tokens, seq_length, cfg.model.vocab_size,
                                 batch_size=args.batch_size, device=device,
                                 progress=not args.no_progress)
     except (HFFormatError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        return _fail(str(exc).splitlines()[0])
+        return fail(PROG, exc)
     print(f"{fmt} checkpoint {ckpt}: ppl {result.ppl:.4f} (nll {result.nll:.6f}) over "
           f"{result.tokens} tokens in {result.windows} windows of {seq_length}")
     if args.json:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_grove.cli import fail
 from megatron_grove.metrics import read_metrics
 
 
@@ -100,13 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=None, help="expert groups (moe.num_expert_groups)")
     args = parser.parse_args(argv)
     if not args.metrics.is_file():
-        print(f"plot_load.py: {args.metrics}: no such file", file=sys.stderr)
-        return 2
+        return fail("plot_load.py", f"{args.metrics}: no such file")
     try:
         paths = plot(args.metrics, args.out or args.metrics.parent / "plots", args.groups)
     except ValueError as exc:
-        print(f"plot_load.py: {exc}", file=sys.stderr)
-        return 2
+        return fail("plot_load.py", exc)
     for path in paths:
         print(path)
     return 0

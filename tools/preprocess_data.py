@@ -21,6 +21,7 @@ import numpy
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tqdm import tqdm
 
+from megatron_grove.cli import fail
 from megatron_grove.data import tokenize_to_indexed_dataset
 from megatron_grove.tokenizer import load_tokenizer
 
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         documents = tqdm(iter_documents(args.input, args.json_key), desc="documents", unit="doc")
         tokenize_to_indexed_dataset(documents, args.output_prefix, tokenizer)
     except (InputError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return fail("preprocess_data.py", err)
 
     dataset = IndexedDataset(args.output_prefix)
     num_documents = len(dataset.document_indices) - 1

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from megatron_grove.cli import fail
+
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -68,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = collect_text_files(args.input)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail("train_tokenizer.py", err)
     tokenizer = train_bpe(files, args.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tokenizer.save(args.output, pretty=True)

@@ -28,7 +28,7 @@ class CarveSpec:
     shared: int
     active: int
     experts: int
-    activation_topk: int | None = None  # K_a; None = d_ffn // 10 (Llama-2-7B: 1000 of 11008)
+    activation_topk: int | None = None  # K_a; None = d_ffn // 10 (the paper: 1000 of 11008)
 
     def __post_init__(self) -> None:
         if not 0 <= self.shared < self.experts:
@@ -41,6 +41,10 @@ class CarveSpec:
     @property
     def name(self) -> str:
         return f"S{self.shared}A{self.active}E{self.experts}"
+
+    def active_neurons(self, d_ffn: int) -> int:
+        """K_a: ``activation_topk``, by default ``d_ffn // 10`` (at least 1)."""
+        return self.activation_topk or max(1, d_ffn // 10)
 
     def neurons_per_expert(self, d_ffn: int) -> int:
         """m = ceil(d_ffn / N): the last ``N * m - d_ffn`` slots are zero neurons."""
@@ -74,10 +78,9 @@ def carve_model(hf_state: dict[str, torch.Tensor], num_layers: int,
     for i in tqdm(range(num_layers), desc=f"carve {spec.name}", unit="layer", disable=not progress):
         mlp = f"model.layers.{i}.mlp."
         w_gate = hf_state[mlp + "gate_proj.weight"]
-        k_a = spec.activation_topk or max(1, w_gate.shape[0] // 10)
         carved.append(carve_ffn(w_gate, hf_state[mlp + "up_proj.weight"],
                                 hf_state[mlp + "down_proj.weight"], inputs[i],
-                                spec.shared, spec.experts, k_a))
+                                spec.shared, spec.experts, spec.active_neurons(w_gate.shape[0])))
     return carved
 
 

@@ -12,8 +12,8 @@ with learnable scales ``u`` (0 at carving).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from megatron_grove.cmoe.calibration import ffn_hidden
 from megatron_grove.cmoe.carve import CarvedFFN
 
 __all__ = ["swiglu", "cmoe_router_probs", "carved_ffn_forward"]
@@ -22,13 +22,13 @@ __all__ = ["swiglu", "cmoe_router_probs", "carved_ffn_forward"]
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
            ) -> torch.Tensor:
     """``x`` ``[T, H]`` -> ``(silu(x w_g^T) * (x w_u^T)) w_d^T`` ``[T, H]``."""
-    return (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+    return ffn_hidden(x, w_gate, w_up) @ w_down.T
 
 
 def cmoe_router_probs(x: torch.Tensor, router_gate: torch.Tensor, router_up: torch.Tensor
                       ) -> torch.Tensor:
     """``x`` ``[T, H]`` -> ``softmax_e |silu(g_e . x) * (u_e . x)|`` ``[T, E]``."""
-    return torch.softmax((F.silu(x @ router_gate.T) * (x @ router_up.T)).abs(), dim=-1)
+    return torch.softmax(ffn_hidden(x, router_gate, router_up).abs(), dim=-1)
 
 
 def carved_ffn_forward(carved: CarvedFFN, x: torch.Tensor, topk: int,

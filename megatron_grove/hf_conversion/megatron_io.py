@@ -20,13 +20,11 @@ from megatron.core.models.gpt import GPTModel
 from megatron_grove.checkpointing import (TrainState, resolve_checkpoint_folder,
                                           read_checkpoint_config, save_checkpoint)
 from megatron_grove.config import GroveConfig, config_from_dict, config_to_dict
-from megatron_grove.megatron_config import to_transformer_config
+from megatron_grove.megatron_config import TORCH_DTYPES, to_transformer_config
 from megatron_grove.model import build_gpt_model
 
-__all__ = ["DTYPES", "build_model", "model_state_dict", "load_state_into_model",
+__all__ = ["build_model", "model_state_dict", "load_state_into_model",
            "save_megatron_checkpoint", "load_megatron_model", "load_megatron_state"]
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_model(cfg: GroveConfig, dtype: torch.dtype | None = None, initialize: bool = False,
@@ -34,7 +32,7 @@ def build_model(cfg: GroveConfig, dtype: torch.dtype | None = None, initialize: 
     """Our ``GPTModel`` for ``cfg`` at the running world's parallel layout, whatever
     ``cfg.parallel`` says (``cfg.runtime.dtype`` unless ``dtype``); ``initialize=False`` skips
     random initialisation (weights are loaded)."""
-    dtype = dtype or DTYPES[cfg.runtime.dtype]
+    dtype = dtype or TORCH_DTYPES[cfg.runtime.dtype]
     cfg = copy.deepcopy(cfg)
     p = cfg.parallel
     p.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()

@@ -62,13 +62,18 @@ def _swiglu(groups: list, mg: str, hf: str, hidden: int, ffn: int) -> None:
                               ((hidden, ffn),)))
 
 
+def _attention_heads(cfg: GroveConfig) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of ``cfg.model``."""
+    m = cfg.model
+    nq = m.num_attention_heads
+    return nq, m.num_query_groups or nq, m.kv_channels or m.hidden_size // nq
+
+
 def tensor_groups(cfg: GroveConfig) -> list[TensorGroup]:
     """Every tensor of the model described by ``cfg.model`` / ``cfg.moe``, in model order."""
     m, e = cfg.model, cfg.moe
     H, V = m.hidden_size, m.vocab_size
-    nq = m.num_attention_heads
-    nkv = m.num_query_groups or nq
-    d = m.kv_channels or H // nq
+    nq, nkv, d = _attention_heads(cfg)
     groups: list[TensorGroup] = [
         TensorGroup("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((V, H),))]
     for i in range(m.num_layers):
@@ -183,10 +188,8 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: GroveConfig,
     ``progress`` wraps the iteration over tensor groups (e.g. ``tqdm``)."""
     shapes = getattr(hf, "shapes", None) or {n: tuple(t.shape) for n, t in hf.items()}
     check_tensors(shapes, expected_hf_shapes(cfg), "Hugging Face checkpoint")
-    groups = tensor_groups(cfg)
-    nkv = cfg.model.num_query_groups or cfg.model.num_attention_heads
-    d = cfg.model.kv_channels or cfg.model.hidden_size // cfg.model.num_attention_heads
-    return dict(progress(_convert(groups, hf.__getitem__, True, nkv, d)))
+    _, nkv, d = _attention_heads(cfg)
+    return dict(progress(_convert(tensor_groups(cfg), hf.__getitem__, True, nkv, d)))
 
 
 def megatron_to_hf(mg: Mapping[str, torch.Tensor], cfg: GroveConfig,
@@ -194,7 +197,5 @@ def megatron_to_hf(mg: Mapping[str, torch.Tensor], cfg: GroveConfig,
     """The Megatron global state dict -> HF tensors (checks names and shapes first)."""
     check_tensors({n: tuple(t.shape) for n, t in mg.items()}, expected_megatron_shapes(cfg),
                   "Megatron checkpoint")
-    groups = tensor_groups(cfg)
-    nkv = cfg.model.num_query_groups or cfg.model.num_attention_heads
-    d = cfg.model.kv_channels or cfg.model.hidden_size // cfg.model.num_attention_heads
-    return dict(progress(_convert(groups, mg.__getitem__, False, nkv, d)))
+    _, nkv, d = _attention_heads(cfg)
+    return dict(progress(_convert(tensor_groups(cfg), mg.__getitem__, False, nkv, d)))

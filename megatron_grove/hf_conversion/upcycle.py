@@ -10,12 +10,11 @@ to the same value.)
 
 from __future__ import annotations
 
-import copy
 from typing import Mapping
 
 import torch
 
-from megatron_grove.config import GroveConfig, config_from_dict, config_to_dict
+from megatron_grove.config import ConfigError, GroveConfig, config_from_dict, config_to_dict
 
 __all__ = ["upcycle_to_grove", "ADJUGATE_INIT_STD"]
 
@@ -29,8 +28,6 @@ def upcycle_to_grove(cfg: GroveConfig, state: Mapping[str, torch.Tensor], num_gr
     (``G = num_groups`` groups, adjugate FFN size ``Fa``, ``lam = adjugate_scale``). Raises
     :class:`~megatron_grove.config.ConfigError` for a dense or already-Grove model or a shape
     the config validation refuses (e.g. ``G`` not dividing ``E``, ``lam > G/E``)."""
-    from megatron_grove.config import ConfigError
-
     if not cfg.moe.num_experts:
         raise ConfigError("--upcycle-grove needs an MoE input (Qwen3-MoE); this model is dense")
     if cfg.moe.num_expert_groups:
@@ -40,7 +37,7 @@ def upcycle_to_grove(cfg: GroveConfig, state: Mapping[str, torch.Tensor], num_gr
     data["moe"].update(num_expert_groups=num_groups,
                        adjugate_ffn_hidden_size=adjugate_ffn_hidden_size,
                        adjugate_scale=adjugate_scale, bias_update_rule="paper")
-    new_cfg = config_from_dict(copy.deepcopy(data))
+    new_cfg = config_from_dict(data)  # validated
     out = dict(state)
     gen = torch.Generator().manual_seed(seed)
     H, E, Fa = cfg.model.hidden_size, cfg.moe.num_experts, adjugate_ffn_hidden_size
