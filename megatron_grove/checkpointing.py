@@ -113,23 +113,19 @@ def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool,
 
 
 def _store_tokenizer(root: Path, config: dict[str, Any]) -> None:
-    """Copy the run's tokenizer files into ``root/tokenizer`` once (rank 0)."""
+    """Copy the run's tokenizer files (those of the folder ``data.tokenizer`` names, or holds)
+    into ``root/tokenizer`` once (rank 0)."""
+    from megatron_grove.hf_conversion.safetensors_io import copy_tokenizer_files
     from megatron_grove.tokenizer import default_tokenizer_path
 
     target = root / TOKENIZER_DIR
-    source = (config.get("data") or {}).get("tokenizer") or default_tokenizer_path()
     if target.exists():
         return
-    source = Path(source)
-    folder = source if source.is_dir() else source.parent
-    files = [source / "tokenizer.json"] if source.is_dir() else [source]
-    files += [folder / "tokenizer_config.json"]
+    source = Path((config.get("data") or {}).get("tokenizer") or default_tokenizer_path())
     tmp = root / f".{TOKENIZER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for file in files:
-        if file.is_file():
-            shutil.copy2(file, tmp / file.name)
+    copy_tokenizer_files(source if source.is_dir() else source.parent, tmp)
     os.replace(tmp, target)
 
 

@@ -62,7 +62,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CpuPatch", "CPU_PATCHES", "apply_cpu_patches", "cpu_patches_applied"]
+__all__ = ["CpuPatch", "CPU_PATCHES", "apply_cpu_patches"]
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,3 @@ def apply_cpu_patches() -> None:
         patch.apply()
     _APPLIED = True
 
-
-def cpu_patches_applied() -> bool:
-    """True once :func:`apply_cpu_patches` has run in this process."""
-    return _APPLIED

@@ -1,7 +1,6 @@
 """End-to-end pretraining under real torchrun (2 gloo processes): losses across parallel
 layouts, exact resume, logging outputs, and the command-line behaviour."""
 
-import json
 import os
 import socket
 import subprocess
