@@ -34,9 +34,6 @@ class ParallelRuntime:
     device: torch.device
     rank: int
     world_size: int
-    data_parallel_size: int
-    expert_parallel_rank: int
-    expert_parallel_size: int
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -88,17 +85,8 @@ def initialize_parallel(
 
 
 def current_runtime(device: torch.device) -> ParallelRuntime:
-    """Describe this rank from the already initialised process groups."""
-    from megatron.core import parallel_state
-
-    return ParallelRuntime(
-        device=device,
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        data_parallel_size=parallel_state.get_data_parallel_world_size(),
-        expert_parallel_rank=parallel_state.get_expert_model_parallel_rank(),
-        expert_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
-    )
+    """Describe this rank from the already initialised default process group."""
+    return ParallelRuntime(device=device, rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
 def destroy_parallel() -> None:
