@@ -53,6 +53,13 @@ def _kind(name: str) -> str:
     return "dense"
 
 
+def _vocab_size(cfg: GroveConfig) -> int:
+    """``model.vocab_size``, else the size of the run's tokenizer (as training does)."""
+    from megatron_grove.tokenizer import load_tokenizer
+
+    return cfg.model.vocab_size or load_tokenizer(cfg.data.tokenizer).vocab_size
+
+
 def plan_parameters(cfg: GroveConfig) -> ParamPlan:
     """Needs Megatron's parallel state initialised for one process (EP = TP = 1)."""
     one = dataclasses.replace(cfg, parallel=dataclasses.replace(
@@ -61,7 +68,7 @@ def plan_parameters(cfg: GroveConfig) -> ParamPlan:
     tconfig = to_transformer_config(one, torch.float32, use_cpu_initialization=True)
     tconfig.perform_initialization = False
     with torch.device("meta"):
-        model = build_gpt_model(tconfig, cfg.model.vocab_size or 4096, cfg.model.seq_length,
+        model = build_gpt_model(tconfig, _vocab_size(cfg), cfg.model.seq_length,
                                 cfg.model.rotary_base, cfg.model.tie_embeddings)
     counts: Counter[str] = Counter()
     for name, param in model.named_parameters():
@@ -165,7 +172,7 @@ def _activation_bytes(cfg: GroveConfig, parts: dict[str, float]) -> float:
         dense_ffn = d * tokens * 2 * m.hidden_size + d * sb * 3 * m.ffn_hidden_size / tp
         k = cfg.moe.first_k_dense_layers
         layers = (L - k) * layer + k * (layer - parts["moe"] + dense_ffn)
-    vocab = (m.vocab_size or 4096) / tp
+    vocab = _vocab_size(cfg) / tp
     return layers + d * tokens * m.hidden_size + 4 * sb * vocab
 
 
