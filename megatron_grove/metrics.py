@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,10 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
-        with open(self.path, "w") as f:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # a crash keeps the old records
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
