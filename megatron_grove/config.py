@@ -377,9 +377,6 @@ def _validate(cfg: GroveConfig) -> None:
     _require(not (p.tensor_model_parallel_size > 1 and e.num_experts and not p.sequence_parallel),
              f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}: MoE with tensor "
              "parallelism needs parallel.sequence_parallel=true (as in Megatron-Core)")
-    _require(not (e.token_dispatcher_type == "grove_alltoall" and p.tensor_model_parallel_size > 1),
-             f"moe.token_dispatcher_type=grove_alltoall: parallel.tensor_model_parallel_size="
-             f"{p.tensor_model_parallel_size} is not supported yet; allowed: 1 (or use alltoall)")
 
 
 def validate_layout(cfg: GroveConfig, world_size: int) -> int:

@@ -29,8 +29,10 @@ share.
 A selected expert is recognised on the destination by a non-zero weight: an expert selected
 with weight exactly 0 (fp32 underflow) adds nothing to the output and is skipped, so the
 router gets no gradient through it (the stock dispatchers would pass ``E_i(x) . dy``).
-Supported: tensor_model_parallel_size = 1 (TP/sequence parallel raise a clear error),
-dropless routing (no capacity factor).
+Tensor parallelism (with sequence parallelism, as Megatron requires for MoE) is Megatron's:
+after the EP all-to-all its dispatcher gathers the received rows and their weights over the TP
+group, and the TP-split experts and adjugates run on them. Dropless routing only (no capacity
+factor).
 """
 
 from __future__ import annotations
@@ -100,11 +102,6 @@ def reduce_to_received_tokens(routed_output: torch.Tensor, adjugate_output: torc
 def rank_dispatcher_config(config: GroveTransformerConfig, ep_size: int
                            ) -> GroveTransformerConfig:
     """The config Megatron's all-to-all dispatcher needs to serve one pseudo-expert per rank."""
-    if config.tensor_model_parallel_size > 1 or config.sequence_parallel:
-        raise ValueError("moe_token_dispatcher_type=grove_alltoall supports "
-                         "tensor_model_parallel_size=1 without sequence parallelism only "
-                         f"(got {config.tensor_model_parallel_size}, sequence_parallel="
-                         f"{config.sequence_parallel}); use alltoall for tensor parallelism")
     rank_config = copy.copy(config)
     rank_config.num_moe_experts = ep_size
     return rank_config

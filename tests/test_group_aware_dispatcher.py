@@ -23,11 +23,9 @@ from megatron_grove.adjugate_experts import (
     VirtualExpertLayout,
     virtual_dispatcher_config,
 )
-from megatron_grove.config import ConfigError, load_config
 from megatron_grove.group_aware_dispatcher import (
     GroupAwareAlltoAllDispatcher,
     expand_to_local_experts,
-    rank_dispatcher_config,
     reduce_to_received_tokens,
 )
 from megatron_grove.metrics import read_metrics
@@ -219,25 +217,6 @@ def test_expand_and_reduce_by_hand():
 
 
 # --------------------------------------------------------------------------------------
-# unsupported layouts and configuration
-# --------------------------------------------------------------------------------------
-
-
-def test_tensor_parallel_is_rejected_clearly():
-    run = Run(FORCED, "grove_alltoall", None, None, None, adjugate_scale=0.5)
-    config = layer_config(run, 1)
-    config.tensor_model_parallel_size, config.sequence_parallel = 2, True
-    with pytest.raises(ValueError, match="grove_alltoall supports tensor_model_parallel_size=1"):
-        rank_dispatcher_config(config, ep_size=1)
-    with pytest.raises(ConfigError, match=r"moe.token_dispatcher_type=grove_alltoall: "
-                                          r"parallel.tensor_model_parallel_size=2 is not "
-                                          r"supported"):
-        load_config(None, ["moe.num_expert_groups=4", "moe.token_dispatcher_type=grove_alltoall",
-                           "parallel.tensor_model_parallel_size=2",
-                           "parallel.sequence_parallel=true"])
-
-
-# --------------------------------------------------------------------------------------
 # end to end
 # --------------------------------------------------------------------------------------
 
@@ -262,6 +241,23 @@ def test_training_matches_stock_alltoall(tmp_path):
             assert 1 <= a["copies_sent_per_token"][layer] <= 2  # at most once per EP rank
             assert b["copies_sent_per_token"][layer] == pytest.approx(
                 b["routed_evals_per_token"][layer] + b["adjugate_evals_per_token"][layer])
+
+
+def test_tensor_parallel_training_matches_stock_alltoall(tmp_path):
+    """TP=2 (sequence parallel) x EP=2, 4 processes: Megatron's TP gather of the received rows
+    and their weights, TP-split experts and adjugates; the same losses as the stock dispatcher
+    at the same layout (the initialisation depends on the TP size, not on the dispatcher)."""
+    logs = {}
+    for dispatcher in ("grove_alltoall", "alltoall"):
+        logs[dispatcher] = tmp_path / dispatcher
+        torchrun("parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=2",
+                 "parallel.sequence_parallel=true", "train.iters=4",
+                 f"moe.token_dispatcher_type={dispatcher}", f"logging.dir={logs[dispatcher]}",
+                 nproc=4)
+    ours, stock = losses(logs["grove_alltoall"]), losses(logs["alltoall"])
+    assert ours.keys() == stock.keys() == set(range(1, 5))
+    for step in ours:
+        assert ours[step] == pytest.approx(stock[step], rel=1e-6, abs=0), (ours, stock)
 
 
 # --------------------------------------------------------------------------------------
