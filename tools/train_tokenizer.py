@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail("train_tokenizer.py", err)
     tokenizer = train_bpe(files, args.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tokenizer.save(args.output, pretty=True)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(args.output)),
+                       f".{os.path.basename(args.output)}.tmp")
+    tokenizer.save(tmp, pretty=True)
+    os.replace(tmp, args.output)  # an interrupted run leaves any previous file intact
     vocab_size = tokenizer.get_vocab_size()
     print(f"trained on {len(files)} files; vocab size {vocab_size} -> {args.output}")
     return 0
