@@ -108,6 +108,13 @@ def test_all_experts_active_reproduces_the_dense_model(tiny_llama, tmp_path):
     assert tensors["model.layers.1.mlp.shared_expert.down_proj.weight"].shape == (32, 6)
     assert (tmp_path / "sparse" / "hf" / "tokenizer.json").is_file()
 
+    # the converter has no HF class for a (fine-tuned) CMoE checkpoint: one line, exit 2
+    done = run_script("tools/convert_checkpoint.py", "--source-format", "megatron",
+                      "--target-format", "hf", "--input", str(tmp_path / "sparse" / "megatron"),
+                      "--output", str(tmp_path / "sparse_hf"))
+    assert done.returncode == 2 and "tools/carve_cmoe.py writes its HF-style export at carving" in done.stderr
+    assert not (tmp_path / "sparse_hf").exists()
+
 
 def test_bad_input_exits_with_code_2(tiny_llama, tmp_path):
     done = _carve(tiny_llama, tmp_path / "x", active=8)  # only 7 routed experts

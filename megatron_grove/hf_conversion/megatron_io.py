@@ -20,6 +20,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron_grove.checkpointing import (TrainState, resolve_checkpoint_folder,
                                           read_checkpoint_config, save_checkpoint)
 from megatron_grove.config import GroveConfig, config_from_dict, config_to_dict
+from megatron_grove.hf_conversion.hf_config import HFFormatError
 from megatron_grove.megatron_config import TORCH_DTYPES, to_transformer_config
 from megatron_grove.model import build_gpt_model
 
@@ -113,6 +114,11 @@ def load_megatron_model(path: str | Path, dtype: torch.dtype | None = None,
 def load_megatron_state(path: str | Path) -> tuple[GroveConfig, dict[str, torch.Tensor]]:
     """The config and global state dict of the checkpoint at ``path`` (any saved layout).
     Call it in :func:`~megatron_grove.runtime.single_process_world`."""
+    if config_from_dict(read_checkpoint_config(path)).moe.router_type == "cmoe":
+        raise HFFormatError(
+            f"{path}: a CMoE checkpoint (moe.router_type=cmoe) has no Hugging Face counterpart "
+            "to convert to; it loads as it is at any TP/EP layout (checkpoint.load=, "
+            "tools/evaluate.py); tools/carve_cmoe.py writes its HF-style export at carving time")
     cfg, model = load_megatron_model(path)
     return cfg, model_state_dict(model, cfg)
 
