@@ -41,9 +41,9 @@ from megatron.core import dist_checkpointing
 from megatron_grove.optimizer_state import (load_optimizer_state, optimizer_skeleton,
                                             saved_distributed_format, sharded_optimizer_state)
 
-__all__ = ["CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint", "latest_iteration",
-           "checkpoint_dir", "resolve_checkpoint_folder", "read_checkpoint_config",
-           "checkpoint_tokenizer", "TOKENIZER_DIR"]
+__all__ = ["CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint",
+           "latest_iteration", "checkpoint_dir", "resolve_checkpoint_folder",
+           "read_checkpoint_config", "checkpoint_tokenizer", "TOKENIZER_DIR"]
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 TOKENIZER_DIR = "tokenizer"
@@ -74,8 +74,8 @@ def latest_iteration(root: str | Path) -> int | None:
         return None
     text = path.read_text().strip()
     if not text.isdigit() or not checkpoint_dir(root, int(text)).is_dir():
-        raise CheckpointError(f"{path} names iteration {text!r}, which has no checkpoint folder; "
-                           f"the checkpoint root {root} is damaged")
+        raise CheckpointError(f"{path} names iteration {text!r}, which has no checkpoint "
+                              f"folder; the checkpoint root {root} is damaged")
     return int(text)
 
 
@@ -189,11 +189,11 @@ def _common_state(folder: Path) -> dict[str, Any]:
     try:
         common = dist_checkpointing.load_common_state_dict(str(folder))
     except FileNotFoundError as exc:
-        common = {"error": exc}
+        raise CheckpointError(f"{folder}: no common state ({exc}); the checkpoint is partial or "
+                              "not ours") from None
     if "train_state" not in common:
-        raise CheckpointError(f"{folder}: no train_state in the checkpoint's common state "
-                                f"({common.get('error', 'key missing')}); the checkpoint is "
-                                "partial or not ours")
+        raise CheckpointError(f"{folder}: no train_state in the checkpoint's common state; the "
+                              "checkpoint is not ours")
     return common
 
 

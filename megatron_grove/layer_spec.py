@@ -24,10 +24,9 @@ import copy
 import dataclasses
 import functools
 
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from kernels.swiglu import SwiGLU
