@@ -90,8 +90,8 @@ def _quiet_dependency_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_dependency_warnings()
-    from megatron_grove.acceleration import resolve_acceleration
     from megatron_grove.config import ConfigError, load_config, validate_layout
+    from megatron_grove.runtime.acceleration import resolve_acceleration
 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -23,7 +23,8 @@ __all__ = [
     "ConfigError", "ModelConfig", "MoEConfig", "ParallelConfig", "TrainConfig", "DataConfig",
     "CheckpointConfig", "LoggingConfig", "RuntimeConfig", "KernelsConfig", "PrecisionConfig",
     "GroveConfig",
-    "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "validate_layout",
+    "load_config", "read_yaml_config", "apply_overrides", "config_to_dict", "config_from_dict",
+    "validate_layout",
 ]
 
 
@@ -49,6 +50,16 @@ class ModelConfig:
     init_method_std: float = 0.02
     tie_embeddings: bool = False
 
+    @property
+    def head_dim(self) -> int:
+        """Per-head size: ``kv_channels``, else ``hidden_size / num_attention_heads``."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``num_query_groups``, else one per attention head."""
+        return self.num_query_groups or self.num_attention_heads
+
 
 @dataclass
 class MoEConfig:
@@ -69,6 +80,11 @@ class MoEConfig:
     aux_loss_coeff: float = 0.0
     router_type: Literal["grove", "cmoe"] = "grove"  # cmoe: carved models (tools/carve_cmoe.py)
     shared_expert_ffn_hidden_size: Optional[int] = None  # Megatron's shared expert; None = none
+
+    @property
+    def experts_per_group(self) -> int:
+        """n = E / G experts per group (0 without groups)."""
+        return self.num_experts // self.num_expert_groups if self.num_expert_groups else 0
 
 
 @dataclass
@@ -143,7 +159,7 @@ class KernelsConfig:
 
 @dataclass
 class PrecisionConfig:
-    """TransformerEngine and FP8 (GPU only; see :mod:`megatron_grove.acceleration`)."""
+    """TransformerEngine and FP8 (GPU only; see :mod:`megatron_grove.runtime.acceleration`)."""
 
     transformer_engine: Optional[bool] = None  # null: when TE imports on a GPU; true: required
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
@@ -261,18 +277,44 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _merge(base: dict, child: dict) -> dict:
+    """``child``'s keys over ``base``'s, section by section."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The YAML file at ``path`` as a dict, with its ``base:`` (a YAML file, relative to this
+    one's folder) read first and this file's keys laid over it, section by section."""
+    path = Path(path)
+    if not path.is_file():
+        where = f" (base of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"--config {path}{where}: no such file")
+    if path.resolve() in _chain:
+        raise ConfigError(f"--config {path}: its base: chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})")
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of sections, got {data!r}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"--config {path}: base={base!r}: expected the path of another YAML")
+    return _merge(read_yaml_config(path.parent / base, (*_chain, path.resolve())), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> GroveConfig:
-    """Read a YAML file (or defaults when ``path`` is None), apply overrides, type-check and
-    validate everything that does not depend on the world size."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})")
+    """Read a YAML file (following its ``base:``; defaults when ``path`` is None), apply
+    overrides, type-check and validate everything that does not depend on the world size."""
+    data = read_yaml_config(path) if path is not None else {}
     cfg = _build(GroveConfig, apply_overrides(data, list(overrides or [])), "")
     _validate(cfg)
     return cfg

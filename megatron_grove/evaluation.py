@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron_grove.training import causal_attention_mask
+from megatron_grove.config import GroveConfig
+from megatron_grove.model import causal_attention_mask
 
-__all__ = ["token_windows", "PerplexityResult", "perplexity"]
+__all__ = ["token_windows", "PerplexityResult", "perplexity", "window_perplexity",
+           "EvaluatedModel", "load_for_evaluation"]
 
 
 def token_windows(tokens: np.ndarray | torch.Tensor, seq_length: int
@@ -66,3 +70,58 @@ def perplexity(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, seq_le
         count += y.numel()
     mean = total / count
     return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, windows=inputs.shape[0])
+
+
+@torch.no_grad()
+def window_perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor],
+                      tokens: np.ndarray | torch.Tensor, seq_length: int,
+                      progress: bool = False) -> PerplexityResult:
+    """The same windows and PPL for any causal LM given as ``logits_of(ids [1, L]) ->
+    logits [1, L, V]`` (e.g. a ``transformers`` model: ``lambda ids: model(ids).logits``)."""
+    inputs, targets = token_windows(tokens, seq_length)
+    total = 0.0
+    for x, y in tqdm(list(zip(inputs, targets)), desc="evaluate", unit="window",
+                     disable=not progress):
+        logits = logits_of(x[None]).float()[0]
+        total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+    count = targets.numel()
+    return PerplexityResult(ppl=math.exp(total / count), nll=total / count, tokens=count,
+                            windows=inputs.shape[0])
+
+
+@dataclass
+class EvaluatedModel:
+    """A checkpoint loaded for evaluation: ``format`` ``"hf"`` or ``"megatron"``, its run config,
+    our ``GPTModel`` on the device, and its tokenizer folder (None when it carries none)."""
+
+    format: str
+    config: GroveConfig
+    model: torch.nn.Module
+    tokenizer_dir: Optional[str]
+
+
+def load_for_evaluation(path: str | Path, dtype: Optional[str] = "fp32",
+                        device: torch.device | str = "cpu") -> EvaluatedModel:
+    """Our model of the checkpoint at ``path``, auto-detected: a Hugging Face folder
+    (config.json + safetensors) or a Megatron checkpoint (root or ``iter_*`` folder). ``dtype``:
+    ``fp32``/``bf16``, or None for the weights' own. Call inside a (one-process) world."""
+    from megatron_grove.checkpointing import checkpoint_tokenizer
+    from megatron_grove.hf_conversion import (
+        build_model,
+        is_hf_checkpoint,
+        load_hf_checkpoint,
+        load_megatron_model,
+        load_state_into_model,
+    )
+    from megatron_grove.megatron_config import TORCH_DTYPES
+
+    path = Path(path)
+    if is_hf_checkpoint(path):
+        cfg, state = load_hf_checkpoint(path)
+        model = build_model(cfg, dtype=TORCH_DTYPES[dtype or cfg.runtime.dtype])
+        load_state_into_model(model, cfg, state)
+        tokenizer_dir = str(path) if (path / "tokenizer.json").is_file() else None
+        return EvaluatedModel("hf", cfg, model.to(device), tokenizer_dir)
+    cfg, model = load_megatron_model(path, dtype=None if dtype is None else TORCH_DTYPES[dtype],
+                                     device=device)
+    return EvaluatedModel("megatron", cfg, model, checkpoint_tokenizer(path))

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-from megatron_grove.acceleration import Acceleration, megatron_fields
 from megatron_grove.config import GroveConfig
+from megatron_grove.runtime.acceleration import Acceleration, megatron_fields
 
 __all__ = ["GroveTransformerConfig", "to_transformer_config", "TORCH_DTYPES"]
 
@@ -26,7 +26,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class GroveTransformerConfig(TransformerConfig):
     """Megatron ``TransformerConfig`` + Grove MoE.
 
-    Expert-bias balancing is done by :mod:`megatron_grove.balancing`, not by Megatron's
+    Expert-bias balancing is done by :mod:`megatron_grove.moe.balancing`, not by Megatron's
     ``finalize_model_grads``: ``moe_router_enable_expert_bias`` stays False and our router
     keeps the bias when ``moe_bias_update_rule != "none"``.
     """
@@ -46,15 +46,19 @@ class GroveTransformerConfig(TransformerConfig):
     moe_router_type: str = "grove"
     """'grove' (:class:`GroveTopKRouter`) or 'cmoe' (:class:`CMoERouter`, carved models)."""
 
-    moe_group_aware_dispatch: bool = False
-    """With the alltoall dispatcher: Grove layers use ``GroupAwareAlltoAllDispatcher`` (one
-    row per (token, EP rank)) instead of adjugates as extra experts (``grove_alltoall``)."""
+    moe_grove_dispatcher: str = "alltoall"
+    """The Grove layers' dispatch strategy (``moe.token_dispatcher_type``), a key of
+    :data:`megatron_grove.moe.dispatchers.GROVE_DISPATCHERS`: ``alltoall`` / ``allgather``
+    (adjugates as extra experts of Megatron's dispatcher) or ``grove_alltoall`` (group-aware,
+    one row per (token, EP rank)). Megatron's ``moe_token_dispatcher_type`` is its transport."""
 
     grove_kernels_backend: str = "torch"
-    """'torch' or 'triton': the implementation of :mod:`kernels` ops (SwiGLU, combine)."""
+    """'torch' or 'triton': the implementation of :mod:`megatron_grove.kernels` ops (SwiGLU,
+    permute, combine)."""
 
     grove_transformer_engine: bool = False
-    """Build TE modules (TEGroupedMLP experts and adjugates); see megatron_grove.acceleration."""
+    """Build TE modules (TEGroupedMLP experts and adjugates); see
+    :mod:`megatron_grove.runtime.acceleration`."""
 
 
 _PLAIN = Acceleration(kernels_backend="torch", transformer_engine=False, fp8=None, fp8_recipe=None)
@@ -64,7 +68,7 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
                           use_cpu_initialization: bool = True,
                           acceleration: Optional[Acceleration] = None) -> GroveTransformerConfig:
     """Translate the run config into Megatron's config (layout fields included).
-    ``acceleration`` (from :func:`megatron_grove.acceleration.resolve_acceleration`) picks
+    ``acceleration`` (from :func:`megatron_grove.runtime.acceleration.resolve_acceleration`) picks
     kernels, TE and FP8; None = torch kernels, no TE, no FP8."""
     m, e, p = cfg.model, cfg.moe, cfg.parallel
     acc = acceleration or _PLAIN
@@ -113,7 +117,7 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_adjugate_ffn_hidden_size=e.adjugate_ffn_hidden_size,
         moe_adjugate_scale=e.adjugate_scale,
         moe_bias_update_rule=e.bias_update_rule,
-        moe_group_aware_dispatch=e.token_dispatcher_type == "grove_alltoall",
+        moe_grove_dispatcher=e.token_dispatcher_type,
         moe_router_type=e.router_type,
         moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size,
     )

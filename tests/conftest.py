@@ -1,13 +1,24 @@
-"""Session-wide test set-up.
+"""Session-wide test set-up: CPU tests everywhere, GPU tests where there is a GPU.
 
-Without a GPU, Triton kernels run only under Triton's interpreter, and ``triton.jit`` reads
-``TRITON_INTERPRET`` when a kernel is *defined* (when :mod:`kernels` is first imported), so it
-is set here, before any test module imports anything. Subprocesses (torchrun tests) inherit it.
+* Every test here runs on CPU, also on a GPU host: the in-process and forked-worker tests ask
+  for the CPU device, and the helpers hide any GPU from the processes they start (``helpers``).
+  Triton kernels on CPU tensors need Triton's interpreter, and ``triton.jit`` reads
+  ``TRITON_INTERPRET`` when a kernel is *defined* (when :mod:`megatron_grove.kernels` is first
+  imported), so it is set here, before any test module imports anything.
+* Tests marked ``gpu`` (``tests/test_gpu.py``) run compiled kernels and CUDA layers in a child
+  process of their own; they skip, naming the missing GPU, where there is none.
+* Tiers: ``e2e`` marks end-to-end tests (real torchrun, a real model, whole tools); every other
+  CPU test is marked ``unit``: ``pytest -m unit`` is the quick tier.
 """
 
 import os
 
-import torch
+import pytest
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("e2e") is None and item.get_closest_marker("gpu") is None:
+            item.add_marker(pytest.mark.unit)

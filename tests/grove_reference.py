@@ -1,5 +1,5 @@
-"""A plain-torch reference of one Grove MoE layer, written from the formula (DESIGN.md §2)
-and nothing else: loops over tokens, their selected experts and the groups they hit.
+"""A plain-torch reference of one Grove MoE layer, written from the formula (docs/design.md,
+"Grove MoE") and nothing else: loops over tokens, their selected experts and the groups they hit.
 
     y = sum_{i in S} rho_i E_i(x) + lam * sum_{j: S hits G_j} (sum_{i in S ∩ G_j} rho_i) A_j(x)
 

@@ -14,16 +14,24 @@ import pickle
 import pytest
 import torch
 
-from _dist import run_distributed
-from _scripts import ROOT, run_script
-from megatron_grove import acceleration
-from megatron_grove.acceleration import megatron_fields, resolve_acceleration
+from helpers import (
+    ALL_KEYS,
+    CASES,
+    FORCED_NAMES,
+    ROOT,
+    assert_matches,
+    forced_run,
+    grove_run,
+    reference_of,
+    run_distributed,
+    run_layers,
+    run_script,
+)
 from megatron_grove.config import ConfigError, load_config
 from megatron_grove.megatron_config import to_transformer_config
 from megatron_grove.model import build_gpt_model
-from test_group_aware_dispatcher import FORCED_NAMES, _forced_run, _reference
-from test_grove_layer import ALL_KEYS, CASES, assert_matches, grove_run, run_layers
-
+from megatron_grove.runtime import acceleration
+from megatron_grove.runtime.acceleration import megatron_fields, resolve_acceleration
 
 
 @pytest.mark.parametrize("ep", (1, 2))
@@ -32,13 +40,13 @@ def test_group_aware_layer_with_triton_kernels_matches_reference(ep):
     token, uneven load)."""
     cases = [case for case in CASES if case.groups % ep == 0][:3]
     base_runs = ([grove_run(case, "grove_alltoall") for case in cases]
-                 + [_forced_run(name, "grove_alltoall") for name in FORCED_NAMES])
+                 + [forced_run(name, "grove_alltoall") for name in FORCED_NAMES])
     runs = [dataclasses.replace(run, kernels_backend=backend)
             for backend in ("torch", "triton") for run in base_runs]
     results = run_layers(runs, ep=ep)
     torch_results, triton_results = results[:len(base_runs)], results[len(base_runs):]
     for run, with_torch, with_triton in zip(base_runs, torch_results, triton_results):
-        assert_matches(with_triton, _reference(run)[0], ALL_KEYS, rel=1e-5)
+        assert_matches(with_triton, reference_of(run)[0], ALL_KEYS, rel=1e-5)
         assert_matches(with_triton, with_torch, ALL_KEYS, rel=1e-6)
         assert with_triton["counters"] == with_torch["counters"], run.case.id
     if ep == 2:  # rank_idle: EP rank 1 computed nothing
@@ -54,7 +62,7 @@ def _tiny_model_step(rank: int, backend: str) -> bytes:
                              "moe.num_expert_groups=2", "moe.ffn_hidden_size=16",
                              "moe.adjugate_ffn_hidden_size=8", "moe.adjugate_scale=0.5",
                              "moe.token_dispatcher_type=grove_alltoall",
-                             f"kernels.backend={backend}"])
+                             f"kernels.backend={backend}", "runtime.device=cpu"])
     model = build_gpt_model(to_transformer_config(cfg, acceleration=resolve_acceleration(cfg)),
                             vocab_size=64, seq_length=8)
     tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -134,9 +142,11 @@ def test_fp8_maps_to_megatron_fields(monkeypatch):
     assert not off.transformer_engine and off.fp8 is None
 
 
+@pytest.mark.e2e
 def test_cli_fp8_without_gpu_is_one_line_exit_2():
     proc = run_script("launch/pretrain_grove.py", "--config",
-                      str(ROOT / "configs" / "tiny_cpu.yaml"), "precision.fp8=e4m3", "runtime.dtype=bf16", "runtime.device=cpu",
+                      str(ROOT / "configs" / "tiny_cpu.yaml"), "precision.fp8=e4m3",
+                      "runtime.dtype=bf16", "runtime.device=cpu",
                       "parallel.expert_model_parallel_size=1", timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

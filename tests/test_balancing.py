@@ -1,4 +1,4 @@
-"""Aux-loss-free balancing (megatron_grove.balancing): the paper's and Megatron's bias rules,
+"""Aux-loss-free balancing (megatron_grove.moe.balancing): the paper's and Megatron's bias rules,
 the reduction over data-parallel ranks, and a skewed router evened out over a few hundred
 steps (CPU, gloo)."""
 
@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from _dist import run_distributed
-from megatron_grove.balancing import paper_bias_update, update_expert_bias
-from megatron_grove.router import GroveTopKRouter
-from test_router import EXPERTS, HIDDEN, in_worker, router_config
+from helpers import HIDDEN, in_worker, router_config, run_distributed
+from helpers import ROUTER_EXPERTS as EXPERTS
+from megatron_grove.moe.balancing import paper_bias_update, update_expert_bias
+from megatron_grove.moe.router import GroveTopKRouter
 
 RATE = 0.01
 

@@ -12,26 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from _dist import run_distributed
-from _scripts import run_script
-from megatron_grove.tokenizer import default_tokenizer_path
+import helpers
+from helpers import run_distributed, run_script
+from megatron_grove.data.tokenizer import default_tokenizer_path
+
+pytestmark = pytest.mark.e2e
 
 SEQ = 32
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=44,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=default_tokenizer_path(),
-                                        eos_token="<|endoftext|>", pad_token="<|pad|>")
-    tokenizer.save_pretrained(path)
+    helpers.tiny_llama(path, tokenizer_file=default_tokenizer_path(), vocab_size=4096,
+                       hidden_size=32, intermediate_size=44, rope_theta=10000.0,
+                       tie_word_embeddings=False, initializer_range=0.02)
     return path
 
 
@@ -50,8 +45,7 @@ def _megatron_logits(rank: int, checkpoint: str, ids: torch.Tensor) -> dict:
     from megatron_grove.checkpointing import load_checkpoint, read_checkpoint_config
     from megatron_grove.config import config_from_dict
     from megatron_grove.megatron_config import to_transformer_config
-    from megatron_grove.model import build_gpt_model
-    from megatron_grove.training import causal_attention_mask
+    from megatron_grove.model import build_gpt_model, causal_attention_mask
 
     cfg = config_from_dict(read_checkpoint_config(checkpoint))
     model = build_gpt_model(to_transformer_config(cfg), cfg.model.vocab_size, SEQ,

@@ -7,9 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from _dist import run_distributed
-from megatron_grove.checkpointing import (CheckpointError, TrainState, latest_iteration,
-                                          load_checkpoint, save_checkpoint)
+from helpers import run_distributed
+from megatron_grove.checkpointing import (
+    CheckpointError,
+    TrainState,
+    latest_iteration,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_grove.config import load_config
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import setup_training

@@ -7,8 +7,14 @@ import itertools
 import pytest
 import torch
 
-from megatron_grove.cmoe import (activation_markers, balanced_assignment, balanced_clusters,
-                                 carve_ffn, ffn_hidden, representative_neurons)
+from megatron_grove.cmoe import (
+    activation_markers,
+    balanced_assignment,
+    balanced_clusters,
+    carve_ffn,
+    ffn_hidden,
+    representative_neurons,
+)
 from megatron_grove.cmoe.reference import carved_ffn_forward, swiglu
 
 

@@ -10,18 +10,16 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from _dist import run_distributed
+from helpers import run_distributed, transformer_config
 from megatron_grove.cmoe import carve_ffn
 from megatron_grove.cmoe.reference import carved_ffn_forward, swiglu
 from megatron_grove.cmoe.weights import carved_ffn_to_megatron
-from megatron_grove.cmoe_router import CMoERouter
 from megatron_grove.config import ConfigError, load_config
-from megatron_grove.megatron_config import GroveTransformerConfig, to_transformer_config
+from megatron_grove.megatron_config import to_transformer_config
+from megatron_grove.moe import build_moe_layer
 
 HIDDEN, D_FFN, TOKENS = 16, 44, 24  # 44 % 8 != 0: four zero-padded neurons
 
@@ -40,19 +38,15 @@ def carved_case(shared: int, experts: int):
 
 
 def build_layer(shared: int, experts: int, topk: int, m: int, ep: int) -> MoELayer:
-    config = GroveTransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=1, ffn_hidden_size=D_FFN,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        use_cpu_initialization=True, expert_model_parallel_size=ep,
-        num_moe_experts=experts - shared, moe_ffn_hidden_size=m, moe_router_topk=topk,
-        moe_router_score_function="softmax", moe_router_pre_softmax=True,
-        moe_token_dispatcher_type="alltoall",
-        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-        moe_router_type="cmoe", moe_bias_update_rule="paper",
-        moe_shared_expert_intermediate_size=shared * m if shared else None)
-    submodules = get_moe_module_spec(use_te=False, num_experts=experts - shared).keywords[
-        "submodules"]
-    return MoELayer(config, submodules=dataclasses.replace(submodules, router=CMoERouter))
+    """The carved FFN's MoE layer (Megatron's ``MoELayer`` with ``CMoERouter`` and a shared
+    expert), through the config path and :func:`megatron_grove.moe.build_moe_layer`."""
+    return build_moe_layer(transformer_config(
+        model__num_layers=1, model__hidden_size=HIDDEN, model__num_attention_heads=1,
+        model__ffn_hidden_size=D_FFN, moe__num_experts=experts - shared, moe__ffn_hidden_size=m,
+        moe__router_topk=topk, moe__router_type="cmoe", moe__num_expert_groups=0,
+        moe__bias_update_rule="paper",
+        moe__shared_expert_ffn_hidden_size=shared * m if shared else "null",
+        parallel__expert_model_parallel_size=ep))
 
 
 def worker(rank: int, shared: int, experts: int, topk: int) -> bytes:
@@ -176,7 +170,7 @@ def test_trainable_router_freezes_everything_but_the_routers():
 
 
 def test_embedded_corpus_is_tokenised_with_the_configured_tokenizer(monkeypatch):
-    from megatron_grove import training
+    from megatron_grove.training import loop as training
 
     seen = {}
     monkeypatch.setattr(training, "embedded_corpus_prefix",

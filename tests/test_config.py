@@ -105,3 +105,42 @@ def test_missing_and_invalid_yaml(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_base_inheritance_lays_keys_over_the_base(tmp_path):
+    """A variant names its base and only the keys that differ; sections merge key by key, the
+    variant's keys and the command line win; the shipped G=16 ablation is the G=64 recipe with
+    16 groups."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("model:\n  num_layers: 3\n  hidden_size: 64\n"
+                                        "moe:\n  num_expert_groups: 4\ntrain:\n  iters: 9\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../base.yaml\nmodel:\n  num_layers: 5\n")
+    (tmp_path / "leaf.yaml").write_text("base: sub/mid.yaml\ntrain:\n  iters: 11\n")
+    cfg = load_config(tmp_path / "leaf.yaml", ["model.hidden_size=32"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.moe.num_expert_groups,
+            cfg.train.iters) == (5, 32, 4, 11)
+    a3b, g16 = load_config(CONFIGS / "grovemoe_33b_a3b.yaml"), load_config(
+        CONFIGS / "grovemoe_33b_g16.yaml")
+    assert g16.moe.num_expert_groups == 16 and g16.moe.experts_per_group == 8
+    g16.moe.num_expert_groups = 64
+    g16.checkpoint, g16.logging = a3b.checkpoint, a3b.logging
+    assert g16 == a3b
+
+
+def test_base_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="base: chain loops back to itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml \(base of .*c.yaml\): no such file"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_derived_values_live_on_the_typed_config():
+    cfg = load_config(None, ["model.hidden_size=96", "model.num_attention_heads=4",
+                             "moe.num_experts=8", "moe.num_expert_groups=2"])
+    assert (cfg.model.head_dim, cfg.model.kv_heads, cfg.moe.experts_per_group) == (24, 4, 4)
+    cfg = load_config(None, ["model.kv_channels=16", "model.num_query_groups=2",
+                             "moe.num_expert_groups=0"])
+    assert (cfg.model.head_dim, cfg.model.kv_heads, cfg.moe.experts_per_group) == (16, 2, 0)

@@ -6,28 +6,36 @@ import copy
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from _dist import run_distributed
 from grove_reference import GroveWeights, grove_forward
-from hf_peers import hf_perplexity, random_tokens, tiny_qwen3_moe
+from helpers import (
+    FAST,
+    ROOT,
+    all_tensors,
+    hf_perplexity,
+    in_world,
+    losses,
+    random_tokens,
+    run_distributed,
+    run_script,
+    tiny_qwen3_moe,
+    torchrun,
+)
+from helpers import our_perplexity as state_perplexity
 from megatron_grove.evaluation import perplexity
 from megatron_grove.hf_conversion import load_hf_checkpoint, load_megatron_model
-from test_hf_conversion import all_tensors, in_world, _our_perplexity
 
-ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
 E, G, FA, LAM = 8, 4, 16, 0.05
 
 
 def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), *args,
-                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    proc = run_script("tools/convert_checkpoint.py", *args, "--no-progress")
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -35,7 +43,7 @@ def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def our_perplexity(folder: Path, tokens) -> float:
     cfg, state = load_hf_checkpoint(folder)
-    return in_world(_our_perplexity, cfg, state, tokens)
+    return state_perplexity(cfg, state, tokens, SEQ)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +114,7 @@ def test_grove_checkpoint_matches_reference_formula(qwen3_moe, grove_hf):
     assert our_perplexity(folder, tokens) == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.e2e
 def test_grove_hf_megatron_hf_round_trip_any_ep(grove_hf, tmp_path):
     folder, tensors = grove_hf
     convert("--source-format", "hf", "--target-format", "megatron", "--input", str(folder),
@@ -131,6 +140,7 @@ def test_grove_hf_megatron_hf_round_trip_any_ep(grove_hf, tmp_path):
     assert at_ep2[0] == pytest.approx(our_perplexity(folder, tokens), rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_upcycled_model_has_the_source_perplexity(qwen3_moe, tmp_path):
     folder, hf_model = qwen3_moe
     convert("--source-format", "hf", "--target-format", "hf", "--input", str(folder),
@@ -149,6 +159,7 @@ def test_upcycled_model_has_the_source_perplexity(qwen3_moe, tmp_path):
         hf_perplexity(hf_model, tokens, SEQ), rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_refuses_non_empty_output_and_bad_arguments(qwen3_moe, tmp_path):
     folder, _ = qwen3_moe
     (tmp_path / "out").mkdir()
@@ -181,6 +192,7 @@ def _model_only_checkpoint(path: str, overrides: list) -> None:
     save_megatron_checkpoint(path, cfg, state)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("layout", [
     ("parallel.expert_model_parallel_size=2",),
     ("parallel.expert_model_parallel_size=1", "parallel.tensor_model_parallel_size=2",
@@ -190,8 +202,6 @@ def test_training_starts_from_a_model_only_checkpoint(tmp_path, layout):
     """checkpoint.load of a converted (model-only, TP = EP = 1) checkpoint, at EP=2 or TP=2,
     loads its weights and starts at step 1: with a zero output layer every logit is 0, so the
     first loss is ln(V)."""
-    from test_training import FAST, losses, torchrun
-
     overrides = FAST + ["model.vocab_size=4096", "train.iters=2", "train.lr_warmup_iters=1"]
     in_world(_model_only_checkpoint, str(tmp_path / "ckpt"), overrides)
     assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()

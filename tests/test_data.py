@@ -15,15 +15,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_grove import data
+from helpers import ROOT, run_script
 from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix, heldout_text_path
-from _scripts import ROOT, run_script
-from megatron_grove.tokenizer import default_tokenizer_path, load_tokenizer
+from megatron_grove.data import datasets as data
+from megatron_grove.data.tokenizer import default_tokenizer_path, load_tokenizer
 
 PREPROCESS = ROOT / "tools" / "preprocess_data.py"
 
 
 def _load_preprocess_module():
+    """The tool's module, to call its ``main`` in this process."""
     spec = importlib.util.spec_from_file_location("preprocess_data", PREPROCESS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -95,6 +96,7 @@ def test_preprocess_missing_input_fails_cleanly(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.strip() == expected
 
 
+@pytest.mark.e2e
 def test_preprocess_bad_json_key_exits_with_one_line(tmp_path) -> None:
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     result = run_script("tools/preprocess_data.py", "--input", str(tmp_path / "c.jsonl"),

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from megatron_grove.dispatch_volume import copies_per_token, dispatch_volume, expected_blocks_hit
+from megatron_grove.planner.dispatch_volume import (
+    copies_per_token,
+    dispatch_volume,
+    expected_blocks_hit,
+)
 
 
 def _monte_carlo_blocks(num_experts, topk, num_blocks, tokens=100_000, seed=0):
@@ -23,7 +27,7 @@ def test_expected_blocks_hit_matches_monte_carlo(blocks):
 
 
 def test_design_figures():
-    """DESIGN.md section 7: E=128, top-8."""
+    """docs/design.md, "Performance model": E=128, top-8."""
     once_per_rank = [copies_per_token("grove_alltoall", 128, 8, ep, 64) for ep in (2, 4, 8, 16)]
     assert [round(c, 2) for c in once_per_rank] == [1.99, 3.63, 5.34, 6.60]
     assert round(expected_blocks_hit(128, 8, 64), 2) == 7.78

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_grove.cmoe.gguf import smollm2_gguf_path, smollm2_hf_dir, unpermute_rope_rows
 from megatron_grove.data import heldout_text_path
-from megatron_grove.gguf_llama import smollm2_gguf_path, smollm2_hf_dir, unpermute_rope_rows
+
+pytestmark = pytest.mark.e2e
 
 
 def test_unpermute_inverts_llama_cpp_rope_permutation():

@@ -5,7 +5,6 @@ routing; the local expansion / reduction; unsupported layouts; end-to-end traini
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -15,76 +14,44 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-from _dist import run_distributed
-from _scripts import run_script
-from grove_reference import GroveWeights, grove_forward, route
-from megatron_grove.adjugate_experts import (
-    VirtualExpertAlltoAllDispatcher,
-    VirtualExpertLayout,
-    virtual_dispatcher_config,
-)
-from megatron_grove.group_aware_dispatcher import (
-    GroupAwareAlltoAllDispatcher,
-    expand_to_local_experts,
-    reduce_to_received_tokens,
-)
-from megatron_grove.metrics import read_metrics
-from test_grove_layer import (
-    ADJUGATE_FFN,
+from grove_reference import route
+from helpers import (
     ALL_KEYS,
     CASES,
-    FFN,
-    HIDDEN,
+    FORCED_NAMES,
     NUM_TOKENS,
     Case,
     Run,
     assert_matches,
+    forced_run,
     grove_run,
     layer_config,
+    losses,
+    reference_of,
+    run_distributed,
     run_layers,
+    run_script,
+    torchrun,
 )
-from test_training import losses, torchrun
-
-# --------------------------------------------------------------------------------------
-# forced routings (E=8, k=2, G=4: groups of 2 experts; at EP=2 a rank holds 2 groups)
-# --------------------------------------------------------------------------------------
-
-FORCED = Case(8, 2, 4, "softmax")
-
-
-def _forced_run(name: str, dispatcher: str) -> Run:
-    """``rank_idle``: every token selects experts 0..3 (experts 4..7, i.e. EP rank 1 of 2 and
-    ranks 2, 3 of 4, receive nothing); ``one_group``: each token selects both experts of one
-    group; ``uneven``: 3/4 of the tokens select group 0, the rest route freely."""
-    weights = GroveWeights.random(8, 4, HIDDEN, FFN, ADJUGATE_FFN, seed=11)
-    gen = torch.Generator().manual_seed(12)
-    x = torch.randn(NUM_TOKENS, HIDDEN, generator=gen)
-    if name == "rank_idle":
-        x[:, 0] = 4.0
-        weights.router[:4, 0], weights.router[4:, 0] = 0.0, -12.0
-    else:
-        groups = (torch.arange(NUM_TOKENS) % 4 if name == "one_group"
-                  else torch.where(torch.arange(NUM_TOKENS) % 4 < 3, 0, -1))
-        x[:, :4] = 0.0
-        for token, group in enumerate(groups.tolist()):
-            if group >= 0:
-                x[token, group] = 4.0
-        weights.router[:, :4] = -3.0
-        weights.router[torch.arange(8), torch.arange(8) // 2] = 3.0
-    cotangent = torch.randn(NUM_TOKENS, HIDDEN, generator=gen)
-    return Run(FORCED, dispatcher, weights, x, cotangent, adjugate_scale=0.5)
+from megatron_grove.moe import ExpertLayout
+from megatron_grove.moe.dispatchers import (
+    GroupAwareAlltoAllDispatcher,
+    VirtualExpertAlltoAllDispatcher,
+)
+from megatron_grove.moe.dispatchers.group_aware import (
+    expand_to_local_experts,
+    reduce_to_received_tokens,
+)
+from megatron_grove.training.metrics import read_metrics
 
 
-FORCED_NAMES = ("rank_idle", "one_group", "uneven")
-
-
-def _reference(run: Run):
-    weights = GroveWeights(*(t.clone() for t in dataclasses.astuple(run.weights))).requires_grad_()
-    x = run.x.clone().requires_grad_()
-    out = grove_forward(x, weights, run.case.topk, run.case.groups, run.adjugate_scale,
-                        run.case.score_function, expert_bias=run.expert_bias)
-    (out.y * run.cotangent).sum().backward()
-    return {"y": out.y.detach(), "x_grad": x.grad, **weights.grads()}, out
+def test_forced_routings_do_what_they_say():
+    _, idle = reference_of(forced_run("rank_idle", "alltoall"))
+    assert idle.tokens_per_expert[4:].sum() == 0
+    _, one_group = reference_of(forced_run("one_group", "alltoall"))
+    assert one_group.adjugate_evaluations == NUM_TOKENS  # a single group per token
+    _, uneven = reference_of(forced_run("uneven", "alltoall"))
+    assert uneven.tokens_per_expert[:2].sum() >= 2 * NUM_TOKENS * 3 // 4 - 2
 
 
 def _ranks_hit(run: Run, ep: int) -> int:
@@ -93,15 +60,6 @@ def _ranks_hit(run: Run, ep: int) -> int:
     return sum(len({e // local for e, _ in route(run.weights.router @ token, run.case.topk,
                                                   run.case.score_function, run.expert_bias)})
                for token in run.x)
-
-
-def test_forced_routings_do_what_they_say():
-    _, idle = _reference(_forced_run("rank_idle", "alltoall"))
-    assert idle.tokens_per_expert[4:].sum() == 0
-    _, one_group = _reference(_forced_run("one_group", "alltoall"))
-    assert one_group.adjugate_evaluations == NUM_TOKENS  # a single group per token
-    _, uneven = _reference(_forced_run("uneven", "alltoall"))
-    assert uneven.tokens_per_expert[:2].sum() >= 2 * NUM_TOKENS * 3 // 4 - 2
 
 
 # --------------------------------------------------------------------------------------
@@ -116,14 +74,14 @@ def test_matches_stock_dispatcher(ep):
     evaluations; one row per (token, EP rank)."""
     random_runs = [grove_run(case, d) for case in CASES if case.groups % ep == 0
                    for d in ("grove_alltoall", "alltoall")]
-    forced_runs = [_forced_run(name, d) for name in FORCED_NAMES
+    forced_runs = [forced_run(name, d) for name in FORCED_NAMES
                    for d in ("grove_alltoall", "alltoall")]
     runs = random_runs + forced_runs
     results = run_layers(runs, ep=ep)
     for i in range(0, len(runs), 2):
         run, ours, stock = runs[i], results[i], results[i + 1]
         name = f"{run.case.id} {i}"
-        expected = _reference(run)[0]
+        expected = reference_of(run)[0]
         assert_matches(ours, stock, ALL_KEYS, rel=1e-6)
         assert_matches(ours, expected, ALL_KEYS, rel=1e-5)
         for key in ("routed_rows", "adjugate_rows"):
@@ -153,20 +111,18 @@ def _uniform_copies(rank: int) -> dict[str, int]:
     ep = parallel_state.get_expert_model_parallel_world_size()
     run = Run(Case(E, K, G, "softmax"), "grove_alltoall", None, None, None, adjugate_scale=0.05)
     config = layer_config(run, ep)
-    layout = VirtualExpertLayout(E, G, ep, 0.05)
+    layout = ExpertLayout(E, G, ep, 0.05)
     gen = torch.Generator().manual_seed(rank)
     chosen = torch.rand(TOKENS_PER_RANK, E, generator=gen).topk(K).indices
     routing_map = torch.zeros(TOKENS_PER_RANK, E, dtype=torch.bool).scatter(1, chosen, True)
     probs = torch.where(routing_map, 0.5 + torch.rand(TOKENS_PER_RANK, E, generator=gen), 0.0)
     hidden = torch.randn(TOKENS_PER_RANK, 1, 4, generator=gen)
     pg_collection = get_default_pg_collection()
-    ours = GroupAwareAlltoAllDispatcher(layout, rank, config, pg_collection=pg_collection)
+    ours = GroupAwareAlltoAllDispatcher(config, layout, rank, pg_collection=pg_collection)
     rows, weights = ours.dispatch_preprocess(hidden, routing_map, probs)
-    virtual = VirtualExpertAlltoAllDispatcher(
-        layout.local_virtual_experts, layout.local_virtual_indices(rank),
-        config=virtual_dispatcher_config(config), pg_collection=pg_collection)
-    virtual_probs, virtual_map = layout.extend(probs, routing_map)
-    virtual_rows, _ = virtual.dispatch_preprocess(hidden, virtual_map, virtual_probs)
+    virtual = VirtualExpertAlltoAllDispatcher(config, layout, rank, pg_collection=pg_collection)
+    virtual_rows, _ = virtual.dispatch_preprocess(hidden, routing_map, probs)
+    assert (ours.rows_sent, virtual.rows_sent) == (rows.shape[0], virtual_rows.shape[0])
     return {"group_aware": rows.shape[0], "weights_shape": tuple(weights.shape),
             "virtual": virtual_rows.shape[0]}
 
@@ -221,6 +177,7 @@ def test_expand_and_reduce_by_hand():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_training_matches_stock_alltoall(tmp_path):
     """8 steps of the tiny Grove model at EP=2 (torchrun): the same losses as the stock
     dispatcher, fewer copies per token, the same expert / adjugate evaluations."""
@@ -243,6 +200,7 @@ def test_training_matches_stock_alltoall(tmp_path):
                 b["routed_evals_per_token"][layer] + b["adjugate_evals_per_token"][layer])
 
 
+@pytest.mark.e2e
 def test_tensor_parallel_training_matches_stock_alltoall(tmp_path):
     """TP=2 (sequence parallel) x EP=2, 4 processes: Megatron's TP gather of the received rows
     and their weights, TP-split experts and adjugates; the same losses as the stock dispatcher
@@ -268,6 +226,7 @@ def _benchmark(*flags: str) -> subprocess.CompletedProcess:
     return run_script("benchmarks/dispatch.py", *flags, env={"OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.e2e
 def test_benchmark_json():
     proc = _benchmark("--ep", "2", "--experts", "16", "--topk", "4", "--groups", "8",
                       "--tokens", "128", "--hidden", "32", "--iters", "1", "--warmup", "0",
@@ -287,6 +246,7 @@ def test_benchmark_json():
         times["group_aware"] / times["alltoall_virtual_adjugates"])
 
 
+@pytest.mark.e2e
 def test_benchmark_rejects_bad_layout():
     proc = _benchmark("--ep", "4", "--experts", "16", "--groups", "2")
     assert proc.returncode == 2

@@ -7,213 +7,34 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pickle
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.router import TopKRouter
 
-from _dist import run_distributed
 from grove_reference import GroveWeights, grove_forward
-from megatron_grove.adjugate_experts import VirtualExpertLayout
+from helpers import (
+    ADJUGATE_FFN,
+    ALL_KEYS,
+    CASES,
+    DISPATCHERS,
+    FFN,
+    HIDDEN,
+    NUM_TOKENS,
+    Case,
+    Run,
+    assert_matches,
+    case_data,
+    grove_run,
+    reference,
+    run_distributed,
+    run_layers,
+)
 from megatron_grove.config import ConfigError, load_config, validate_layout
-from megatron_grove.grove_layer import GroveMoELayer
-from megatron_grove.megatron_config import GroveTransformerConfig, to_transformer_config
+from megatron_grove.megatron_config import to_transformer_config
 from megatron_grove.model import build_gpt_model
-from megatron_grove.router import GroveTopKRouter
-
-HIDDEN, FFN, ADJUGATE_FFN, NUM_TOKENS = 16, 8, 6, 32
-DISPATCHERS = ("alltoall", "allgather")
-GRAD_KEYS = ("router", "expert_fc1", "expert_fc2", "adjugate_fc1", "adjugate_fc2")
-
-
-@dataclass(frozen=True)
-class Case:
-    experts: int
-    topk: int
-    groups: int
-    score_function: str
-
-    @property
-    def id(self) -> str:
-        return f"E{self.experts}k{self.topk}G{self.groups}-{self.score_function}"
-
-
-CASES = (Case(8, 2, 4, "softmax"), Case(8, 2, 4, "sigmoid"), Case(8, 3, 2, "softmax"),
-         Case(16, 4, 8, "sigmoid"), Case(4, 1, 4, "sigmoid"))
-
-
-@dataclass
-class Run:
-    """One forward/backward of one layer over ``NUM_TOKENS`` tokens split across the EP ranks."""
-
-    case: Case
-    dispatcher: str
-    weights: GroveWeights
-    x: torch.Tensor  # [NUM_TOKENS, H]
-    cotangent: torch.Tensor  # [NUM_TOKENS, H]: the loss is sum(y * cotangent)
-    adjugate_scale: float
-    expert_bias: Optional[torch.Tensor] = None  # [E]; None: moe_bias_update_rule='none'
-    stock: bool = False  # Megatron's MoELayer + TopKRouter instead of GroveMoELayer
-    kernels_backend: str = "torch"  # kernels' implementation (group-aware dispatch path)
-
-
-# --------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------
-
-
-@functools.cache
-def case_data(case: Case) -> tuple[GroveWeights, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weights, expert bias ``[E]``, tokens ``[N, H]`` and cotangent ``[N, H]`` of a case. Every
-    other token points along one group's router direction, so it selects experts of that group
-    (all of its k when k <= E/G)."""
-    seed = CASES.index(case)
-    weights = GroveWeights.random(case.experts, case.groups, HIDDEN, FFN, ADJUGATE_FFN,
-                                  seed=seed, group_affinity=2.0)
-    gen = torch.Generator().manual_seed(100 + seed)
-    x = torch.randn(NUM_TOKENS, HIDDEN, generator=gen)
-    directions = GroveWeights.group_directions(case.groups, HIDDEN)
-    focused = torch.arange(0, NUM_TOKENS, 2)
-    x[focused] = 0.3 * x[focused] + 2.0 * directions[focused % case.groups]
-    bias = 0.05 * torch.randn(case.experts, generator=gen)
-    return weights, bias, x, torch.randn(NUM_TOKENS, HIDDEN, generator=gen)
-
-
-def grove_run(case: Case, dispatcher: str, **overrides: Any) -> Run:
-    weights, bias, x, cotangent = case_data(case)
-    run = Run(case, dispatcher, weights, x, cotangent,
-              adjugate_scale=case.groups / case.experts, expert_bias=bias)
-    return dataclasses.replace(run, **overrides)
-
-
-@functools.cache
-def reference(case: Case) -> tuple[dict[str, torch.Tensor], int, int]:
-    """The reference's output, input gradient and weight gradients for ``grove_run(case)``, and
-    its (token, expert) and (token, group) evaluation counts."""
-    weights, bias, x, cotangent = case_data(case)
-    weights = GroveWeights(*(t.clone() for t in dataclasses.astuple(weights))).requires_grad_()
-    x = x.clone().requires_grad_()
-    out = grove_forward(x, weights, case.topk, case.groups, case.groups / case.experts,
-                        case.score_function, expert_bias=bias)
-    (out.y * cotangent).sum().backward()
-    result = {"y": out.y.detach(), "x_grad": x.grad, **weights.grads()}
-    return result, out.routed_evaluations, out.adjugate_evaluations
-
-
-# --------------------------------------------------------------------------------------
-# the distributed side
-# --------------------------------------------------------------------------------------
-
-
-def layer_config(run: Run, ep: int) -> GroveTransformerConfig:
-    case = run.case
-    return GroveTransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=1, ffn_hidden_size=FFN,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        use_cpu_initialization=True, expert_model_parallel_size=ep,
-        num_moe_experts=case.experts, moe_ffn_hidden_size=FFN, moe_router_topk=case.topk,
-        moe_router_score_function=case.score_function, moe_router_pre_softmax=False,
-        moe_token_dispatcher_type=(
-            "alltoall" if run.dispatcher == "grove_alltoall" else run.dispatcher),
-        moe_group_aware_dispatch=run.dispatcher == "grove_alltoall",
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0, moe_num_expert_groups=case.groups,
-        moe_adjugate_ffn_hidden_size=ADJUGATE_FFN, moe_adjugate_scale=run.adjugate_scale,
-        moe_bias_update_rule="none" if run.expert_bias is None else "paper",
-        grove_kernels_backend=run.kernels_backend)
-
-
-def build_layer(run: Run, ep: int) -> MoELayer:
-    submodules = get_moe_module_spec(use_te=False, num_experts=run.case.experts).keywords[
-        "submodules"]
-    config = layer_config(run, ep)
-    if run.stock:
-        return MoELayer(config, submodules=dataclasses.replace(submodules, router=TopKRouter))
-    return GroveMoELayer(config, submodules=dataclasses.replace(submodules, router=GroveTopKRouter))
-
-
-def _expert_params(layer: MoELayer, ep_rank: int) -> dict[str, dict[int, torch.nn.Parameter]]:
-    """``{'expert_fc1': {global expert: weight}, ..., 'adjugate_fc2': {group: weight}}``."""
-    params: dict[str, dict[int, torch.nn.Parameter]] = {}
-    modules = [("expert", layer.experts)]
-    if isinstance(layer, GroveMoELayer):
-        modules.append(("adjugate", layer.adjugate_experts))
-    for kind, experts in modules:
-        local = experts.local_experts
-        for fc in ("fc1", "fc2"):
-            params[f"{kind}_{fc}"] = {ep_rank * len(local) + i: getattr(mlp, f"linear_{fc}").weight
-                                      for i, mlp in enumerate(local)}
-    return params
-
-
-def load_weights(layer: MoELayer, run: Run, ep_rank: int) -> None:
-    with torch.no_grad():
-        layer.router.weight.copy_(run.weights.router)
-        if run.expert_bias is not None:
-            layer.router.expert_bias.copy_(run.expert_bias)
-        for key, params in _expert_params(layer, ep_rank).items():
-            for index, param in params.items():
-                param.copy_(getattr(run.weights, key)[index])
-
-
-def forward_backward(rank: int, runs: list[Run]) -> bytes:
-    """Worker: each run's local output, input gradient, weight gradients and counters, pickled
-    (tensors by value: torch's queue sharing needs the worker alive until they are read)."""
-    ep = parallel_state.get_expert_model_parallel_world_size()
-    results = []
-    for run in runs:
-        layer = build_layer(run, ep)
-        load_weights(layer, run, rank)
-        rows = slice(rank * NUM_TOKENS // ep, (rank + 1) * NUM_TOKENS // ep)
-        x = run.x[rows].clone().unsqueeze(1).requires_grad_()  # [T, B=1, H]
-        y, _ = layer(x)
-        (y.squeeze(1) * run.cotangent[rows]).sum().backward()
-        grads = {key: {i: p.grad.clone() for i, p in params.items()}
-                 for key, params in _expert_params(layer, rank).items()}
-        results.append({"y": y.detach().squeeze(1), "x_grad": x.grad.squeeze(1),
-                        "router": layer.router.weight.grad.clone(), **grads,
-                        "counters": dict(getattr(layer, "grove_counters", {}))})
-    return pickle.dumps(results)
-
-
-def run_layers(runs: list[Run], ep: int) -> list[dict[str, Any]]:
-    """Run ``runs`` on ``ep`` ranks (EP = world size); per run, the global tensors: outputs
-    and input gradients concatenated over ranks, router gradients summed (as data-parallel
-    reduction would), expert gradients stacked by global index, counters summed."""
-    per_rank = [pickle.loads(r) for r in run_distributed(forward_backward, world_size=ep,
-                                                          expert_parallel=ep, args=(runs,))]
-    merged = []
-    for results in zip(*per_rank):
-        out = {"y": torch.cat([r["y"] for r in results]),
-               "x_grad": torch.cat([r["x_grad"] for r in results]),
-               "router": sum(r["router"] for r in results),
-               "counters": {k: sum(r["counters"][k] for r in results)
-                            for k in results[0]["counters"]},
-               "rank_counters": [r["counters"] for r in results]}
-        for key in GRAD_KEYS[1:]:
-            by_index = {i: g for r in results for i, g in r.get(key, {}).items()}
-            if by_index:
-                out[key] = torch.stack([by_index[i] for i in sorted(by_index)])
-        merged.append(out)
-    return merged
-
-
-def assert_matches(actual: dict, expected: dict, keys: tuple[str, ...], rel: float) -> None:
-    """max |actual - expected| <= rel * max(1, max |expected|) for every key."""
-    for key in keys:
-        scale = max(1.0, expected[key].abs().max().item())
-        err = (actual[key] - expected[key]).abs().max().item()
-        assert err <= rel * scale, f"{key}: max error {err:.3g} (scale {scale:.3g})"
-
-
-ALL_KEYS = ("y", "x_grad") + GRAD_KEYS
-
+from megatron_grove.moe import ExpertLayout
+from megatron_grove.moe.dispatchers.virtual_experts import extend_to_virtual_experts
 
 # --------------------------------------------------------------------------------------
 # tests
@@ -311,20 +132,19 @@ def test_ep_rank_without_tokens(score_function):
         assert result["adjugate_fc1"][2:].abs().max() == 0
 
 
-def test_virtual_expert_layout():
-    layout = VirtualExpertLayout(num_experts=8, num_groups=4, ep_size=2, adjugate_scale=0.5)
-    assert (layout.local_experts, layout.local_adjugates) == (4, 2)
-    assert layout.local_virtual_indices(1) == [6, 7, 8, 9, 10, 11]
+def test_expert_layout_and_virtual_columns():
+    layout = ExpertLayout(num_experts=8, num_groups=4, ep_size=2, adjugate_scale=0.5)
+    assert (layout.local_experts, layout.local_adjugates, layout.experts_per_group) == (4, 2, 2)
     probs = torch.zeros(1, 8)
     probs[0, 2], probs[0, 3], probs[0, 4] = 0.5, 0.25, 0.25  # groups 1, 1, 2
-    virtual_probs, virtual_map = layout.extend(probs, probs > 0)
+    virtual_probs, virtual_map = extend_to_virtual_experts(layout, probs, probs > 0)
     #                        rank 0: experts 0-3, adjugates 0-1 | rank 1: experts 4-7, adj. 2-3
     assert virtual_probs[0].tolist() == [0, 0, .5, .25, 0, .375, .25, 0, 0, 0, .125, 0]
     assert virtual_map[0].tolist() == [bool(v) for v in virtual_probs[0].tolist()]
     with pytest.raises(ValueError, match="must divide num_moe_experts"):
-        VirtualExpertLayout(8, 3, 1, 0.1)
+        ExpertLayout(8, 3, 1, 0.1)
     with pytest.raises(ValueError, match="must divide moe_num_expert_groups"):
-        VirtualExpertLayout(8, 2, 4, 0.1)
+        ExpertLayout(8, 2, 4, 0.1)
 
 
 def _model_wiring(rank: int) -> bytes:

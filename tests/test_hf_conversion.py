@@ -2,45 +2,30 @@
 fp32): the same perplexity through our model code, bit-identical round trips, clear errors."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from hf_peers import hf_perplexity, random_tokens, tiny_llama, tiny_qwen3_moe
-from megatron_grove.evaluation import perplexity
-from megatron_grove.hf_conversion import (HFFormatError, build_model, load_hf_checkpoint,
-                                          load_megatron_state, load_state_into_model,
-                                          save_hf_checkpoint, save_megatron_checkpoint)
-from _dist import run_distributed
-from _scripts import run_script
+from helpers import (
+    all_tensors,
+    hf_perplexity,
+    in_world,
+    our_perplexity,
+    random_tokens,
+    run_script,
+    tiny_llama,
+    tiny_qwen3_moe,
+)
+from megatron_grove.hf_conversion import (
+    HFFormatError,
+    load_hf_checkpoint,
+    load_megatron_state,
+    save_hf_checkpoint,
+    save_megatron_checkpoint,
+)
 
 SEQ = 32
-
-
-def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def in_world(fn, *args):
-    """``fn(*args)`` in a forked one-process Megatron world (a world set up in the pytest
-    process itself would break the forked workers of later tests)."""
-    return run_distributed(lambda rank, *a: fn(*a), world_size=1, args=args)[0]
-
-
-def _our_perplexity(cfg, state, tokens) -> float:
-    model = build_model(cfg)
-    load_state_into_model(model, cfg, state)
-    return perplexity(model, tokens, SEQ, cfg.model.vocab_size, progress=False).ppl
-
-
-def our_perplexity(cfg, state, tokens) -> float:
-    return in_world(_our_perplexity, cfg, state, tokens)
 
 
 def run_evaluate(*args: str) -> dict:
@@ -55,6 +40,7 @@ def qwen3_moe(tmp_path_factory):
     return folder, tiny_qwen3_moe(folder)
 
 
+@pytest.mark.e2e
 def test_qwen3_moe_to_megatron_evaluates_to_transformers_ppl(qwen3_moe, tmp_path):
     folder, hf_model = qwen3_moe
     assert (folder / "model.safetensors.index.json").is_file()  # sharded input

@@ -1,17 +1,17 @@
 """Triton kernels against their plain-torch references (values and gradients, fp32, 1e-5).
 
-Without a GPU they run under ``TRITON_INTERPRET=1`` (set in ``conftest.py``): small shapes.
-Widths are chosen off the power-of-two blocks so that masking is exercised.
+On CPU under ``TRITON_INTERPRET=1`` (set in ``conftest.py``): small shapes, widths chosen off
+the power-of-two blocks so that masking is exercised. Compiled on a GPU: ``tests/test_gpu.py``.
 """
 
 import pytest
 import torch
 
-from kernels.grove_combine import grove_combine, grove_combine_reference
-from kernels.permute import permute, sorted_rows, unpermute
-from kernels.swiglu import SwiGLU, swiglu
+from megatron_grove.kernels.grove_combine import grove_combine, grove_combine_reference
+from megatron_grove.kernels.permute import permute, sorted_rows, unpermute
+from megatron_grove.kernels.swiglu import SwiGLU, swiglu
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cpu"
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from _dist import run_distributed
+from helpers import run_distributed
 from megatron_grove.config import ConfigError, load_config
+from megatron_grove.model import causal_attention_mask
 from megatron_grove.runtime import current_runtime
-from megatron_grove.training import causal_attention_mask, micro_batches, setup_training
+from megatron_grove.training import micro_batches, setup_training
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 SMALL = ["model.seq_length=16", "model.hidden_size=32", "model.num_attention_heads=2",

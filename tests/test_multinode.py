@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import FAST, LAUNCH, TINY, child_env, free_port, losses, torchrun
 from megatron_grove.checkpointing import latest_iteration
-from test_training import FAST, LAUNCH, TINY, _free_port, losses, torchrun
+
+pytestmark = pytest.mark.e2e
 
 ITERS = 20
 TIMEOUT_S = 20
@@ -24,7 +26,7 @@ COMMON = [f"train.iters={ITERS}", "parallel.expert_model_parallel_size=2",
 def launch_nodes(out_dir: Path, *overrides: str) -> list[subprocess.Popen]:
     """Start two launchers of a fresh job (one process each); node i writes its stdout and
     stderr to ``out_dir/node{i}.out`` / ``.err`` (files: a full pipe would block a launcher)."""
-    port, job = _free_port(), f"job{_free_port()}"
+    port, job = free_port(), f"job{free_port()}"
     procs = []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
@@ -34,7 +36,7 @@ def launch_nodes(out_dir: Path, *overrides: str) -> list[subprocess.Popen]:
         with open(out_dir / f"node{node}.out", "w") as out, \
                 open(out_dir / f"node{node}.err", "w") as err:
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=err,
-                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+                                          env=child_env()))
     return procs
 
 
@@ -116,9 +118,9 @@ def test_sbatch_script_runs_one_torchrun_per_node(tmp_path):
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     root = LAUNCH.parents[1]
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "1",
+    env = {**child_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "1",
            "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(root),
-           "GPUS_PER_NODE": "2", "RDZV_PORT": str(_free_port()), "PYTHON": sys.executable,
+           "GPUS_PER_NODE": "2", "RDZV_PORT": str(free_port()), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(root / "launch" / "slurm" / "pretrain_grove.sbatch"),
                            str(TINY), *FAST, "parallel.expert_model_parallel_size=2",

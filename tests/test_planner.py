@@ -2,7 +2,11 @@
 
 import json
 
-from _scripts import ROOT, run_script
+import pytest
+
+from helpers import ROOT, run_script
+
+pytestmark = pytest.mark.e2e  # every test runs launch/pretrain_grove.py --dry-run
 
 
 def dry_run(config: str, *overrides: str) -> dict:

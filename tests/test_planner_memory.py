@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from _dist import run_distributed
+from helpers import run_distributed
 from megatron_grove.config import load_config
+from megatron_grove.model import causal_attention_mask
 from megatron_grove.planner import plan_memory, plan_parameters
 from megatron_grove.runtime import current_runtime
-from megatron_grove.training import causal_attention_mask, micro_batches, setup_training
+from megatron_grove.training import micro_batches, setup_training
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 SHAPE = ["parallel.expert_model_parallel_size=1", "train.global_batch_size=2",

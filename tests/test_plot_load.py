@@ -1,14 +1,12 @@
 """tools/plot_load.py: load matrices, group sums, imbalance, and the PNGs it writes."""
 
 import json
-import sys
 
 import numpy as np
+import pytest
 
-from _scripts import ROOT, run_script
-
-sys.path.insert(0, str(ROOT / "tools"))
-import plot_load  # noqa: E402
+from helpers import run_script
+from megatron_grove.training import load_plots as plot_load
 
 
 def _records():
@@ -25,6 +23,7 @@ def test_group_load_and_imbalance():
     assert np.allclose(ratio[:, 0], [4.0, 2.0, 1.0]) and np.allclose(ratio[:, 1], 2.5)
 
 
+@pytest.mark.e2e
 def test_cli_writes_pngs(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in _records()))
@@ -37,6 +36,7 @@ def test_cli_writes_pngs(tmp_path):
     assert all((tmp_path / "plots" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
 
 
+@pytest.mark.e2e
 def test_cli_rejects_groups_not_dividing_experts(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in _records()))

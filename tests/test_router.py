@@ -3,39 +3,18 @@ sigmoid selection with unbiased weights, token counting, the aux-loss path, chec
 
 from __future__ import annotations
 
-import pickle
-from typing import Any, Callable
-
 import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import TopKRouter
 
-from _dist import run_distributed
 from grove_reference import route
-from megatron_grove.megatron_config import GroveTransformerConfig
-from megatron_grove.router import GroveTopKRouter
+from helpers import HIDDEN, in_worker, router_config
+from helpers import ROUTER_EXPERTS as EXPERTS
+from megatron_grove.moe.router import GroveTopKRouter
 
-HIDDEN, EXPERTS, TOKENS = 16, 8, 24
+TOKENS = 24
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
-
-
-def router_config(score_function: str = "softmax", rule: str = "paper", topk: int = 2,
-                  aux_loss_coeff: float = 0.0, **extra: Any) -> GroveTransformerConfig:
-    return GroveTransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=1, add_bias_linear=False,
-        use_cpu_initialization=True, num_moe_experts=EXPERTS, moe_ffn_hidden_size=8,
-        moe_router_topk=topk, moe_router_score_function=score_function,
-        moe_router_pre_softmax=False,
-        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
-        moe_aux_loss_coeff=aux_loss_coeff, moe_bias_update_rule=rule, **extra)
-
-
-def in_worker(fn: Callable[[], Any]) -> Any:
-    """Run ``fn()`` on one gloo rank with Megatron's groups; its result comes back by value."""
-    def worker(rank: int) -> bytes:
-        return pickle.dumps(fn())
-    return pickle.loads(run_distributed(worker, world_size=1)[0])
 
 
 def tokens(seed: int = 0) -> torch.Tensor:

@@ -1,44 +1,12 @@
 """End-to-end pretraining under real torchrun (2 gloo processes): losses across parallel
 layouts, exact resume, logging outputs, and the command-line behaviour."""
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from megatron_grove.metrics import read_metrics
+from helpers import TINY, losses, run_script, torchrun
+from megatron_grove.training.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = ROOT / "launch" / "pretrain_grove.py"
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
-# Small and fast: 8 steps of 8 sequences x 32 tokens.
-FAST = ["model.seq_length=32", "model.hidden_size=64", "model.ffn_hidden_size=128",
-        "moe.ffn_hidden_size=64", "train.iters=8", "train.lr_warmup_iters=2",
-        "train.global_batch_size=8", "train.micro_batch_size=2", "logging.progress_bar=false"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*overrides: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(LAUNCH),
-           "--config", str(TINY), *FAST, *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def losses(log_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(log_dir / "metrics.jsonl")}
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +133,8 @@ def test_bf16_run_checkpoints_and_resumes(tmp_path):
 
 
 def test_bad_config_is_one_line_and_nonzero_exit():
-    proc = subprocess.run([sys.executable, str(LAUNCH), "--config", str(TINY), "train.iterz=5"],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script("launch/pretrain_grove.py", "--config", str(TINY), "train.iterz=5",
+                      timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["pretrain_grove.py: config error: unknown key train.iterz; allowed in train: "
@@ -185,8 +153,7 @@ def test_bad_layout_under_torchrun_names_the_key():
 
 
 def test_help_explains_overrides():
-    proc = subprocess.run([sys.executable, str(LAUNCH), "--help"], capture_output=True,
-                          text=True, timeout=60)
+    proc = run_script("launch/pretrain_grove.py", "--help", timeout=60)
     assert proc.returncode == 0
     for needle in ["--config", "key=value", "train.iters", "checkpoint.save", "metrics.jsonl"]:
         assert needle in proc.stdout

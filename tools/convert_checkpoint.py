@@ -55,108 +55,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class InputError(ValueError):
-    """Bad command-line input; printed as one line, exit code 2."""
-
-
-def _check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments (one line), or None."""
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise InputError(f"--output {output}: exists and is not empty; refusing to overwrite "
-                         "(choose a new folder or empty it)")
+        return (f"--output {output}: exists and is not empty; refusing to overwrite (choose a "
+                "new folder or empty it)")
     if not Path(args.input).is_dir():
-        raise InputError(f"--input {args.input}: no such directory")
+        return f"--input {args.input}: no such directory"
     grove = [args.num_expert_groups, args.adjugate_ffn_hidden_size, args.adjugate_scale]
     if args.upcycle_grove and None in grove:
-        raise InputError("--upcycle-grove needs --num-expert-groups, --adjugate-ffn-hidden-size "
-                         "and --adjugate-scale")
+        return ("--upcycle-grove needs --num-expert-groups, --adjugate-ffn-hidden-size and "
+                "--adjugate-scale")
     if not args.upcycle_grove and any(v is not None for v in grove):
-        raise InputError("--num-expert-groups / --adjugate-* only apply with --upcycle-grove")
+        return "--num-expert-groups / --adjugate-* only apply with --upcycle-grove"
     if args.target_format == "hf" and (args.target_tp != 1 or args.target_ep != 1):
-        raise InputError("--target-tp/--target-ep apply to --target-format megatron only")
-
-
-def convert(args: argparse.Namespace) -> str:
-    """Run the conversion; return a one-line summary."""
-    from tqdm import tqdm
-
-    from megatron_grove.config import validate_layout
-    from megatron_grove.hf_conversion import (load_hf_checkpoint, load_megatron_state,
-                                              save_hf_checkpoint, save_megatron_checkpoint,
-                                              upcycle_to_grove)
-    from megatron_grove.runtime import single_process_world
-    from megatron_grove.checkpointing import checkpoint_tokenizer
-
-    def progress(desc: str):
-        return lambda it: tqdm(it, desc=desc, unit="tensor", disable=args.no_progress)
-
-    with single_process_world(device="cpu"):
-        if args.source_format == "hf":
-            cfg, state = load_hf_checkpoint(args.input, progress("read hf"))
-            tokenizer_dir = cfg.data.tokenizer
-        else:
-            cfg, state = load_megatron_state(args.input)
-            tokenizer_dir = checkpoint_tokenizer(args.input)
-        if args.upcycle_grove:
-            cfg, state = upcycle_to_grove(cfg, state, args.num_expert_groups,
-                                          args.adjugate_ffn_hidden_size, args.adjugate_scale,
-                                          seed=args.seed)
-        if args.target_format == "megatron":
-            p = cfg.parallel
-            p.tensor_model_parallel_size, p.expert_model_parallel_size = (args.target_tp,
-                                                                          args.target_ep)
-            p.sequence_parallel = args.target_tp > 1 and cfg.moe.num_experts > 0
-            validate_layout(cfg, args.target_tp * args.target_ep)
-            _check_tp(cfg, args.target_tp)
-            cfg.data.tokenizer = tokenizer_dir
-            save_megatron_checkpoint(args.output, cfg, state)
-        else:
-            save_hf_checkpoint(args.output, cfg, state, tokenizer_dir=tokenizer_dir,
-                               max_shard_bytes=args.max_shard_size_mb * 2 ** 20,
-                               progress=progress("write hf"))
-    kind = ("GroveMoE" if cfg.moe.num_expert_groups else "MoE" if cfg.moe.num_experts
-            else "dense")
-    return (f"wrote {args.target_format} checkpoint {args.output}: {kind} model, "
-            f"{cfg.model.num_layers} layers, {len(state)} tensors, {cfg.runtime.dtype}")
-
-
-def _check_tp(cfg, tp: int) -> None:
-    from megatron_grove.config import ConfigError
-
-    m, e = cfg.model, cfg.moe
-    sizes = {"model.num_attention_heads": m.num_attention_heads,
-             "model.num_query_groups": m.num_query_groups or m.num_attention_heads,
-             "model.ffn_hidden_size": m.ffn_hidden_size}
-    if e.num_experts:
-        sizes["moe.ffn_hidden_size"] = e.ffn_hidden_size
-    if e.num_expert_groups:
-        sizes["moe.adjugate_ffn_hidden_size"] = e.adjugate_ffn_hidden_size
-    for key, value in sizes.items():
-        if value % tp:
-            raise ConfigError(f"--target-tp {tp}: must divide {key}={value}")
+        return "--target-tp/--target-ep apply to --target-format megatron only"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_grove.cli import fail
 
     args = parse_args(argv)
-    try:
-        _check_args(args)  # before the heavy imports: bad input fails in a blink
-    except InputError as exc:
-        return fail(PROG, exc)
+    problem = check_args(args)  # before the heavy imports: bad input fails in a blink
+    if problem:
+        return fail(PROG, problem)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     from megatron_grove.checkpointing import CheckpointError
     from megatron_grove.config import ConfigError
     from megatron_grove.hf_conversion import HFFormatError
+    from megatron_grove.hf_conversion.convert import Conversion, convert_checkpoint
 
+    options = vars(args)
+    progress = not options.pop("no_progress")
     try:
-        print(convert(args))
+        print(convert_checkpoint(Conversion(**options), progress))
     except (HFFormatError, ConfigError, CheckpointError, FileNotFoundError) as exc:
         return fail(PROG, exc)
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())

@@ -53,16 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's import-time CUDA notice
     import numpy as np
 
-    from megatron_grove.checkpointing import CheckpointError, checkpoint_tokenizer
+    from megatron_grove.checkpointing import CheckpointError
     from megatron_grove.cli import fail
     from megatron_grove.config import ConfigError
-    from megatron_grove.evaluation import perplexity
-    from megatron_grove.hf_conversion import (HFFormatError, build_model, is_hf_checkpoint,
-                                              load_hf_checkpoint, load_megatron_model,
-                                              load_state_into_model)
-    from megatron_grove.megatron_config import TORCH_DTYPES
+    from megatron_grove.data.tokenizer import load_tokenizer
+    from megatron_grove.evaluation import load_for_evaluation, perplexity
+    from megatron_grove.hf_conversion import HFFormatError
     from megatron_grove.runtime import single_process_world
-    from megatron_grove.tokenizer import load_tokenizer
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
@@ -72,20 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with single_process_world(device=args.device) as runtime:
             device = runtime.device
-            if is_hf_checkpoint(ckpt):
-                fmt = "hf"
-                cfg, state = load_hf_checkpoint(ckpt)
-                dtype = TORCH_DTYPES[cfg.runtime.dtype if args.dtype == "checkpoint"
-                                     else args.dtype]
-                model = build_model(cfg, dtype=dtype)
-                load_state_into_model(model, cfg, state)
-                model = model.to(device)
-                tokenizer_dir = str(ckpt) if (ckpt / "tokenizer.json").is_file() else None
-            else:
-                fmt = "megatron"
-                dtype = None if args.dtype == "checkpoint" else TORCH_DTYPES[args.dtype]
-                cfg, model = load_megatron_model(ckpt, dtype=dtype, device=device)
-                tokenizer_dir = checkpoint_tokenizer(ckpt)
+            loaded = load_for_evaluation(ckpt, None if args.dtype == "checkpoint" else args.dtype,
+                                         device)
+            cfg, model, fmt, tokenizer_dir = (loaded.config, loaded.model, loaded.format,
+                                              loaded.tokenizer_dir)
             if args.tokens:
                 try:
                     tokens = np.load(args.tokens)
@@ -118,5 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Train the byte-level BPE tokenizer shipped as ``megatron_grove/assets/tokenizer.json``.
+"""Train the byte-level BPE tokenizer shipped as ``megatron_grove/data/assets/tokenizer.json``.
 
 Deterministic: the same input files (read in sorted order) and vocabulary size give a
 byte-identical ``tokenizer.json``. Special tokens come first, so ``<|endoftext|>`` (the
@@ -6,8 +6,8 @@ end-of-document token) has id 0 and ``<|pad|>`` has id 1.
 
 Example (regenerates the shipped asset)::
 
-    python tools/train_tokenizer.py --input megatron_grove/assets/corpus/train \
-        --vocab-size 4096 --output megatron_grove/assets/tokenizer.json
+    python tools/train_tokenizer.py --input megatron_grove/data/assets/corpus/train \
+        --vocab-size 4096 --output megatron_grove/data/assets/tokenizer.json
 """
 
 from __future__ import annotations
@@ -15,46 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megatron_grove.cli import fail
-
-EOD_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-
-
-def collect_text_files(inputs: list[str]) -> list[str]:
-    """Expand files and directories (their ``*.txt``, recursively) into a sorted file list."""
-    files: list[str] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(str(p) for p in path.rglob("*.txt"))
-        elif path.is_file():
-            files.append(str(path))
-        else:
-            raise FileNotFoundError(f"input not found: {item}")
-    if not files:
-        raise FileNotFoundError(f"no .txt files in: {' '.join(inputs)}")
-    return sorted(files)
-
-
-def train_bpe(files: list[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE (GPT-2 style, no normalisation) on ``files``."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOD_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train(files, trainer)
-    return tokenizer
+from megatron_grove.data.tokenizer import collect_text_files, train_bpe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Carve one dense SwiGLU FFN into CMoE experts (DESIGN.md section 3).
+"""Carve one dense SwiGLU FFN into CMoE experts (docs/design.md, "CMoE").
 
 ``y = W_d (silu(W_g x) * (W_u x))`` with ``W_g, W_u`` ``[d_h, H]`` and ``W_d`` ``[H, d_h]``
 becomes ``S`` shared experts (kept together as one FFN of ``S * m`` neurons) and ``N - S``

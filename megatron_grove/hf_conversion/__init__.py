@@ -39,9 +39,14 @@ padded rows are zero (the evaluator drops their logits).
 
 from megatron_grove.hf_conversion.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from megatron_grove.hf_conversion.hf_config import HFFormatError, is_grove_checkpoint
-from megatron_grove.hf_conversion.megatron_io import (build_model, load_megatron_model,
-                                                      load_megatron_state, load_state_into_model,
-                                                      model_state_dict, save_megatron_checkpoint)
+from megatron_grove.hf_conversion.megatron_io import (
+                                                      build_model,
+                                                      load_megatron_model,
+                                                      load_megatron_state,
+                                                      load_state_into_model,
+                                                      model_state_dict,
+                                                      save_megatron_checkpoint,
+)
 from megatron_grove.hf_conversion.safetensors_io import is_hf_checkpoint
 from megatron_grove.hf_conversion.upcycle import upcycle_to_grove
 

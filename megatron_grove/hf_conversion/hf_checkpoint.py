@@ -8,10 +8,16 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from megatron_grove.config import GroveConfig
-from megatron_grove.hf_conversion.hf_config import (HFFormatError, grove_config_from_hf,
-                                                    hf_config_from_grove)
-from megatron_grove.hf_conversion.safetensors_io import (HFTensors, read_hf_config,
-                                                         write_hf_checkpoint)
+from megatron_grove.hf_conversion.hf_config import (
+    HFFormatError,
+    grove_config_from_hf,
+    hf_config_from_grove,
+)
+from megatron_grove.hf_conversion.safetensors_io import (
+    HFTensors,
+    read_hf_config,
+    write_hf_checkpoint,
+)
 from megatron_grove.hf_conversion.tensor_mapping import hf_to_megatron, megatron_to_hf
 
 __all__ = ["load_hf_checkpoint", "save_hf_checkpoint"]

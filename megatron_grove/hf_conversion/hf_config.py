@@ -130,15 +130,14 @@ def hf_config_from_grove(cfg: GroveConfig, torch_dtype: str) -> dict[str, Any]:
     m, e = cfg.model, cfg.moe
     if m.vocab_size is None:
         raise HFFormatError("model.vocab_size is not set in the checkpoint's config")
-    heads = m.num_attention_heads
     out: dict[str, Any] = {
         "vocab_size": m.vocab_size,
         "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_hidden_size,
         "num_hidden_layers": m.num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": m.num_query_groups or heads,
-        "head_dim": m.kv_channels or m.hidden_size // heads,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": m.seq_length,
         "rms_norm_eps": m.norm_epsilon,

@@ -17,8 +17,12 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from megatron_grove.checkpointing import (TrainState, resolve_checkpoint_folder,
-                                          read_checkpoint_config, save_checkpoint)
+from megatron_grove.checkpointing import (
+    TrainState,
+    read_checkpoint_config,
+    resolve_checkpoint_folder,
+    save_checkpoint,
+)
 from megatron_grove.config import GroveConfig, config_from_dict, config_to_dict
 from megatron_grove.hf_conversion.hf_config import HFFormatError
 from megatron_grove.megatron_config import TORCH_DTYPES, to_transformer_config

@@ -65,8 +65,7 @@ def _swiglu(groups: list, mg: str, hf: str, hidden: int, ffn: int) -> None:
 def _attention_heads(cfg: GroveConfig) -> tuple[int, int, int]:
     """(query heads, KV heads, head dim) of ``cfg.model``."""
     m = cfg.model
-    nq = m.num_attention_heads
-    return nq, m.num_query_groups or nq, m.kv_channels or m.hidden_size // nq
+    return m.num_attention_heads, m.kv_heads, m.head_dim
 
 
 def tensor_groups(cfg: GroveConfig) -> list[TensorGroup]:

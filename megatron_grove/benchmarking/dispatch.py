@@ -1,0 +1,217 @@
+"""The dispatch benchmark: the same routed tokens through three MoE layers on ``ep`` processes.
+
+    (a) ``alltoall``:                  Megatron's MoELayer + all-to-all, routed experts only;
+    (b) ``alltoall_virtual_adjugates``: GroveMoELayer, adjugates as extra experts of Megatron's
+                                        all-to-all (one row per (token, expert) and (token, group));
+    (c) ``group_aware``:               GroveMoELayer on GroupAwareAlltoAllDispatcher (one row per
+                                        (token, EP rank)).
+
+Each process (gloo on CPU, NCCL with one GPU each) routes ``tokens`` tokens uniformly at random
+(top-k of random scores, the same for all three layers: the router is bypassed) and times
+forward + backward of each layer (median over ``iters``, slowest rank). A *copy* is one token
+row the dispatcher sends to another rank or keeps locally for an expert (what enters the
+dispatch all-to-all); bytes are those of the rows and their routing weights in the dispatch
+direction (the combine sends the rows back).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.multiprocessing as mp
+
+__all__ = ["VARIANTS", "DispatchBenchmark", "run_dispatch_benchmark", "format_dispatch_table"]
+
+VARIANTS = ("alltoall", "alltoall_virtual_adjugates", "group_aware")
+
+
+@dataclass
+class DispatchBenchmark:
+    """One benchmark setting (one MoE layer shape on ``ep`` processes)."""
+
+    ep: int = 2
+    experts: int = 128
+    topk: int = 8
+    groups: int = 64
+    tokens: int = 4096  # per process
+    hidden: int = 512
+    ffn: int = 192  # routed expert FFN
+    adjugate_ffn: int = 32
+    adjugate_scale: float = 0.05
+    iters: int = 5
+    warmup: int = 1
+    device: str = "auto"  # auto: NCCL on GPUs when there are ep of them, else gloo on CPU
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        """What is wrong with the setting (empty when it can run)."""
+        out = []
+        if self.ep < 1 or self.experts % self.ep:
+            out.append(f"--ep {self.ep} must divide --experts {self.experts}")
+        if self.groups < 1 or self.experts % self.groups or self.groups % self.ep:
+            out.append(f"--groups {self.groups} must divide --experts {self.experts} and be a "
+                       f"multiple of --ep {self.ep}")
+        if not 1 <= self.topk <= self.experts:
+            out.append(f"--topk {self.topk} must be in 1..{self.experts}")
+        if self.device == "cuda" and torch.cuda.device_count() < self.ep:
+            out.append(f"--device cuda needs {self.ep} GPUs, found {torch.cuda.device_count()}")
+        return out
+
+
+def _build_layer(args: DispatchBenchmark, variant: str, device: torch.device):
+    """The variant's one-layer MoE, through the config path and ``build_moe_layer``."""
+    from megatron_grove.config import load_config
+    from megatron_grove.megatron_config import to_transformer_config
+    from megatron_grove.moe import build_moe_layer
+
+    grove = variant != "alltoall"
+    cfg = load_config(None, [
+        "model.num_layers=1", f"model.hidden_size={args.hidden}", "model.num_attention_heads=1",
+        f"model.ffn_hidden_size={args.ffn}", f"moe.num_experts={args.experts}",
+        f"moe.router_topk={args.topk}", f"moe.ffn_hidden_size={args.ffn}",
+        f"moe.num_expert_groups={args.groups if grove else 0}",
+        f"moe.adjugate_ffn_hidden_size={args.adjugate_ffn}",
+        f"moe.adjugate_scale={args.adjugate_scale}", "moe.allow_large_adjugate_scale=true",
+        "moe.bias_update_rule=none",
+        f"moe.token_dispatcher_type={'grove_alltoall' if variant == 'group_aware' else 'alltoall'}",
+        f"parallel.expert_model_parallel_size={args.ep}", f"runtime.device={device.type}"])
+    return build_moe_layer(to_transformer_config(cfg)).to(device)
+
+
+class _DispatchMeter:
+    """Wraps a layer's ``dispatch`` stage: rows and bytes entering the dispatch all-to-all."""
+
+    def __init__(self, layer) -> None:
+        self.rows = self.bytes = 0
+        self._dispatch = layer.dispatch
+        layer.dispatch = self
+
+    def __call__(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        self.rows += hidden_states.shape[0]
+        self.bytes += (hidden_states.numel() * hidden_states.element_size()
+                       + probs.numel() * probs.element_size())
+        return self._dispatch(hidden_states, probs)
+
+
+def _uniform_routing(args: DispatchBenchmark, rank: int, device: torch.device):
+    """``probs [T, E]`` (softmax over the selection, 0 elsewhere) and ``routing_map [T, E]``."""
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    scores = torch.rand(args.tokens, args.experts, generator=gen)
+    chosen = scores.topk(args.topk).indices
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, chosen, True)
+    logits = torch.randn(args.tokens, args.experts, generator=gen)
+    probs = torch.softmax(logits.masked_fill(~routing_map, float("-inf")), dim=-1)
+    x = torch.randn(args.tokens, 1, args.hidden, generator=gen)
+    return probs.to(device), routing_map.to(device), x.to(device)
+
+
+def _worker(rank: int, args: DispatchBenchmark, init_file: str, queue) -> None:
+    import torch.distributed as dist
+
+    from megatron_grove.moe.counters import reset_moe_counters
+    from megatron_grove.runtime import destroy_parallel, initialize_parallel
+
+    try:
+        os.environ["LOCAL_RANK"] = str(rank)
+        runtime = initialize_parallel(expert_parallel=args.ep, device=args.device,
+                                      init_method=f"file://{init_file}", rank=rank,
+                                      world_size=args.ep, timeout_s=600)
+        device = runtime.device
+        if device.type == "cpu":  # share the cores between the processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ep))
+        probs, routing_map, x = _uniform_routing(args, rank, device)
+        result = {}
+        for variant in VARIANTS:
+            layer = _build_layer(args, variant, device)
+            router_probs = probs.clone().requires_grad_()
+            layer.route = lambda hidden_states, padding_mask=None: (router_probs, routing_map)
+            meter = _DispatchMeter(layer)
+            times = []
+            for it in range(args.warmup + args.iters):
+                if it == args.warmup:
+                    meter.rows = meter.bytes = 0
+                    reset_moe_counters(layer)
+                inp = x.clone().requires_grad_()
+                dist.barrier()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                began = time.perf_counter()
+                y, _ = layer(inp)
+                y.backward(torch.ones_like(y))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = torch.tensor([time.perf_counter() - began], dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                if it >= args.warmup:
+                    times.append(float(elapsed))
+            adjugate_rows = getattr(layer, "grove_counters", {}).get("adjugate_rows", 0)
+            totals = torch.tensor([meter.rows, meter.bytes, adjugate_rows], dtype=torch.float64)
+            dist.all_reduce(totals)
+            tokens = args.tokens * args.ep * args.iters
+            result[variant] = {"copies": float(totals[0]) / tokens,
+                               "bytes": float(totals[1]) / tokens,
+                               "adjugate_evals": float(totals[2]) / tokens,
+                               "time_s": statistics.median(times)}
+            del layer
+        if rank == 0:
+            queue.put(("ok", result, str(device)))
+        destroy_parallel()
+    except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
+        import traceback
+        queue.put(("error", f"rank {rank}: {exc}\n{traceback.format_exc()}", None))
+
+
+def run_dispatch_benchmark(args: DispatchBenchmark) -> dict:
+    """Spawn ``args.ep`` processes, run the three layers, return the summary."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.device_count() >= args.ep else "cpu"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_worker, args=(r, args, os.path.join(tmp, "init"), queue))
+                 for r in range(args.ep)]
+        for p in procs:
+            p.start()
+        status, payload, device = queue.get()
+        for p in procs:
+            p.join(timeout=60 if status == "ok" else 5)
+            if p.is_alive():
+                p.kill()
+    if status != "ok":
+        raise RuntimeError(payload)
+    per = payload
+    return {
+        "config": {k: v for k, v in asdict(args).items()
+                   if k in ("ep", "experts", "topk", "groups", "tokens", "hidden", "ffn",
+                            "adjugate_ffn", "iters")},
+        "device": f"{device} x {args.ep} ({'nccl' if device.startswith('cuda') else 'gloo'})",
+        "copies_per_token": {v: per[v]["copies"] for v in VARIANTS},
+        "bytes_per_token": {v: per[v]["bytes"] for v in VARIANTS},
+        "adjugate_evals_per_token": {v: per[v]["adjugate_evals"] for v in VARIANTS[1:]},
+        "time_s": {v: per[v]["time_s"] for v in VARIANTS},
+        "time_ratio_group_aware_vs_virtual":
+            per["group_aware"]["time_s"] / per["alltoall_virtual_adjugates"]["time_s"],
+        "time_ratio_group_aware_vs_alltoall":
+            per["group_aware"]["time_s"] / per["alltoall"]["time_s"],
+    }
+
+
+def format_dispatch_table(summary: dict) -> str:
+    c = summary["config"]
+    lines = [f"EP={c['ep']} E={c['experts']} k={c['topk']} G={c['groups']} "
+             f"tokens/rank={c['tokens']} H={c['hidden']} on {summary['device']}",
+             f"{'dispatcher':<28} {'copies/token':>12} {'bytes/token':>12} "
+             f"{'adjugate evals':>14} {'fwd+bwd s':>10}"]
+    for v in VARIANTS:
+        adj = summary["adjugate_evals_per_token"].get(v)
+        lines.append(f"{v:<28} {summary['copies_per_token'][v]:>12.3f} "
+                     f"{summary['bytes_per_token'][v]:>12.0f} "
+                     f"{'-' if adj is None else f'{adj:.3f}':>14} {summary['time_s'][v]:>10.4f}")
+    lines.append(f"time ratio group_aware / virtual adjugates: "
+                 f"{summary['time_ratio_group_aware_vs_virtual']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Carving a dense model end to end: read it (HF folder or ``.gguf``), calibrate on text, carve
+every FFN, write the Megatron checkpoint, its run config and the HF-style export into a new
+folder (built under a temporary name and renamed into place: a failed carving leaves nothing).
+
+Output folder::
+
+    megatron/   model-only Megatron checkpoint (checkpoint.load=...) + config.yaml (run config)
+    hf/         HF-style export: config.json (+ "cmoe"), safetensors, tokenizer files
+    carve.json  the carving record: shape, calibration, timings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_grove.cmoe.carve_model import CarveSpec
+
+__all__ = ["CarveJob", "calibration_token_windows", "default_calibration_text", "carve_model_to"]
+
+
+@dataclass
+class CarveJob:
+    """One carving (the carving tool's arguments)."""
+
+    model: str  # HF folder or .gguf file
+    spec: CarveSpec
+    output: str
+    calibration: Optional[str] = None  # text file; None: the embedded training corpus
+    calibration_tokens: int = 4096
+    window: int = 512
+    seq_length: int = 512  # model.seq_length of the written run config
+    progress: bool = True
+
+
+def calibration_token_windows(tokenizer, text: str, tokens: int, window: int) -> torch.Tensor:
+    """The first ``tokens`` tokens of ``text`` as ``[tokens // window, window]`` ids."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = min(tokens, len(ids)) // window
+    if rows < 1:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one window "
+                         f"({window}); give a longer --calibration file or a smaller --window")
+    return torch.tensor(ids[:rows * window]).reshape(rows, window)
+
+
+def default_calibration_text() -> str:
+    """The embedded training plays, concatenated."""
+    from megatron_grove.data import embedded_train_files
+
+    return "\n\n".join(Path(f).read_text() for f in embedded_train_files())
+
+
+def carve_model_to(job: CarveJob) -> dict:
+    """Run the carving (module docstring); return its record (also in ``carve.json``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_grove.checkpointing import TOKENIZER_DIR
+    from megatron_grove.cmoe.carve_model import calibration_inputs, carve_model, carved_run_config
+    from megatron_grove.cmoe.export import (
+        write_hf_export,
+        write_megatron_checkpoint,
+        write_run_config,
+    )
+    from megatron_grove.cmoe.gguf import gguf_to_hf_dir
+    from megatron_grove.hf_conversion.hf_config import grove_config_from_hf
+    from megatron_grove.hf_conversion.safetensors_io import (
+        HFTensors,
+        copy_tokenizer_files,
+        read_hf_config,
+    )
+
+    spec = job.spec
+    output = Path(job.output)
+    tmp = output.parent / f".{output.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        began = time.perf_counter()
+        hf_dir = Path(job.model)
+        if hf_dir.suffix == ".gguf":
+            hf_dir = gguf_to_hf_dir(hf_dir, tmp / "dense_from_gguf")
+        hf_config = read_hf_config(hf_dir)
+        with HFTensors(hf_dir) as tensors:
+            hf_state = {name: tensors[name].float() for name in tensors}
+        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        text = (Path(job.calibration).read_text() if job.calibration
+                else default_calibration_text())
+        windows = calibration_token_windows(tokenizer, text, job.calibration_tokens, job.window)
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        inputs = calibration_inputs(model, windows)
+        del model
+        calibrated = time.perf_counter()
+        carved = carve_model(hf_state, hf_config["num_hidden_layers"], inputs, spec,
+                             progress=job.progress)
+        carve_seconds = time.perf_counter() - began
+        write_hf_export(hf_dir, hf_config, hf_state, carved, spec, tmp / "hf")
+        dense_cfg = grove_config_from_hf(hf_config, hf_state)
+        # the tokenizer is the export's, at its place after the final rename
+        cfg = carved_run_config(dense_cfg, spec, job.seq_length, str((output / "hf").resolve()))
+        copy_tokenizer_files(tmp / "hf", tmp / "megatron" / TOKENIZER_DIR)  # its own copy
+        write_megatron_checkpoint(cfg, dense_cfg, hf_state, carved, tmp / "megatron")
+        write_run_config(cfg, tmp / "megatron")
+        record = {"spec": spec.name, "model": str(job.model),
+                  "calibration_tokens": int(windows.numel()), "window": job.window,
+                  "activation_topk": spec.active_neurons(hf_config["intermediate_size"]),
+                  "neurons_per_expert": spec.neurons_per_expert(hf_config["intermediate_size"]),
+                  "calibration_s": round(calibrated - began, 2),
+                  "construction_s": round(carve_seconds, 2)}
+        (tmp / "carve.json").write_text(json.dumps(record, indent=2) + "\n")
+        shutil.rmtree(tmp / "dense_from_gguf", ignore_errors=True)  # the .gguf's dense HF copy
+        os.rename(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record

@@ -1,0 +1,12 @@
+"""The Megatron ``GPTModel`` of a run (:mod:`.gpt`) and its decoder layer spec
+(:mod:`.layer_spec`: Megatron's GPT spec with our MoE layers plugged in)."""
+
+from megatron_grove.model.gpt import (
+                                      build_gpt_model,
+                                      causal_attention_mask,
+                                      init_params_layout_independent,
+                                      padded_vocab_size,
+)
+
+__all__ = ["build_gpt_model", "causal_attention_mask", "padded_vocab_size",
+           "init_params_layout_independent"]

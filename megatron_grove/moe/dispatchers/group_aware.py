@@ -1,0 +1,165 @@
+"""``GroupAwareAlltoAllDispatcher``: each token crosses the EP all-to-all once per destination
+rank, and a group's adjugate runs beside its experts, once per (token, group).
+
+Under expert parallelism (``ep`` ranks, ``ep | G``) rank ``r`` holds routed experts
+``r*L ... (r+1)*L - 1`` (``L = E/ep``: whole groups) and the adjugates of those groups (see
+:class:`~megatron_grove.moe.layout.ExpertLayout`). Megatron's ``MoEAlltoAllTokenDispatcher``
+sends one row per (token, expert) column of its routing map, the expert of column ``c`` living
+on rank ``c // num_local_experts``. We hand it ``ep`` columns, one pseudo-expert per rank, so it sends
+one row per (token, destination rank), and let it carry beside each row the token's routing
+weights of the destination's ``L`` experts (the "probs" channel of Megatron's
+``token_dispatch``, ``[rows, L]`` instead of ``[rows]``; their gradient flows back through the
+same all-to-all)::
+
+    source      probs/routing_map [T, E] -> rank_map [T, ep] = "selected an expert on rank r"
+                Megatron permute: hidden [T, H] -> rows [N, H] sorted by destination rank,
+                beside them weights [N, L] = probs[token, r*L:(r+1)*L]
+    all-to-all  Megatron's token_dispatch (rows and weights)
+    destination expert_batches: expand_to_local_experts, [R, L] weights -> (row, local
+                expert) and (row, local group) index lists; the layer runs its routed
+                experts (weighted) and adjugates (unweighted) on them;
+                combine_outputs: reduce_to_received_tokens, one partial sum per received
+                row [R, H] (the Grove combine applies lam x the group's weight)
+    all-to-all  Megatron's token_combine (weight 1: the probs are already applied)
+    source      Megatron's unpermute adds each token's partial sums: [T, H]
+
+:func:`expand_to_local_experts` and :func:`reduce_to_received_tokens` are the local permute and
+the per-token reduction; they run the :mod:`megatron_grove.kernels` ops (permute, unpermute,
+Grove combine) with ``config.grove_kernels_backend``; :class:`LocalExpansion` documents the
+index tensors they share.
+
+A selected expert is recognised on the destination by a non-zero weight: an expert selected
+with weight exactly 0 (fp32 underflow) adds nothing to the output and is skipped, so the
+router gets no gradient through it (the stock dispatchers would pass ``E_i(x) . dy``).
+Tensor parallelism (with sequence parallelism, as Megatron requires for MoE) is Megatron's:
+after the EP all-to-all its dispatcher gathers the received rows and their weights over the TP
+group, and the TP-split experts and adjugates run on them. Dropless routing only (no capacity
+factor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_grove.kernels.grove_combine import grove_combine
+from megatron_grove.kernels.permute import permute, sorted_rows, unpermute
+from megatron_grove.megatron_config import GroveTransformerConfig
+from megatron_grove.moe.dispatchers.base import (
+    DispatchedTokens,
+    ExpertBatch,
+    GroveDispatcher,
+    columns_config,
+)
+from megatron_grove.moe.dispatchers.virtual_experts import VariableCopiesAlltoAll
+from megatron_grove.moe.layout import ExpertLayout
+
+__all__ = ["GroupAwareAlltoAllDispatcher", "LocalExpansion", "expand_to_local_experts",
+           "reduce_to_received_tokens"]
+
+
+@dataclass
+class LocalExpansion:
+    """How the ``R`` rows a rank received map to its local experts and adjugates.
+
+    ``routed_rows [N_r]`` (int64): the received row of each (row, local expert) pair, sorted
+    by local expert (then row); ``routed_probs [N_r]``: its routing weight;
+    ``tokens_per_expert [L]`` (int64, CPU): pairs per local expert.
+    ``adjugate_rows [N_a]``, ``adjugate_groups [N_a]`` (local group index),
+    ``tokens_per_adjugate [G/ep]`` (int64, CPU): the same for (row, local group) pairs; their
+    weight (``lam`` x the group's summed routing weight) is applied by the combine.
+    """
+
+    routed_rows: torch.Tensor
+    routed_probs: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    adjugate_rows: torch.Tensor
+    adjugate_groups: torch.Tensor
+    tokens_per_adjugate: torch.Tensor
+
+
+def expand_to_local_experts(weights: torch.Tensor, experts_per_group: int) -> LocalExpansion:
+    """Received routing weights ``[R, L]`` (0 where the row's token did not select the local
+    expert; ``L`` a multiple of ``experts_per_group``) -> the (row, expert) and (row, group)
+    pairs to compute."""
+    R, L = weights.shape
+    selected = weights != 0
+    routed_rows, routed_experts, tokens_per_expert = sorted_rows(selected)
+    group_hit = selected.reshape(R, L // experts_per_group, experts_per_group).any(dim=-1)
+    adjugate_rows, adjugate_groups, tokens_per_adjugate = sorted_rows(group_hit)
+    return LocalExpansion(routed_rows, weights[routed_rows, routed_experts],
+                          tokens_per_expert.cpu(), adjugate_rows, adjugate_groups,
+                          tokens_per_adjugate.cpu())
+
+
+def reduce_to_received_tokens(routed_output: torch.Tensor, adjugate_output: torch.Tensor,
+                              expansion: LocalExpansion, weights: torch.Tensor,
+                              experts_per_group: int, adjugate_scale: float,
+                              backend: str = "torch") -> torch.Tensor:
+    """Weighted expert outputs ``[N_r, H]`` and unweighted adjugate outputs ``[N_a, H]`` (rows
+    as in ``expansion``), received weights ``[R, L]`` -> one partial sum per received row
+    ``[R, H]``: the routed scatter-add (:func:`megatron_grove.kernels.permute.unpermute`), then
+    the Grove combine (:func:`megatron_grove.kernels.grove_combine.grove_combine`: group weights
+    and scatter-add)."""
+    partial = unpermute(routed_output, expansion.routed_rows, None, weights.shape[0], backend)
+    return grove_combine(adjugate_output.to(partial.dtype), expansion.adjugate_rows,
+                         expansion.adjugate_groups, weights, experts_per_group, adjugate_scale,
+                         base=partial, backend=backend)
+
+
+class GroupAwareAlltoAllDispatcher(GroveDispatcher, VariableCopiesAlltoAll):
+    """Megatron's all-to-all dispatcher over one pseudo-expert per EP rank (a token has 1..ep
+    rows, so the permutation is sized by the routing map's count).
+
+    ``dispatch_preprocess(hidden [S, B, H], routing_map [T, E], probs [T, E])`` -> rows
+    ``[N, H]`` and weights ``[N, L]`` (``N`` = (token, destination rank) pairs, sorted by
+    rank); ``token_dispatch`` delivers the ``[R, H]`` rows and ``[R, L]`` weights this rank
+    receives (ordered by source rank); :meth:`expert_batches` expands them to local (row,
+    expert) and (row, group) pairs; :meth:`combine_outputs` reduces the banks' outputs to one
+    partial sum per received row; ``token_combine`` / ``combine_postprocess`` take them back and
+    add them per token: ``[S, B, H]``.
+    """
+
+    def __init__(self, config: GroveTransformerConfig, layout: ExpertLayout, ep_rank: int,
+                 pg_collection=None) -> None:
+        super().__init__(1, [ep_rank], config=columns_config(config, layout.ep_size),
+                         pg_collection=pg_collection)
+        self.layout = layout
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
+                            probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``routing_map``/``probs`` ``[T, E]`` (probs 0 off the selection) -> rows ``[N, H]``
+        and their destination's weights ``[N, L]``."""
+        T, ep, L = routing_map.shape[0], self.layout.ep_size, self.layout.local_experts
+        rank_map = routing_map.reshape(T, ep, L).any(dim=-1)
+        rows, _ = super().dispatch_preprocess(hidden_states, rank_map, rank_map.to(probs.dtype))
+        source_token = self.reversed_local_input_permutation_mapping  # [N]
+        destination = torch.repeat_interleave(
+            torch.arange(ep, device=rank_map.device), rank_map.sum(dim=0))  # [N]
+        weights = probs.reshape(T, ep, L)[source_token, destination]
+        self.rows_sent = rows.shape[0]
+        return rows, weights
+
+    def expert_batches(self, hidden_states: torch.Tensor, probs: torch.Tensor
+                       ) -> DispatchedTokens:
+        """Received rows ``[R, H]`` and weights ``[R, L]`` -> the routed experts' (row, expert)
+        rows with their weights, the adjugates' (row, group) rows with weight 1."""
+        rows, _, weights = self.dispatch_postprocess(hidden_states, probs)
+        backend = self.config.grove_kernels_backend
+        expansion = expand_to_local_experts(weights, self.layout.experts_per_group)
+        adjugate_rows = permute(rows, expansion.adjugate_rows, backend)
+        return DispatchedTokens(
+            routed=ExpertBatch(permute(rows, expansion.routed_rows, backend),
+                               expansion.tokens_per_expert, expansion.routed_probs),
+            adjugate=ExpertBatch(adjugate_rows, expansion.tokens_per_adjugate,
+                                 adjugate_rows.new_ones(adjugate_rows.shape[0])),
+            combine_state=(expansion, weights))
+
+    def combine_outputs(self, routed_output: torch.Tensor, adjugate_output: torch.Tensor,
+                        tokens: DispatchedTokens) -> torch.Tensor:
+        expansion, weights = tokens.combine_state
+        partial = reduce_to_received_tokens(
+            routed_output, adjugate_output, expansion, weights, self.layout.experts_per_group,
+            self.layout.adjugate_scale, self.config.grove_kernels_backend)
+        return self.combine_preprocess(partial)

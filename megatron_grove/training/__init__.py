@@ -1,0 +1,14 @@
+"""Pretraining: the loop (:mod:`.loop`: Megatron DDP, optimizer, LR schedule, forward/backward
+schedule) and its per-step metrics (:mod:`.metrics`: ``metrics.jsonl`` + TensorBoard)."""
+
+from megatron_grove.training.loop import (
+                                          TrainingSetup,
+                                          freeze_untrainable,
+                                          micro_batches,
+                                          resolve_checkpoint_load,
+                                          setup_training,
+                                          train,
+)
+
+__all__ = ["TrainingSetup", "setup_training", "train", "resolve_checkpoint_load",
+           "micro_batches", "freeze_untrainable"]

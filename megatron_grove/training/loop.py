@@ -1,0 +1,255 @@
+"""The pretraining loop: Megatron's DDP, optimizer, LR schedule and forward/backward schedule.
+
+One step = one global batch of ``train.global_batch_size`` sequences: each data-parallel rank
+takes its contiguous slice, split into micro-batches of ``train.micro_batch_size``. The
+samples of step ``s`` are fixed by the step number alone, so a resumed run sees exactly the
+data an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from tqdm import tqdm
+
+from megatron_grove.checkpointing import (
+    TrainState,
+    latest_iteration,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megatron_grove.config import GroveConfig, config_to_dict, validate_layout
+from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix
+from megatron_grove.data.tokenizer import load_tokenizer
+from megatron_grove.megatron_config import (
+    TORCH_DTYPES,
+    GroveTransformerConfig,
+    to_transformer_config,
+)
+from megatron_grove.model import build_gpt_model, causal_attention_mask
+from megatron_grove.moe.balancing import update_expert_bias
+from megatron_grove.moe.counters import collect_moe_counters, reset_moe_counters
+from megatron_grove.runtime import ParallelRuntime, initialize_parallel
+from megatron_grove.runtime.acceleration import resolve_acceleration
+from megatron_grove.training.metrics import MetricsWriter
+
+__all__ = ["TrainingSetup", "setup_training", "train", "resolve_checkpoint_load",
+           "micro_batches", "freeze_untrainable"]
+
+
+def micro_batches(dataset, step: int, global_batch_size: int, micro_batch_size: int,
+                  dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches of 1-based ``step`` for one data-parallel rank; each value ``[mbs, s]``."""
+    per_rank = global_batch_size // dp_size
+    first = (step - 1) * global_batch_size + dp_rank * per_rank
+    out = []
+    for start in range(first, first + per_rank, micro_batch_size):
+        samples = [dataset[i] for i in range(start, start + micro_batch_size)]
+        out.append({key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                    for key in ("tokens", "labels", "loss_mask", "position_ids")})
+    return out
+
+
+def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Per-token losses ``[b, s]`` -> mean over unmasked tokens (+ a detached copy to log)."""
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(output.reshape(-1).float() * mask) / mask.sum().clamp(min=1)
+    # clone: Megatron's schedule divides the returned loss by the micro-batch count in place
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(attention_mask: torch.Tensor, device: torch.device,
+                  data_iterator: Iterator[dict], model: torch.nn.Module):
+    batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
+    return output, functools.partial(_masked_mean_loss, batch["loss_mask"])
+
+
+def freeze_untrainable(model: torch.nn.Module, trainable: str) -> None:
+    """``train.trainable``: 'all', or 'router' (only the MoE routers' parameters get gradients,
+    e.g. a carved CMoE model's router scale). Call before wrapping in DDP."""
+    if trainable == "all":
+        return
+    for name, param in model.named_parameters():
+        param.requires_grad_(".router." in name)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"train.trainable={trainable}: the model has no such parameters")
+
+
+def _dp_mean(value: torch.Tensor) -> float:
+    group = parallel_state.get_data_parallel_group()
+    value = value.detach().clone()
+    dist.all_reduce(value, group=group)
+    return float(value) / dist.get_world_size(group)
+
+
+def _build_optimizer(cfg: GroveConfig, model: torch.nn.Module, dtype: torch.dtype):
+    t = cfg.train
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+                        clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
+        [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=t.iters, lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay,
+        end_wd=t.weight_decay, wd_incr_steps=t.iters, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def _dataset(cfg: GroveConfig, tokenizer):
+    # embedded_corpus_prefix is safe to call from every rank at once (atomic tmp + rename)
+    prefix = cfg.data.path or embedded_corpus_prefix(tokenizer=tokenizer)
+    return build_gpt_dataset(prefix, cfg.model.seq_length,
+                             num_samples=cfg.train.iters * cfg.train.global_batch_size,
+                             seed=cfg.train.seed, tokenizer=tokenizer)
+
+
+@dataclass
+class TrainingSetup:
+    """Everything a training run holds; built by :func:`setup_training`."""
+
+    runtime: ParallelRuntime
+    dp_size: int
+    dp_rank: int
+    tconfig: GroveTransformerConfig
+    model: DistributedDataParallel
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+    dataset: Any
+
+
+def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
+    """Build data, model (wrapped in Megatron DDP), optimizer and LR schedule on this rank."""
+    dp_size = validate_layout(cfg, runtime.world_size)
+    dtype = TORCH_DTYPES[cfg.runtime.dtype]
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    dataset = _dataset(cfg, tokenizer)
+    tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=runtime.device.type == "cpu",
+                                    acceleration=resolve_acceleration(cfg, runtime.device.type))
+    model = build_gpt_model(tconfig, cfg.model.vocab_size or tokenizer.vocab_size,
+                            cfg.model.seq_length, cfg.model.rotary_base,
+                            cfg.model.tie_embeddings, seed=cfg.train.seed).to(runtime.device)
+    freeze_untrainable(model, cfg.train.trainable)
+    if dtype == torch.bfloat16:
+        # Megatron's mixed-precision wrapper: every weight in bf16 (the torch norms too, which
+        # Megatron's bf16 optimizer requires of the params it checkpoints), outputs in fp32;
+        # the routers keep their fp32 expert bias (_maintain_float32_expert_bias).
+        model = Float16Module(tconfig, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    model = DistributedDataParallel(config=tconfig, module=model, ddp_config=ddp_config)
+    optimizer, scheduler = _build_optimizer(cfg, model, dtype)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = model.no_sync
+    return TrainingSetup(runtime=runtime, dp_size=dp_size,
+                         dp_rank=parallel_state.get_data_parallel_rank(), tconfig=tconfig,
+                         model=model, optimizer=optimizer, scheduler=scheduler, dataset=dataset)
+
+
+def resolve_checkpoint_load(cfg: GroveConfig) -> str | None:
+    """``checkpoint.load: auto`` = resume from ``checkpoint.save`` when it holds a complete
+    checkpoint, else start fresh (so one command both starts and restarts a job)."""
+    load, save = cfg.checkpoint.load, cfg.checkpoint.save
+    if load != "auto":
+        return load
+    return save if save and latest_iteration(save) is not None else None
+
+
+def train(cfg: GroveConfig) -> list[dict[str, Any]]:
+    """Run the configured training; return the per-step metric records (all ranks)."""
+    p, t = cfg.parallel, cfg.train
+    runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
+                                  p.pipeline_model_parallel_size, seed=t.seed,
+                                  device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
+    setup = setup_training(cfg, runtime)
+    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    dataset, dp_rank, dp_size = setup.dataset, setup.dp_rank, setup.dp_size
+    device, is_first = runtime.device, runtime.rank == 0
+
+    start = 0
+    load = resolve_checkpoint_load(cfg)
+    if load:
+        state = load_checkpoint(load, model, optimizer)
+        if state.scheduler is not None:  # None: model-only checkpoint, training starts there
+            scheduler.load_state_dict(state.scheduler)
+        start = state.step
+        if is_first:
+            print(f"resumed from checkpoint step {start} in {Path(load).resolve()}", flush=True)
+    if start >= t.iters and is_first:
+        print(f"checkpoint is at step {start} >= train.iters={t.iters}: nothing to train")
+
+    metrics = MetricsWriter(cfg.logging.dir, enabled=is_first,
+                            tensorboard=cfg.logging.tensorboard, resume_step=start)
+    mask = causal_attention_mask(cfg.model.seq_length, device)
+    forward_step = functools.partial(_forward_step, mask, device)
+    forward_backward = get_forward_backward_func()
+    bar = tqdm(total=t.iters, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=not (is_first and cfg.logging.progress_bar))
+    records: list[dict[str, Any]] = []
+    last_saved = start
+    for step in range(start + 1, t.iters + 1):
+        began = time.perf_counter()
+        batches = micro_batches(dataset, step, t.global_batch_size, t.micro_batch_size,
+                                dp_rank, dp_size)
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reset_moe_counters(model)
+        losses = forward_backward(forward_step_func=forward_step, data_iterator=iter(batches),
+                                  model=[model], num_microbatches=len(batches),
+                                  seq_length=cfg.model.seq_length,
+                                  micro_batch_size=t.micro_batch_size, forward_only=False)
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        expert_load = update_expert_bias([model], cfg.moe.bias_update_rule,
+                                         cfg.moe.bias_update_rate)
+        loss = _dp_mean(torch.stack([d["lm loss"] for d in losses]).mean())
+        elapsed = time.perf_counter() - began
+        record = {
+            "step": step, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "tokens_per_s": t.global_batch_size * cfg.model.seq_length / elapsed,
+            "step_time_s": elapsed,
+            "expert_load": [[int(x) for x in layer.tolist()] for layer in expert_load],
+            **collect_moe_counters(model, t.global_batch_size * cfg.model.seq_length),
+        }
+        records.append(record)
+        if step % cfg.logging.log_interval == 0 or step == t.iters:
+            metrics.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+        bar.update(1)
+        stopping = step == t.iters or step == t.exit_at_iter
+        interval = cfg.checkpoint.save_interval
+        if cfg.checkpoint.save and (stopping or (interval and step % interval == 0)):
+            save_checkpoint(cfg.checkpoint.save, model, optimizer,
+                            TrainState(step=step, consumed_samples=step * t.global_batch_size,
+                                       scheduler=scheduler.state_dict(),
+                                       config=config_to_dict(cfg)),
+                            optimizer_format=cfg.checkpoint.optimizer_format)
+            last_saved = step
+        if stopping:
+            break
+    bar.close()
+    metrics.close()
+    if is_first and cfg.checkpoint.save and last_saved > start:
+        print(f"saved checkpoint step {last_saved} to {Path(cfg.checkpoint.save).resolve()}")
+    return records
