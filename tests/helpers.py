@@ -487,14 +487,16 @@ ROUTER_EXPERTS = 8
 
 
 def router_config(score_function: str = "softmax", rule: str = "paper", topk: int = 2,
-                  aux_loss_coeff: float = 0.0, **megatron_fields: Any) -> GroveTransformerConfig:
+                  aux_loss_coeff: float = 0.0, norm_topk_prob: bool = True,
+                  bias_in_selection: bool = True, **megatron_fields: Any) -> GroveTransformerConfig:
     """A one-layer MoE config (hidden ``HIDDEN``, 8 experts) for router tests;
     ``megatron_fields`` set Megatron fields no YAML key reaches (to test refusals)."""
     config = transformer_config(
         model__num_layers=1, model__hidden_size=HIDDEN, model__num_attention_heads=1,
         moe__num_experts=ROUTER_EXPERTS, moe__ffn_hidden_size=8, moe__router_topk=topk,
         moe__router_score_function=score_function, moe__aux_loss_coeff=aux_loss_coeff,
-        moe__bias_update_rule=rule)
+        moe__bias_update_rule=rule, moe__norm_topk_prob=str(norm_topk_prob).lower(),
+        moe__expert_bias_in_selection=str(bias_in_selection).lower())
     for name, value in megatron_fields.items():
         setattr(config, name, value)
     return config
