@@ -48,15 +48,15 @@ def pick_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generat
 
 @torch.no_grad()
 def generate_with_logits(logits_of: Callable[[torch.Tensor], torch.Tensor], prompt: list[int],
-                         sampling: Sampling, context: int, eos: Optional[int] = None
-                         ) -> list[int]:
-    """New tokens after ``prompt``; ``logits_of(ids [1, n]) -> [1, n, V]`` sees at most the
-    last ``context`` tokens."""
+                         sampling: Sampling, context: int, eos: Optional[int] = None,
+                         device: torch.device | str = "cpu") -> list[int]:
+    """New tokens after ``prompt``; ``logits_of(ids [1, n] on device) -> [1, n, V]`` sees at
+    most the last ``context`` tokens."""
     generator = torch.Generator().manual_seed(sampling.seed)
     ids = list(prompt)
     for _ in range(sampling.max_new_tokens):
-        window = torch.tensor([ids[-context:]], dtype=torch.int64)
-        token = pick_next(logits_of(window)[0, -1], sampling, generator)
+        window = torch.tensor([ids[-context:]], dtype=torch.int64, device=device)
+        token = pick_next(logits_of(window)[0, -1].cpu(), sampling, generator)
         ids.append(token)
         if token == eos:
             break
@@ -77,7 +77,7 @@ def _transformers_generate(model) -> Callable[[list[int], Sampling, Optional[int
     @torch.no_grad()
     def generate(prompt: list[int], sampling: Sampling, eos: Optional[int]) -> list[int]:
         torch.manual_seed(sampling.seed)
-        ids = torch.tensor([prompt], dtype=torch.int64)
+        ids = torch.tensor([prompt], dtype=torch.int64, device=model.device)
         sample = sampling.temperature > 0
         out = model.generate(ids, attention_mask=torch.ones_like(ids),
                              max_new_tokens=sampling.max_new_tokens, do_sample=sample,
@@ -89,11 +89,12 @@ def _transformers_generate(model) -> Callable[[list[int], Sampling, Optional[int
     return generate
 
 
-def load_generator(path: str | Path, backend: str = "auto") -> Generator:
+def load_generator(path: str | Path, backend: str = "auto",
+                   device: torch.device | str = "cpu") -> Generator:
     """The checkpoint at ``path`` (Megatron root / ``iter_*`` folder, or an HF folder) ready to
-    generate; ``backend``: ``auto`` (``transformers`` for an HF folder it can run, else
-    ``ours``), ``transformers`` or ``ours`` (module docstring). ``ours`` needs a world
-    (:func:`~megatron_grove.runtime.single_process_world`). Raises ``ValueError`` for a
+    generate on ``device`` (fp32); ``backend``: ``auto`` (``transformers`` for an HF folder it
+    can run, else ``ours``), ``transformers`` or ``ours`` (module docstring). ``ours`` needs a
+    world (:func:`~megatron_grove.runtime.single_process_world`). Raises ``ValueError`` for a
     ``transformers`` request it cannot serve."""
     from megatron_grove.evaluation import gpt_logits, load_for_evaluation
     from megatron_grove.hf_conversion import is_hf_checkpoint
@@ -102,7 +103,7 @@ def load_generator(path: str | Path, backend: str = "auto") -> Generator:
     path = Path(path)
     hf = is_hf_checkpoint(path)
     if backend != "ours" and hf:
-        loaded = load_transformers_model(path)
+        loaded = load_transformers_model(path, device)
         if loaded is not None:
             model, runner = loaded
             tokenizer = str(path) if (path / "tokenizer.json").is_file() else None
@@ -111,12 +112,12 @@ def load_generator(path: str | Path, backend: str = "auto") -> Generator:
     if backend == "transformers":
         raise ValueError(f"{path}: transformers cannot run this checkpoint (not a Hugging Face "
                          "folder with stock or our GroveMoE modelling code); use --backend ours")
-    loaded = load_for_evaluation(path, "fp32")
+    loaded = load_for_evaluation(path, "fp32", device)
     model, cfg = loaded.model.eval(), loaded.config
 
     def generate(prompt: list[int], sampling: Sampling, eos: Optional[int]) -> list[int]:
         return generate_with_logits(lambda ids: gpt_logits(model, ids, cfg.model.vocab_size),
-                                    prompt, sampling, cfg.model.seq_length, eos)
+                                    prompt, sampling, cfg.model.seq_length, eos, device)
 
     return Generator(f"our model code ({loaded.format} checkpoint, no KV cache)",
                      loaded.tokenizer_dir, generate)

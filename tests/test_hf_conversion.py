@@ -9,9 +9,11 @@ import torch
 
 from helpers import (
     all_tensors,
+    grove_family_config,
     hf_perplexity,
     in_world,
     our_perplexity,
+    random_model_state,
     random_tokens,
     run_script,
     tiny_llama,
@@ -121,8 +123,6 @@ def test_packed_expert_layouts_convert_like_per_expert_ones(qwen3_moe, tmp_path)
     """Qwen3-MoE as transformers 5 holds it in memory (packed experts), and a GroveMoE export
     with packed experts and adjugates: the same global state dict, bit for bit."""
     from safetensors.torch import save_file
-
-    from helpers import grove_family_config, random_model_state
 
     folder, hf_model = qwen3_moe
     grove_cfg = grove_family_config("tiny_cpu", "model.vocab_size=300")

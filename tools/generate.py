@@ -1,7 +1,8 @@
 """Generate text from a Megatron or Hugging Face checkpoint: prompt in, text out.
 
     python tools/generate.py --checkpoint DIR --prompt "To be, or not to be" [--max-new-tokens N]
-        [--temperature T --top-k K --seed S] [--backend auto|transformers|ours] [--json]
+        [--temperature T --top-k K --seed S] [--backend auto|transformers|ours] [--device D]
+        [--json]
 
 DIR is auto-detected: a Megatron checkpoint (root or iter_* folder; our model code) or a
 Hugging Face folder (transformers' generate() with a KV cache when transformers can run it:
@@ -46,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="sampling: top-k tokens (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--backend", choices=["auto", "transformers", "ours"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: cuda when available (fp32 either way)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     return parser.parse_args(argv)
 
@@ -81,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed)
     try:
-        with single_process_world(device="cpu"):
-            generator = load_generator(args.checkpoint, args.backend)
+        with single_process_world(device=args.device) as runtime:
+            generator = load_generator(args.checkpoint, args.backend, runtime.device)
             if generator.tokenizer_dir is None:
                 return fail(PROG, f"--checkpoint {args.checkpoint}: carries no tokenizer")
             tokenizer = load_tokenizer(generator.tokenizer_dir)

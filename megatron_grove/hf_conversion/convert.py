@@ -16,6 +16,7 @@ reads them).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -125,7 +126,7 @@ def convert_checkpoint(job: Conversion, progress: bool = True) -> ConversionResu
         else:
             cfg, state = load_megatron_state(job.input)
             tokenizer_dir = checkpoint_tokenizer(job.input)
-        source_cfg = cfg
+        source_cfg = copy.deepcopy(cfg)
         if job.upcycle_grove:
             cfg, state = upcycle_to_grove(cfg, state, job.num_expert_groups,
                                           job.adjugate_ffn_hidden_size, job.adjugate_scale,
@@ -162,8 +163,6 @@ def _verify(job: Conversion, source_cfg: GroveConfig, state: dict[str, torch.Ten
             result: ConversionResult) -> LogitsComparison:
     """Source vs written target on sample tokens. When the routing was changed on purpose
     (``--drop-expert-bias``) the reference is the source with that change applied."""
-    import copy
-
     from megatron_grove.hf_conversion.runners import checkpoint_logits, model_logits, sample_tokens
     from megatron_grove.hf_conversion.verify import compare_logits
 

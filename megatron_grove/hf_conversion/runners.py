@@ -62,10 +62,10 @@ def _is_our_remote_code(folder: Path) -> bool:
                remote_code.source(name) for name in remote_code.REMOTE_CODE_FILES)
 
 
-def load_transformers_model(path: str | Path):
-    """The HF folder at ``path`` as a ``transformers`` causal LM in fp32 and a phrase naming
-    what runs it, when ``transformers`` can run it (stock Llama / Qwen3 / Qwen3-MoE, or a
-    GroveMoE export whose modelling code is byte for byte ours); else None."""
+def load_transformers_model(path: str | Path, device: torch.device | str = "cpu"):
+    """The HF folder at ``path`` as a ``transformers`` causal LM in fp32 on ``device`` and a
+    phrase naming what runs it, when ``transformers`` can run it (stock Llama / Qwen3 /
+    Qwen3-MoE, or a GroveMoE export whose modelling code is byte for byte ours); else None."""
     import transformers
 
     path = Path(path)
@@ -76,7 +76,7 @@ def load_transformers_model(path: str | Path):
     if not (ours or stock):
         return None
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=ours).eval()
+        path, dtype=torch.float32, trust_remote_code=ours).eval().to(device)
     return model, (f"transformers {transformers.__version__}"
                    + (" with the export's GroveMoE modelling code" if ours else ""))
 
