@@ -257,7 +257,9 @@ def our_perplexity(cfg, state, tokens, seq_length: int = 32) -> float:
     return in_world(_our_perplexity, cfg, state, tokens, seq_length)
 
 
-def _random_model_state(cfg, seed: int, bias_std: float) -> dict[str, torch.Tensor]:
+def random_model_state_here(cfg, seed: int = 0, bias_std: float = 0.2
+                            ) -> dict[str, torch.Tensor]:
+    """:func:`random_model_state` inside an existing (forked) world."""
     from megatron_grove.hf_conversion import build_model, model_state_dict
 
     torch.manual_seed(seed)
@@ -273,7 +275,7 @@ def _random_model_state(cfg, seed: int, bias_std: float) -> dict[str, torch.Tens
 def random_model_state(cfg, seed: int = 0, bias_std: float = 0.2) -> dict[str, torch.Tensor]:
     """The global state dict of our model for ``cfg`` at random initial weights (built in a
     forked world), every expert bias drawn from ``N(0, bias_std^2)``."""
-    return in_world(_random_model_state, cfg, seed, bias_std)
+    return in_world(random_model_state_here, cfg, seed, bias_std)
 
 
 # Every Grove config of configs/ at a CPU-sized width and depth: the same experts, top-k,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import grove_family_config, in_world, random_model_state
+from helpers import grove_family_config, in_world, random_model_state_here
 from megatron_grove.evaluation import window_perplexity
 from megatron_grove.hf_conversion import load_hf_checkpoint, save_hf_checkpoint
 
@@ -35,16 +35,21 @@ def tokens_for(cfg, count: int = 4 * SEQ + 1, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, cfg.model.vocab_size, count).astype(np.int64)
 
 
-def _ours(cfg, state, back_cfg, back_state, tokens):
+def _export_and_evaluate(cfg, seed: int, folder, tokens):
+    """In one world: random weights (non-zero bias), the HF export, its import, and our
+    evaluator's perplexity of both."""
     from megatron_grove.evaluation import perplexity
     from megatron_grove.hf_conversion import build_model, load_state_into_model
 
-    out = []
+    state = random_model_state_here(cfg, seed)
+    save_hf_checkpoint(folder, cfg, state)
+    back_cfg, back_state = load_hf_checkpoint(folder)
+    ppl = []
     for c, s in ((cfg, state), (back_cfg, back_state)):
         model = build_model(c)
         load_state_into_model(model, c, s)
-        out.append(perplexity(model, tokens, SEQ, c.model.vocab_size, progress=False).ppl)
-    return out
+        ppl.append(perplexity(model, tokens, SEQ, c.model.vocab_size, progress=False).ppl)
+    return state, back_cfg, back_state, ppl
 
 
 def load_with_transformers(folder):
@@ -66,31 +71,32 @@ SLOW = {"tiny_cpu-sigmoid-unnormalised-bias-not-selecting", "grovemoe_33b_a3b-si
 def test_export_matches_our_evaluator_and_round_trips(case, tmp_path):
     family, overrides = CASES[case]
     cfg = grove_family_config(family, *overrides)
-    state = random_model_state(cfg, seed=len(case))
-    save_hf_checkpoint(tmp_path / "hf", cfg, state)
+    tokens = tokens_for(cfg)
+    state, back_cfg, back_state, (ours, ours_back) = in_world(
+        _export_and_evaluate, cfg, len(case), tmp_path / "hf", tokens)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "grove_moe" and "AutoModelForCausalLM" in config["auto_map"]
     assert (config["scoring_func"], config["norm_topk_prob"], config["expert_bias_in_selection"]
             ) == tuple(getattr(cfg.moe, k) for k in ROUTING)
 
-    back_cfg, back_state = load_hf_checkpoint(tmp_path / "hf")
     assert back_state.keys() == state.keys()
     assert all(torch.equal(back_state[n], state[n]) for n in state), "round trip not bitwise"
     assert [getattr(back_cfg.moe, k) for k in ROUTING] == [getattr(cfg.moe, k) for k in ROUTING]
-
-    tokens = tokens_for(cfg)
-    ours, ours_back = in_world(_ours, cfg, state, back_cfg, back_state, tokens)
     assert ours_back == ours  # the same weights and routing evaluate identically
     hf_model = load_with_transformers(tmp_path / "hf")
     theirs = window_perplexity(lambda ids: hf_model(ids, use_cache=False).logits, tokens, SEQ).ppl
     assert theirs == pytest.approx(ours, rel=1e-5)
 
 
-def _our_greedy(cfg, state, prompt, new_tokens):
+def _export_and_our_greedy(cfg, folder, prompt, new_tokens):
+    """In one world: random weights (non-zero bias), the HF export, and our model's greedy
+    tokens after ``prompt``."""
     from megatron_grove.evaluation import gpt_logits
     from megatron_grove.generation import Sampling, generate_with_logits
     from megatron_grove.hf_conversion import build_model, load_state_into_model
 
+    state = random_model_state_here(cfg, seed=3)
+    save_hf_checkpoint(folder, cfg, state)
     model = build_model(cfg).eval()
     load_state_into_model(model, cfg, state)
     return generate_with_logits(lambda ids: gpt_logits(model, ids, cfg.model.vocab_size),
@@ -101,10 +107,9 @@ def _our_greedy(cfg, state, prompt, new_tokens):
                                             pytest.param("sigmoid", marks=pytest.mark.e2e)))
 def test_generate_with_kv_cache_equals_our_greedy_tokens(score_function, tmp_path):
     cfg = grove_family_config("tiny_cpu", f"moe.router_score_function={score_function}")
-    state = random_model_state(cfg, seed=3)
-    save_hf_checkpoint(tmp_path / "hf", cfg, state)
-    model = load_with_transformers(tmp_path / "hf")
     prompt = tokens_for(cfg, 12, seed=1).tolist()
+    ours = in_world(_export_and_our_greedy, cfg, tmp_path / "hf", prompt, 16)
+    model = load_with_transformers(tmp_path / "hf")
     lengths = []
     model.model.embed_tokens.register_forward_hook(
         lambda module, args, out: lengths.append(args[0].shape[1]))
@@ -112,5 +117,4 @@ def test_generate_with_kv_cache_equals_our_greedy_tokens(score_function, tmp_pat
     cached = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=True)[0, 12:]
     assert lengths[0] == 12 and set(lengths[1:]) == {1}, "generate() did not use the KV cache"
     uncached = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=False)[0, 12:]
-    assert cached.tolist() == uncached.tolist()
-    assert cached.tolist() == in_world(_our_greedy, cfg, state, prompt, 16)
+    assert cached.tolist() == uncached.tolist() == ours
