@@ -23,6 +23,9 @@ main keys:
   needs parallel.sequence_parallel=true) / runtime.dtype (fp32|bf16)
   moe.num_experts / moe.router_topk / moe.num_expert_groups / moe.adjugate_ffn_hidden_size
   moe.adjugate_scale / moe.router_score_function / moe.bias_update_rule / moe.bias_update_rate
+  moe.norm_topk_prob (false: unnormalised top-k weights) / moe.expert_bias_in_selection (false:
+  the bias is kept but neither selects nor is updated); a resumed run must keep the routing
+  keys of its checkpoint (one-line error otherwise)
   data.path (Megatron .bin/.idx prefix from tools/preprocess_data.py; default: embedded corpus)
   checkpoint.save / checkpoint.load (a folder, or auto: checkpoint.save if it holds a
   checkpoint) / checkpoint.save_interval / logging.dir / runtime.dist_timeout_s

@@ -24,7 +24,7 @@ __all__ = [
     "CheckpointConfig", "LoggingConfig", "RuntimeConfig", "KernelsConfig", "PrecisionConfig",
     "GroveConfig",
     "load_config", "read_yaml_config", "apply_overrides", "config_to_dict", "config_from_dict",
-    "validate_layout",
+    "validate_layout", "ROUTING_KEYS", "routing_differences",
 ]
 
 
@@ -74,6 +74,12 @@ class MoEConfig:
     adjugate_scale: float = 0.05  # lam; must be <= G/E unless allow_large_adjugate_scale
     allow_large_adjugate_scale: bool = False
     router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    # false: the selected experts' weights are not renormalised (softmax over all E at the
+    # selection, or the plain sigmoids), as Hugging Face's norm_topk_prob=false
+    norm_topk_prob: bool = True
+    # false: the expert bias is kept (checkpoints, exports) but selects nothing and is not
+    # updated, e.g. a released GroveMoE checkpoint, whose code never reads its bias
+    expert_bias_in_selection: bool = True
     token_dispatcher_type: Literal["alltoall", "allgather", "grove_alltoall"] = "alltoall"
     bias_update_rule: Literal["paper", "megatron", "none"] = "paper"
     bias_update_rate: float = 1e-3
@@ -388,6 +394,9 @@ def _validate(cfg: GroveConfig) -> None:
         _require(e.num_expert_groups == 0 and e.aux_loss_coeff == 0,
                  "moe.router_type=cmoe: CMoE has no expert groups and no aux loss; set "
                  "moe.num_expert_groups=0 and moe.aux_loss_coeff=0")
+        _require(e.norm_topk_prob and e.expert_bias_in_selection,
+                 "moe.router_type=cmoe: CMoE weighs experts by 1 + s*u and selects with its bias; "
+                 "moe.norm_topk_prob and moe.expert_bias_in_selection must stay true")
     _require(e.shared_expert_ffn_hidden_size is None or e.shared_expert_ffn_hidden_size >= 1,
              f"moe.shared_expert_ffn_hidden_size={e.shared_expert_ffn_hidden_size}: must be "
              ">= 1 or null")
@@ -419,6 +428,27 @@ def _validate(cfg: GroveConfig) -> None:
     _require(not (p.tensor_model_parallel_size > 1 and e.num_experts and not p.sequence_parallel),
              f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}: MoE with tensor "
              "parallelism needs parallel.sequence_parallel=true (as in Megatron-Core)")
+
+
+# The routing choices that change the function a set of weights computes (checked on resume).
+ROUTING_KEYS = ("router_score_function", "norm_topk_prob", "expert_bias_in_selection")
+
+
+def routing_differences(saved: dict, cfg: GroveConfig) -> list[str]:
+    """The :data:`ROUTING_KEYS` on which ``saved`` (a stored config dict, e.g. a checkpoint's)
+    and ``cfg`` differ, each as ``'moe.KEY=SAVED (this run: VALUE)'``; a key the stored config
+    predates counts as its default."""
+    stored, defaults = saved.get("moe") or {}, MoEConfig()
+    out = []
+    for key in ROUTING_KEYS:
+        was, now = stored.get(key, getattr(defaults, key)), getattr(cfg.moe, key)
+        if was != now:
+            out.append(f"moe.{key}={_yaml_scalar(was)} (this run: {_yaml_scalar(now)})")
+    return out
+
+
+def _yaml_scalar(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def validate_layout(cfg: GroveConfig, world_size: int) -> int:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from megatron_grove.config import GroveConfig
 from megatron_grove.model import causal_attention_mask
 
-__all__ = ["token_windows", "PerplexityResult", "perplexity", "window_perplexity",
+__all__ = ["token_windows", "PerplexityResult", "gpt_logits", "perplexity", "window_perplexity",
            "EvaluatedModel", "load_for_evaluation"]
 
 
@@ -46,6 +46,16 @@ class PerplexityResult:
 
 
 @torch.no_grad()
+def gpt_logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Our ``GPTModel``'s logits over the true vocabulary, fp32: ``ids`` ``[b, L]`` (on the
+    model's device) -> ``[b, L, vocab_size]``."""
+    length = ids.shape[1]
+    mask = causal_attention_mask(length, ids.device)
+    positions = torch.arange(length, device=ids.device).unsqueeze(0).expand_as(ids)
+    return model(ids, positions, mask)[..., :vocab_size].float()
+
+
+@torch.no_grad()
 def perplexity(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, seq_length: int,
                vocab_size: int, batch_size: int = 4, device: torch.device | str = "cpu",
                progress: bool = True) -> PerplexityResult:
@@ -56,14 +66,12 @@ def perplexity(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, seq_le
         raise ValueError(f"token id {int(max(inputs.max(), targets.max()))} is outside the "
                          f"model's vocabulary of {vocab_size}")
     model.eval()
-    mask = causal_attention_mask(seq_length, torch.device(device))
-    positions = torch.arange(seq_length, device=device).unsqueeze(0)
     total, count = 0.0, 0
     batches = range(0, inputs.shape[0], batch_size)
     for start in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         x = inputs[start:start + batch_size].to(device)
         y = targets[start:start + batch_size].to(device)
-        logits = model(x, positions.expand_as(x), mask)[..., :vocab_size].float()
+        logits = gpt_logits(model, x, vocab_size)
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1),
                                                 reduction="sum")
         total += float(nll)

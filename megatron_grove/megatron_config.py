@@ -43,6 +43,13 @@ class GroveTransformerConfig(TransformerConfig):
     moe_bias_update_rule: str = "paper"
     """Aux-loss-free balancing: 'paper' (b -= a (F-Q)/RMS(F-Q)), 'megatron' (sign) or 'none'."""
 
+    moe_expert_bias_in_selection: bool = True
+    """False: the expert bias is kept (saved, exported) but neither selects nor is updated."""
+
+    moe_norm_topk_prob: bool = True
+    """False: the selected experts' weights are not renormalised (HF's norm_topk_prob=false):
+    the softmax over all experts at the selection, or the plain sigmoids."""
+
     moe_router_type: str = "grove"
     """'grove' (:class:`GroveTopKRouter`) or 'cmoe' (:class:`CMoERouter`, carved models)."""
 
@@ -117,6 +124,8 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_adjugate_ffn_hidden_size=e.adjugate_ffn_hidden_size,
         moe_adjugate_scale=e.adjugate_scale,
         moe_bias_update_rule=e.bias_update_rule,
+        moe_expert_bias_in_selection=e.expert_bias_in_selection,
+        moe_norm_topk_prob=e.norm_topk_prob,
         moe_grove_dispatcher=e.token_dispatcher_type,
         moe_router_type=e.router_type,
         moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size,

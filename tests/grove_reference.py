@@ -3,8 +3,9 @@
 
     y = sum_{i in S} rho_i E_i(x) + lam * sum_{j: S hits G_j} (sum_{i in S ∩ G_j} rho_i) A_j(x)
 
-Routing: logits l = W_r x; S = top-k of sigmoid(l) + b (of l when there is no bias);
-rho = softmax(l_S), or sigmoid(l_S) / sum sigmoid(l_S) (k = 1: sigmoid(l_S), as Megatron).
+Routing: logits l = W_r x; S = top-k of sigmoid(l) + b (of l when there is no bias or the bias
+does not select); rho = softmax(l_S), or sigmoid(l_S) / sum sigmoid(l_S) (k = 1: sigmoid(l_S),
+as Megatron); unnormalised (norm_topk_prob false): softmax(l)_S over all E, or sigmoid(l_S).
 Experts are SwiGLU with Megatron's fc1 layout: rows [:F] gate, rows [F:] up.
 """
 
@@ -81,30 +82,35 @@ def swiglu(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tenso
 
 
 def route(logits: torch.Tensor, topk: int, score_function: str,
-          expert_bias: Optional[torch.Tensor] = None) -> list[tuple[int, torch.Tensor]]:
+          expert_bias: Optional[torch.Tensor] = None, norm_topk_prob: bool = True,
+          bias_in_selection: bool = True) -> list[tuple[int, torch.Tensor]]:
     """``logits`` [E] -> [(expert, weight)] for the selected experts."""
-    selection = logits if expert_bias is None else torch.sigmoid(logits) + expert_bias
+    biased = expert_bias is not None and bias_in_selection
+    selection = torch.sigmoid(logits) + expert_bias if biased else logits
     chosen = torch.topk(selection.detach(), topk).indices.tolist()
     selected = logits[chosen]
     if score_function == "softmax":
-        weights = torch.softmax(selected, dim=0)
+        weights = (torch.softmax(selected, dim=0) if norm_topk_prob
+                   else torch.softmax(logits, dim=0)[chosen])
     else:
         weights = torch.sigmoid(selected)
-        if topk > 1:
+        if topk > 1 and norm_topk_prob:
             weights = weights / weights.sum()
     return list(zip(chosen, weights))
 
 
 def grove_forward(x: torch.Tensor, w: GroveWeights, topk: int, num_groups: int,
                   adjugate_scale: float, score_function: str,
-                  expert_bias: Optional[torch.Tensor] = None) -> ReferenceOutput:
+                  expert_bias: Optional[torch.Tensor] = None, norm_topk_prob: bool = True,
+                  bias_in_selection: bool = True) -> ReferenceOutput:
     """``x`` [T, H] -> the Grove layer's output, token by token."""
     num_experts = w.router.shape[0]
     per_group = num_experts // num_groups
     rows, adjugate_evaluations = [], 0
     tokens_per_expert = torch.zeros(num_experts)
     for token in x:
-        routing = route(w.router @ token, topk, score_function, expert_bias)
+        routing = route(w.router @ token, topk, score_function, expert_bias, norm_topk_prob,
+                        bias_in_selection)
         y = torch.zeros_like(token)
         group_weight: dict[int, torch.Tensor] = {}
         for expert, rho in routing:

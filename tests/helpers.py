@@ -257,6 +257,51 @@ def our_perplexity(cfg, state, tokens, seq_length: int = 32) -> float:
     return in_world(_our_perplexity, cfg, state, tokens, seq_length)
 
 
+def random_model_state_here(cfg, seed: int = 0, bias_std: float = 0.2
+                            ) -> dict[str, torch.Tensor]:
+    """:func:`random_model_state` inside an existing (forked) world."""
+    from megatron_grove.hf_conversion import build_model, model_state_dict
+
+    torch.manual_seed(seed)
+    model = build_model(cfg, initialize=True)
+    state = model_state_dict(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    for name in sorted(state):
+        if name.endswith("expert_bias"):
+            state[name] = torch.randn(state[name].shape, generator=gen) * bias_std
+    return state
+
+
+def random_model_state(cfg, seed: int = 0, bias_std: float = 0.2) -> dict[str, torch.Tensor]:
+    """The global state dict of our model for ``cfg`` at random initial weights (built in a
+    forked world), every expert bias drawn from ``N(0, bias_std^2)``."""
+    return in_world(random_model_state_here, cfg, seed, bias_std)
+
+
+# Every Grove config of configs/ at a CPU-sized width and depth: the same experts, top-k,
+# groups, adjugate fields, score function and balancing (the tiny config as it is, with the
+# shipped tokenizer's vocabulary, as training sets it).
+# grovemoe_33b_a3b_1node_proxy.yaml is grovemoe_33b_a3b.yaml with 12 layers: the same family.
+REDUCED_WIDTH = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                 "model.num_query_groups=1", "model.kv_channels=16", "model.ffn_hidden_size=96",
+                 "model.seq_length=64", "model.vocab_size=512", "moe.ffn_hidden_size=16"]
+GROVE_CONFIG_FAMILIES = {
+    "tiny_cpu": (ROOT / "configs" / "tiny_cpu.yaml", ["model.vocab_size=4096"]),
+    "grovemoe_33b_a3b": (ROOT / "configs" / "grovemoe_33b_a3b.yaml", REDUCED_WIDTH),
+    "grovemoe_33b_g16": (ROOT / "configs" / "grovemoe_33b_g16.yaml", REDUCED_WIDTH),
+}
+
+
+def grove_family_config(name: str, *overrides: str):
+    """The config of family ``name`` (:data:`GROVE_CONFIG_FAMILIES`) + ``overrides``, on one CPU
+    process in fp32."""
+    path, reduced = GROVE_CONFIG_FAMILIES[name]
+    return load_config(path, [*reduced, "runtime.device=cpu", "runtime.dtype=fp32",
+                              "parallel.expert_model_parallel_size=1",
+                              "parallel.use_distributed_optimizer=false",
+                              "parallel.recompute_granularity=none", *overrides])
+
+
 # --------------------------------------------------------------------------------------
 # Grove layer cases: the layer on gloo ranks vs the plain-torch reference
 # --------------------------------------------------------------------------------------
@@ -487,14 +532,16 @@ ROUTER_EXPERTS = 8
 
 
 def router_config(score_function: str = "softmax", rule: str = "paper", topk: int = 2,
-                  aux_loss_coeff: float = 0.0, **megatron_fields: Any) -> GroveTransformerConfig:
+                  aux_loss_coeff: float = 0.0, norm_topk_prob: bool = True,
+                  bias_in_selection: bool = True, **megatron_fields: Any) -> GroveTransformerConfig:
     """A one-layer MoE config (hidden ``HIDDEN``, 8 experts) for router tests;
     ``megatron_fields`` set Megatron fields no YAML key reaches (to test refusals)."""
     config = transformer_config(
         model__num_layers=1, model__hidden_size=HIDDEN, model__num_attention_heads=1,
         moe__num_experts=ROUTER_EXPERTS, moe__ffn_hidden_size=8, moe__router_topk=topk,
         moe__router_score_function=score_function, moe__aux_loss_coeff=aux_loss_coeff,
-        moe__bias_update_rule=rule)
+        moe__bias_update_rule=rule, moe__norm_topk_prob=str(norm_topk_prob).lower(),
+        moe__expert_bias_in_selection=str(bias_in_selection).lower())
     for name, value in megatron_fields.items():
         setattr(config, name, value)
     return config

@@ -54,8 +54,8 @@ def qwen3_moe(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grove_hf(qwen3_moe, tmp_path_factory):
-    """The Qwen3-MoE checkpoint as a GroveMoE one: G=4 groups (not the released 2 experts per
-    group), adjugate FFN 16, non-zero adjugates and expert bias."""
+    """The Qwen3-MoE checkpoint as a GroveMoE one in our format: G=4 groups (not the released 2
+    experts per group), adjugate FFN 16, non-zero adjugates and an expert bias that selects."""
     source, _ = qwen3_moe
     folder = tmp_path_factory.mktemp("grove") / "hf"
     folder.mkdir()
@@ -71,7 +71,8 @@ def grove_hf(qwen3_moe, tmp_path_factory):
                     torch.randn(*shape, generator=gen) * 0.3)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
-    config.update(num_expert_groups=G, adjugate_intermediate_size=FA, adjugate_scale=LAM)
+    config.update(num_expert_groups=G, adjugate_intermediate_size=FA, adjugate_scale=LAM,
+                  expert_bias_in_selection=True)  # our format: the bias selects
     (folder / "config.json").write_text(json.dumps(config))
     return folder, tensors
 

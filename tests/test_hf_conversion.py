@@ -9,9 +9,11 @@ import torch
 
 from helpers import (
     all_tensors,
+    grove_family_config,
     hf_perplexity,
     in_world,
     our_perplexity,
+    random_model_state,
     random_tokens,
     run_script,
     tiny_llama,
@@ -98,3 +100,44 @@ def test_partial_and_mismatched_checkpoints_fail_clearly(qwen3_moe, tmp_path):
                                             r"\.mlp\.experts\.0\.gate_proj\.weight \(32, 64\) "
                                             r"\(expected \(48, 64\)\)"):
         load_hf_checkpoint(partial)
+
+
+def _packed(tensors: dict, banks: tuple[str, ...]) -> dict:
+    """``tensors`` with every layer's per-expert tensors of each bank (``experts``,
+    ``chunk_experts``) packed as transformers 5 holds them: ``gate_up_proj`` [E, 2I, H] (gate
+    rows first), ``down_proj`` [E, H, I]."""
+    out = {n: t for n, t in tensors.items() if not any(f".mlp.{b}." in n for b in banks)}
+    for i in range(2):
+        for bank in banks:
+            prefix = f"model.layers.{i}.mlp.{bank}"
+            count = len({n.split(".")[5] for n in tensors if n.startswith(prefix + ".")})
+            gate_up = [torch.cat([tensors[f"{prefix}.{x}.gate_proj.weight"],
+                                  tensors[f"{prefix}.{x}.up_proj.weight"]]) for x in range(count)]
+            out[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+            out[f"{prefix}.down_proj"] = torch.stack(
+                [tensors[f"{prefix}.{x}.down_proj.weight"] for x in range(count)])
+    return out
+
+
+def test_packed_expert_layouts_convert_like_per_expert_ones(qwen3_moe, tmp_path):
+    """Qwen3-MoE as transformers 5 holds it in memory (packed experts), and a GroveMoE export
+    with packed experts and adjugates: the same global state dict, bit for bit."""
+    from safetensors.torch import save_file
+
+    folder, hf_model = qwen3_moe
+    grove_cfg = grove_family_config("tiny_cpu", "model.vocab_size=300")
+    save_hf_checkpoint(tmp_path / "grove", grove_cfg, random_model_state(grove_cfg, seed=1))
+    in_memory = {n: t.contiguous() for n, t in hf_model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in in_memory  # transformers 5 packs them
+    for name, per_expert, packed in (
+            ("qwen3_moe", folder, in_memory),
+            ("grove", tmp_path / "grove",
+             _packed(all_tensors(tmp_path / "grove"), ("experts", "chunk_experts")))):
+        target = tmp_path / f"{name}_packed"
+        target.mkdir()
+        save_file(packed, str(target / "model.safetensors"), metadata={"format": "pt"})
+        (target / "config.json").write_text((per_expert / "config.json").read_text())
+        cfg, state = load_hf_checkpoint(target)
+        expected_cfg, expected = load_hf_checkpoint(per_expert)
+        assert cfg == expected_cfg and state.keys() == expected.keys()
+        assert all(torch.equal(state[n], expected[n]) for n in expected), name

@@ -1,5 +1,6 @@
 """GroveTopKRouter (CPU, fp32): Megatron's TopKRouter when there is no bias, the biased
-sigmoid selection with unbiased weights, token counting, the aux-loss path, checkpoints."""
+sigmoid selection with unbiased weights, unnormalised weights (norm_topk_prob false), a bias
+kept outside selection, token counting, the aux-loss path, checkpoints."""
 
 from __future__ import annotations
 
@@ -73,6 +74,70 @@ def test_bias_selects_but_does_not_weight(score_function):
             expected[expert] = weight_i
         assert torch.equal(routing_map[t], expected > 0)
         torch.testing.assert_close(probs[t], expected, rtol=0, atol=1e-6)
+
+
+# (score function, k, norm_topk_prob, bias in selection); softmax with k = 1 is refused by the
+# config (as by Megatron, which needs pre-softmax for it)
+ROUTING_CASES = [(f, k, n, b) for f in SCORE_FUNCTIONS for k in (1, 3) for n in (True, False)
+                 for b in (True, False) if not (f == "softmax" and k == 1)]
+
+
+@pytest.mark.parametrize("score_function,topk,norm_topk_prob,bias_in_selection", ROUTING_CASES,
+                         ids=[f"{f}-k{k}-norm{int(n)}-selects{int(b)}"
+                              for f, k, n, b in ROUTING_CASES])
+def test_routing_options_match_reference(score_function, topk, norm_topk_prob,
+                                         bias_in_selection):
+    """Every combination of score function, norm_topk_prob and bias-in-selection, with a
+    non-zero bias: probs, routing map and the router weight's gradient equal the plain-torch
+    reference's (``grove_reference.route``)."""
+    bias = torch.linspace(-0.3, 0.3, EXPERTS)
+    cotangent = torch.randn(TOKENS, EXPERTS, generator=torch.Generator().manual_seed(1))
+
+    def ours():
+        router = GroveTopKRouter(router_config(score_function, topk=topk,
+                                               norm_topk_prob=norm_topk_prob,
+                                               bias_in_selection=bias_in_selection))
+        with torch.no_grad():
+            router.expert_bias.copy_(bias)
+        out = route_and_backward(router, tokens())
+        return router.weight.detach().clone(), out
+
+    weight, out = in_worker(ours)
+    weight = weight.clone().requires_grad_()
+    rows = []
+    for t, token in enumerate(tokens()[:, 0]):
+        row = torch.zeros(EXPERTS)
+        for expert, weight_i in route(weight @ token, topk, score_function, bias,
+                                      norm_topk_prob, bias_in_selection):
+            row = row + torch.nn.functional.one_hot(torch.tensor(expert), EXPERTS) * weight_i
+        rows.append(row)
+    expected = torch.stack(rows)
+    (expected * cotangent).sum().backward()
+    assert torch.equal(out["map"], expected.detach() > 0)
+    torch.testing.assert_close(out["probs"], expected.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["weight_grad"], weight.grad, rtol=0, atol=1e-5)
+    if not bias_in_selection:  # the bias is kept but selects nothing: as if there were none
+        unbiased = torch.stack([torch.topk(weight.detach() @ token, topk).indices.sort().values
+                                for token in tokens()[:, 0]])
+        assert torch.equal(out["map"].nonzero()[:, 1].reshape(TOKENS, topk), unbiased)
+
+
+def test_bias_outside_selection_is_kept_and_not_updated():
+    """A bias that does not select stays as it is under balancing (counts are still reset)."""
+    from megatron_grove.moe.balancing import update_expert_bias
+
+    def step(selects):
+        router = GroveTopKRouter(router_config(bias_in_selection=selects))
+        with torch.no_grad():
+            router.expert_bias.copy_(torch.linspace(-0.3, 0.3, EXPERTS))
+        router(tokens())
+        update_expert_bias([router], "paper", 0.1)
+        return router.expert_bias.clone(), router.local_tokens_per_expert.clone()
+
+    kept, counts = in_worker(lambda: step(False))
+    moved, _ = in_worker(lambda: step(True))
+    assert torch.equal(kept, torch.linspace(-0.3, 0.3, EXPERTS)) and not counts.any()
+    assert not torch.equal(moved, kept)
 
 
 def test_counts_routed_tokens_while_grad_is_enabled():

@@ -12,12 +12,16 @@ One module per job:
   atomic) HF folders;
 * :mod:`.hf_checkpoint` — whole HF folders <-> (config, global state dict);
 * :mod:`.megatron_io` — our model <-> the global state dict; model-only Megatron checkpoints;
-* :mod:`.upcycle` — MoE -> Grove MoE with the same function.
+* :mod:`.upcycle` — MoE -> Grove MoE with the same function;
+* :mod:`.packed_experts` — packed expert tensors (transformers 5's layout) read per expert;
+* :mod:`.remote_code` — our GroveMoE modelling code for transformers 5, shipped in exports;
+* :mod:`.runners` / :mod:`.verify` — a checkpoint's logits (transformers or our code) and the
+  converter's ``--verify`` comparison.
 
 Public functions (what the conversion tool, the evaluator and the CMoE carver call)::
 
     cfg, state = load_hf_checkpoint(hf_dir)          # GroveConfig + global state dict
-    save_hf_checkpoint(out_dir, cfg, state, tokenizer_dir=...)
+    save_hf_checkpoint(out_dir, cfg, state, tokenizer_dir=..., flavour="default" | "release")
     with single_process_world():                     # megatron_grove.runtime
         save_megatron_checkpoint(out_dir, cfg, state)        # model-only, loadable at any TP/EP
         cfg, state = load_megatron_state(ckpt_dir)           # any saved layout -> global

@@ -13,6 +13,7 @@ from megatron_grove.hf_conversion.hf_config import (
     grove_config_from_hf,
     hf_config_from_grove,
 )
+from megatron_grove.hf_conversion.packed_experts import PerExpertView
 from megatron_grove.hf_conversion.safetensors_io import (
     HFTensors,
     read_hf_config,
@@ -29,13 +30,15 @@ def load_hf_checkpoint(path: str | Path, progress: Callable[[Iterator], Iterator
                        ) -> tuple[GroveConfig, dict[str, torch.Tensor]]:
     """A HF checkpoint folder -> (:class:`GroveConfig` with ``model``/``moe`` of the checkpoint,
     ``runtime.dtype`` its weights' dtype and ``data.tokenizer`` the folder when it holds a
-    ``tokenizer.json``; the global Megatron state dict). Raises :class:`HFFormatError` on an
-    unsupported, partial or mismatched checkpoint."""
+    ``tokenizer.json``; the global Megatron state dict). Experts may be stored per expert or
+    packed (:mod:`.packed_experts`). Raises :class:`HFFormatError` on an unsupported, partial or
+    mismatched checkpoint."""
     path = Path(path)
     hf_config = read_hf_config(path)
-    with HFTensors(path) as tensors:
+    with HFTensors(path) as stored:
+        tensors = PerExpertView(stored)
         cfg = grove_config_from_hf(hf_config, tensors)
-        dtype = tensors.dtype_name("model.embed_tokens.weight")
+        dtype = stored.dtype_name("model.embed_tokens.weight")
         if dtype not in _DTYPE_NAMES:
             raise HFFormatError(f"{path}: weights of dtype {dtype} are not supported "
                                 "(allowed: F32, BF16)")
@@ -49,16 +52,30 @@ def load_hf_checkpoint(path: str | Path, progress: Callable[[Iterator], Iterator
 def save_hf_checkpoint(output: str | Path, cfg: GroveConfig, state: Mapping[str, torch.Tensor],
                        tokenizer_dir: str | Path | None = None,
                        max_shard_bytes: int = 5 * 2 ** 30,
-                       progress: Callable[[Iterator], Iterator] = iter) -> None:
+                       progress: Callable[[Iterator], Iterator] = iter,
+                       flavour: str = "default") -> None:
     """Write the global Megatron state dict as a HF checkpoint folder (Llama / Qwen3 /
-    Qwen3-MoE / GroveMoE, see :func:`hf_config_from_grove`), tensors in their own dtype."""
+    Qwen3-MoE / GroveMoE, see :func:`hf_config_from_grove`; ``flavour`` ``release``: the
+    released GroveMoE code's format), tensors in their own dtype. A GroveMoE export in the
+    default flavour carries our modelling code (:mod:`.remote_code`). A Grove model trained
+    without a bias (``moe.bias_update_rule=none``) is written with a zero ``mlp.expert_bias``."""
+    from megatron_grove.hf_conversion import remote_code
+
     state = dict(state)
-    if cfg.moe.num_experts and not cfg.moe.num_expert_groups:
-        for name in [n for n in state if n.endswith("mlp.router.expert_bias")]:
-            if torch.count_nonzero(state.pop(name)):
+    e = cfg.moe
+    biases = [f"decoder.layers.{i}.mlp.router.expert_bias"
+              for i in range(e.first_k_dense_layers, cfg.model.num_layers)] if e.num_experts else []
+    if e.num_experts and not e.num_expert_groups:
+        for name in [n for n in biases if n in state]:
+            if torch.count_nonzero(state.pop(name)) and e.expert_bias_in_selection:
                 raise HFFormatError(f"{name} is non-zero but Qwen3-MoE has no expert bias; the "
                                     "model cannot be written exactly in the Qwen3-MoE format")
+    elif e.num_expert_groups:
+        for name in biases:
+            state.setdefault(name, torch.zeros(e.num_experts, dtype=torch.float32))
     hf_state = megatron_to_hf(state, cfg, progress)
     dtype = "bfloat16" if cfg.runtime.dtype == "bf16" else "float32"
-    write_hf_checkpoint(output, hf_config_from_grove(cfg, dtype), hf_state, max_shard_bytes,
-                        tokenizer_dir)
+    config = hf_config_from_grove(cfg, dtype, flavour)
+    extra = remote_code.REMOTE_CODE_FILES if "auto_map" in config else ()
+    write_hf_checkpoint(output, config, hf_state, max_shard_bytes, tokenizer_dir,
+                        extra_files={name: remote_code.source(name) for name in extra})

@@ -100,6 +100,10 @@ class HFTensors(Mapping[str, torch.Tensor]):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(self._handles[f].get_slice(n).get_shape()) for n, f in self._where.items()}
 
+    def part(self, name: str, index: tuple) -> torch.Tensor:
+        """``self[name][index]`` (ints and slices), reading only that part of the file."""
+        return self._handles[self._where[name]].get_slice(name)[index]
+
     def dtype_name(self, name: str) -> str:
         """safetensors dtype name of tensor ``name`` (e.g. ``'F32'``, ``'BF16'``)."""
         if name not in self._where:
@@ -130,10 +134,12 @@ def copy_tokenizer_files(source: str | Path, target: str | Path) -> list[str]:
 def write_hf_checkpoint(output: str | Path, config: dict[str, Any],
                         tensors: Mapping[str, torch.Tensor], max_shard_bytes: int = 5 * 2 ** 30,
                         tokenizer_dir: str | Path | None = None,
-                        progress: Callable[[Iterator], Iterator] = iter) -> None:
+                        progress: Callable[[Iterator], Iterator] = iter,
+                        extra_files: Mapping[str, str] | None = None) -> None:
     """Write ``config.json`` and the tensors (in order, shards of at most ``max_shard_bytes``;
-    one shard -> ``model.safetensors``, else the sharded files + index) and the tokenizer
-    files of ``tokenizer_dir`` into the new folder ``output``, atomically."""
+    one shard -> ``model.safetensors``, else the sharded files + index), the tokenizer files
+    of ``tokenizer_dir`` and ``extra_files`` (file name -> text, e.g. modelling code) into the
+    new folder ``output``, atomically."""
     output = Path(output)
     tmp = output.parent / f".{output.name}.tmp"
     if tmp.exists():
@@ -162,6 +168,8 @@ def write_hf_checkpoint(output: str | Path, config: dict[str, Any],
         (tmp / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, tmp)
     if output.exists():

@@ -11,6 +11,9 @@ bias against the load and resets the counters. With ``F`` the tokens per expert 
 * ``'megatron'``: Megatron-Core's sign rule, ``b <- b + rate * sign(Q - F)``
   (``get_updated_expert_bias``).
 * ``'none'``: no bias; the counts are still reduced, returned and reset.
+
+A bias that does not take part in selection (``moe.expert_bias_in_selection: false``) is left
+as it is: balancing it would change nothing the model computes.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def update_expert_bias(model_chunks: list[torch.nn.Module], rule: str, rate: flo
             dist.all_reduce(tokens, group=group)
             new_biases = paper_bias_update(tokens, biases, rate)
         for router, new_bias in zip(routers, new_biases):
-            router.expert_bias.copy_(new_bias)
+            if router.bias_selects:
+                router.expert_bias.copy_(new_bias)
     for router in routers:
         router.local_tokens_per_expert.zero_()
     return list(tokens.unbind(0))

@@ -4,19 +4,28 @@ For ``T`` tokens, ``E`` experts and logits ``l = W_r x`` (``[T, E]``):
 
 * selection ``S`` = top-k of ``sigmoid(l) + b``, with ``b`` the ``expert_bias`` buffer
   (``[E]``, fp32, starts at 0). The bias only picks experts; it never weights them and gets
-  no gradient. Without a bias (``moe_bias_update_rule == 'none'``) the selection is top-k of
+  no gradient. Without a bias (``moe_bias_update_rule == 'none'``), or with a bias that does not
+  take part in selection (``moe_expert_bias_in_selection=False``: kept in checkpoints and
+  exports, as the released GroveMoE code keeps and ignores its own), the selection is top-k of
   the scores, exactly as Megatron's router (top-k of ``sigmoid(l)`` = top-k of ``l``).
 * weights: ``softmax`` score function -> ``softmax(l_S)`` (= the softmax over all ``E``
   gathered at ``S`` and renormalised); ``sigmoid`` -> ``sigmoid(l_S) / sum sigmoid(l_S)``
   (with ``k == 1`` Megatron keeps the unnormalised ``sigmoid(l_S)``, and so do we).
+  ``moe_norm_topk_prob=False`` drops the renormalisation (Hugging Face's
+  ``norm_topk_prob=false``): ``softmax(l)_S`` over all ``E``, or ``sigmoid(l_S)``.
 
 The output is Megatron's: ``probs`` ``[T, E]`` (zero off the selection) and ``routing_map``
 ``[T, E]`` bool. Everything else — z-loss, aux losses, token dropping, counting routed tokens —
-is Megatron's own ``TopKRouter.routing``. Two things differ from Megatron's expert-bias mode:
+is Megatron's own ``TopKRouter.routing``. Where we differ from Megatron's expert-bias mode:
 
 * Megatron applies an expert bias only with sigmoid scores. For softmax weights the biased
   sigmoid selection is plugged into Megatron's top-k through its routing-replay hook
   (:class:`_BiasedSigmoidSelection`), so the rest of Megatron's routing runs unchanged.
+* Megatron's sigmoid path selects with any ``expert_bias`` it finds; a bias that must not
+  select is withheld from it for the duration of the routing call.
+* unnormalised weights are Megatron's renormalised ones times the selected mass
+  (``sum_S softmax(l)`` or ``sum_S sigmoid(l)``), so gradients are those of the unnormalised
+  formula.
 * the bias is updated by :func:`megatron_grove.moe.balancing.update_expert_bias` (paper or
   Megatron rule), not by Megatron's ``finalize_model_grads``: the config keeps
   ``moe_router_enable_expert_bias=False``.
@@ -30,7 +39,8 @@ rank, summed over the forwards run with grad enabled since the last
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -85,6 +95,8 @@ class GroveTopKRouter(TopKRouter):
                              "moe_router_enable_expert_bias=False and choose moe_bias_update_rule")
         num_experts = config.num_moe_experts
         device = self.weight.device  # wherever Megatron put the router weight
+        self.norm_topk_prob = config.moe_norm_topk_prob
+        self._bias_in_selection = config.moe_expert_bias_in_selection
         # Megatron's switch for counting routed tokens into local_tokens_per_expert: we always
         # count (the trainer logs the load), whether or not a bias is kept.
         self.enable_expert_bias = True
@@ -97,12 +109,46 @@ class GroveTopKRouter(TopKRouter):
             return
         self.register_buffer("expert_bias",
                              torch.zeros(num_experts, dtype=torch.float32, device=device))
-        if self.score_function == "softmax":
+        if self.score_function == "softmax" and self._bias_in_selection:
             if self.router_replay is not None or config.moe_router_fusion:
                 raise ValueError("moe_enable_routing_replay and moe_router_fusion cannot be "
                                  "combined with softmax routing and an expert bias (the biased "
                                  "selection uses Megatron's unfused top-k hook)")
             self.router_replay = _BiasedSigmoidSelection(self)
+
+    @property
+    def bias_selects(self) -> bool:
+        """Whether an expert bias exists and takes part in selection (and is balanced)."""
+        return self.expert_bias is not None and self._bias_in_selection
+
+    @contextmanager
+    def _bias_withheld(self) -> Iterator[None]:
+        """Megatron's sigmoid routing adds any ``expert_bias`` to the selection scores: hide a
+        bias that must not select while it runs."""
+        if self.expert_bias is None or self._bias_in_selection:
+            yield
+            return
+        bias = self._buffers["expert_bias"]
+        self._buffers["expert_bias"] = None
+        try:
+            yield
+        finally:
+            self._buffers["expert_bias"] = bias
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Megatron's routing of ``logits`` ``[S, B, E]`` -> (probs, routing_map) ``[S*B, E]``,
+        with the bias selecting only when it should and, for ``norm_topk_prob=False``, the
+        weights scaled back to the unnormalised ones."""
+        with self._bias_withheld():
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self.norm_topk_prob or (self.score_function == "sigmoid" and self.topk == 1):
+            return probs, routing_map
+        flat = logits.reshape(-1, self.config.num_moe_experts).float()
+        scores = (torch.softmax(flat, dim=-1) if self.score_function == "softmax"
+                  else torch.sigmoid(flat))
+        mass = (scores * routing_map).sum(dim=-1, keepdim=True)
+        return (probs * mass).type_as(probs), routing_map
 
     def _maintain_float32_expert_bias(self) -> None:
         """Megatron keeps ``expert_bias`` fp32 under bf16 wrappers (called before forward, save

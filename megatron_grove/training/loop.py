@@ -30,12 +30,18 @@ from megatron.core.transformer.module import Float16Module
 from tqdm import tqdm
 
 from megatron_grove.checkpointing import (
+    CheckpointError,
     TrainState,
     latest_iteration,
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_grove.config import GroveConfig, config_to_dict, validate_layout
+from megatron_grove.config import (
+    GroveConfig,
+    config_to_dict,
+    routing_differences,
+    validate_layout,
+)
 from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix
 from megatron_grove.data.tokenizer import load_tokenizer
 from megatron_grove.megatron_config import (
@@ -175,6 +181,23 @@ def resolve_checkpoint_load(cfg: GroveConfig) -> str | None:
     return save if save and latest_iteration(save) is not None else None
 
 
+def check_resume_routing(load: str, state: TrainState, cfg: GroveConfig, is_first: bool) -> None:
+    """The routing choices (score function, norm_topk_prob, bias in selection) decide what the
+    loaded weights compute: a resumed run must keep the checkpoint's; a run that only starts
+    from a model-only checkpoint may change them, and says so."""
+    differences = routing_differences(state.config, cfg)
+    if not differences:
+        return
+    if state.scheduler is not None:
+        raise CheckpointError(
+            f"checkpoint.load={load}: this run routes differently from the run it resumes: "
+            f"{', '.join(differences)}; set those keys to the checkpoint's values (start from a "
+            "model-only checkpoint, e.g. tools/convert_checkpoint.py's output, to change them)")
+    if is_first:
+        print(f"note: starting from the model-only checkpoint {load} with other routing than it "
+              f"was saved with: {', '.join(differences)}", flush=True)
+
+
 def train(cfg: GroveConfig) -> list[dict[str, Any]]:
     """Run the configured training; return the per-step metric records (all ranks)."""
     p, t = cfg.parallel, cfg.train
@@ -190,6 +213,7 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
     load = resolve_checkpoint_load(cfg)
     if load:
         state = load_checkpoint(load, model, optimizer)
+        check_resume_routing(load, state, cfg, is_first)
         if state.scheduler is not None:  # None: model-only checkpoint, training starts there
             scheduler.load_state_dict(state.scheduler)
         start = state.step
