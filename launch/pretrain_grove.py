@@ -79,6 +79,14 @@ def dry_run(cfg, as_json: bool, world_size: int | None) -> int:
     return 0
 
 
+def check_data(cfg) -> None:
+    """The run's data sources exist and its split gives every part documents (ConfigError)."""
+    from megatron_grove.data.tokenizer import load_tokenizer
+    from megatron_grove.training.data import resolve_sources
+
+    resolve_sources(cfg, load_tokenizer(cfg.data.tokenizer))
+
+
 def _quiet_dependency_warnings() -> None:
     """Megatron and torch warn at import that TE/Apex/CUDA are absent; on CPU that is expected."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(cfg, args.json, args.world_size)
         validate_layout(cfg, world_size)
         resolve_acceleration(cfg)  # kernels / TE / FP8 requests this machine cannot serve
+        check_data(cfg)  # missing datasets, split parts without documents
     except ConfigError as exc:
         if rank == 0:
             print(f"pretrain_grove.py: config error: {exc}", file=sys.stderr)
@@ -134,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(1)  # no teardown: it would wait on the dead peers
     destroy_parallel()
     if rank == 0 and records:
+        validated = [r for r in records if "val_loss" in r]
+        validation = (f", validation loss {validated[-1]['val_loss']:.4f} (perplexity "
+                      f"{validated[-1]['val_ppl']:.2f})" if validated else "")
         print(f"done: {len(records)} steps, loss {records[0]['loss']:.4f} -> "
-              f"{records[-1]['loss']:.4f}; metrics in {cfg.logging.dir}/metrics.jsonl")
+              f"{records[-1]['loss']:.4f}{validation}; metrics in "
+              f"{cfg.logging.dir}/metrics.jsonl")
     return 0
 
 
