@@ -23,7 +23,13 @@ main keys:
   needs parallel.sequence_parallel=true) / runtime.dtype (fp32|bf16)
   moe.num_experts / moe.router_topk / moe.num_expert_groups / moe.adjugate_ffn_hidden_size
   moe.adjugate_scale / moe.router_score_function / moe.bias_update_rule / moe.bias_update_rate
-  data.path (Megatron .bin/.idx prefix from tools/preprocess_data.py; default: embedded corpus)
+  data.path: a Megatron .bin/.idx prefix (tools/preprocess_data.py) or a weighted blend
+  [[0.7,data/web],[0.3,data/books]]; default: the embedded corpus
+  data.split (Megatron's "train,valid,test" shares of data.path's documents; default 98,2,0)
+  or data.valid_path (separate validation prefix or blend; data.path is then trained on whole)
+  train.eval_interval / train.eval_iters: validation loss every N steps and after the last, on
+  the same eval_iters global batches each time (eval_iters=0: none)
+  logging.peak_tflops: per-device peak for MFU (default: bf16 peak of a known GPU; none on CPU)
   checkpoint.save / checkpoint.load (a folder, or auto: checkpoint.save if it holds a
   checkpoint) / checkpoint.save_interval / logging.dir / runtime.dist_timeout_s
   a checkpoint resumes at another TP/EP size, unless the distributed optimizer saved it with
@@ -32,7 +38,9 @@ main keys:
 multi-node: one torchrun per node with --rdzv-backend c10d (see docs/multinode.md and
   launch/slurm/pretrain_grove.sbatch); a rank whose peer dies stops with one line naming the
   failure, within runtime.dist_timeout_s
-outputs (in logging.dir): metrics.jsonl (one JSON object per step) and tensorboard/
+outputs (in logging.dir): metrics.jsonl (one JSON object per step: loss, val_loss/val_ppl when
+  validated, tokens_per_s, model_flops_per_token, tflops_per_device, mfu, MoE counters) and
+  tensorboard/; the samples drawn from each dataset are printed at start
 layout check without GPUs:  python launch/pretrain_grove.py --config configs/grovemoe_33b_a3b.yaml --dry-run
 exit codes: 0 ok, 2 bad configuration (one line on stderr saying which key and what is allowed)
   or a checkpoint that cannot load as asked (one line saying why)
