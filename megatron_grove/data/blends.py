@@ -60,12 +60,11 @@ def _split_documents(num_documents: int, split: str) -> list[Optional[range]]:
             for bookends in matrix]
 
 
-def check_sources(train: Blend, valid: Optional[Blend], split: Optional[str],
-                  keys: tuple[str, str] = ("data.path", "data.valid_path")) -> None:
+def check_sources(train: Blend, valid: Optional[Blend], split: Optional[str]) -> None:
     """Refuse, with a one-line :class:`ConfigError`, data Megatron's builder cannot serve: a
     prefix without its ``.bin``/``.idx``, or a split part of non-zero share that gets no
     document of some prefix (the builder would loop forever looking for its tokens)."""
-    for key, blend in zip(keys, (train, valid)):
+    for key, blend in (("data.path", train), ("data.valid_path", valid)):
         for prefix in (blend[0] if blend is not None else []):
             if not IndexedDataset.exists(prefix):
                 raise ConfigError(f"{key}: no indexed dataset {prefix}.bin / {prefix}.idx; "
