@@ -26,7 +26,13 @@ main keys:
   moe.norm_topk_prob (false: unnormalised top-k weights) / moe.expert_bias_in_selection (false:
   the bias is kept but neither selects nor is updated); a resumed run must keep the routing
   keys of its checkpoint (one-line error otherwise)
-  data.path (Megatron .bin/.idx prefix from tools/preprocess_data.py; default: embedded corpus)
+  data.path: a Megatron .bin/.idx prefix (tools/preprocess_data.py) or a weighted blend
+  [[0.7,data/web],[0.3,data/books]]; default: the embedded corpus
+  data.split (Megatron's "train,valid,test" shares of data.path's documents; default 98,2,0)
+  or data.valid_path (separate validation prefix or blend; data.path is then trained on whole)
+  train.eval_interval / train.eval_iters: validation loss every N steps and after the last, on
+  the same eval_iters global batches each time (eval_iters=0: none)
+  logging.peak_tflops: per-device peak for MFU (default: bf16 peak of a known GPU; none on CPU)
   checkpoint.save / checkpoint.load (a folder, or auto: checkpoint.save if it holds a
   checkpoint) / checkpoint.save_interval / logging.dir / runtime.dist_timeout_s
   a checkpoint resumes at another TP/EP size, unless the distributed optimizer saved it with
@@ -35,7 +41,9 @@ main keys:
 multi-node: one torchrun per node with --rdzv-backend c10d (see docs/multinode.md and
   launch/slurm/pretrain_grove.sbatch); a rank whose peer dies stops with one line naming the
   failure, within runtime.dist_timeout_s
-outputs (in logging.dir): metrics.jsonl (one JSON object per step) and tensorboard/
+outputs (in logging.dir): metrics.jsonl (one JSON object per step: loss, val_loss/val_ppl when
+  validated, tokens_per_s, model_flops_per_token, tflops_per_device, mfu, MoE counters) and
+  tensorboard/; the samples drawn from each dataset are printed at start
 layout check without GPUs:  python launch/pretrain_grove.py --config configs/grovemoe_33b_a3b.yaml --dry-run
 exit codes: 0 ok, 2 bad configuration (one line on stderr saying which key and what is allowed)
   or a checkpoint that cannot load as asked (one line saying why)
@@ -82,6 +90,14 @@ def dry_run(cfg, as_json: bool, world_size: int | None) -> int:
     return 0
 
 
+def check_data(cfg) -> None:
+    """The run's data sources exist and its split gives every part documents (ConfigError)."""
+    from megatron_grove.data.tokenizer import load_tokenizer
+    from megatron_grove.training.data import resolve_sources
+
+    resolve_sources(cfg, load_tokenizer(cfg.data.tokenizer))
+
+
 def _quiet_dependency_warnings() -> None:
     """Megatron and torch warn at import that TE/Apex/CUDA are absent; on CPU that is expected."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -104,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(cfg, args.json, args.world_size)
         validate_layout(cfg, world_size)
         resolve_acceleration(cfg)  # kernels / TE / FP8 requests this machine cannot serve
+        check_data(cfg)  # missing datasets, split parts without documents
     except ConfigError as exc:
         if rank == 0:
             print(f"pretrain_grove.py: config error: {exc}", file=sys.stderr)
@@ -137,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(1)  # no teardown: it would wait on the dead peers
     destroy_parallel()
     if rank == 0 and records:
+        validated = [r for r in records if "val_loss" in r]
+        validation = (f", validation loss {validated[-1]['val_loss']:.4f} (perplexity "
+                      f"{validated[-1]['val_ppl']:.2f})" if validated else "")
         print(f"done: {len(records)} steps, loss {records[0]['loss']:.4f} -> "
-              f"{records[-1]['loss']:.4f}; metrics in {cfg.logging.dir}/metrics.jsonl")
+              f"{records[-1]['loss']:.4f}{validation}; metrics in "
+              f"{cfg.logging.dir}/metrics.jsonl")
     return 0
 
 

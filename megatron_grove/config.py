@@ -11,11 +11,12 @@ and what is allowed; the command-line entry points print it as one line and exit
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -123,12 +124,34 @@ class TrainConfig:
     clip_grad: float = 1.0
     exit_at_iter: Optional[int] = None  # stop (and save, if checkpoint.save) after this step
     trainable: Literal["all", "router"] = "all"  # router: train only the routers' parameters
+    # validation: every eval_interval steps and after the last step, on the same eval_iters
+    # global batches of the validation data each time; eval_iters=0: no validation
+    eval_interval: int = 1000
+    eval_iters: int = 10
 
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # Megatron indexed-dataset prefix (.bin/.idx); None = embedded corpus
+    """Training and validation data (Megatron's ``blend``, ``split`` and ``blend_per_split``).
+
+    A data source is a Megatron indexed-dataset prefix (``PREFIX.bin``/``PREFIX.idx``) or a
+    weighted blend of several, ``[[weight, prefix], ...]`` (Megatron's ``BlendedDataset``).
+    """
+
+    path: Union[str, list, None] = None  # training data: prefix or blend; None = embedded corpus
+    # Megatron's split string "train,valid,test" (shares of data.path's documents, in order);
+    # None: "98,2,0", or all of data.path when data.valid_path is set
+    split: Optional[str] = None
+    valid_path: Union[str, list, None] = None  # separate validation data: a prefix or a blend
     tokenizer: Optional[str] = None  # tokenizer.json or a HF model dir; None = the shipped one
+
+    @property
+    def resolved_split(self) -> Optional[str]:
+        """The split string in force: ``split``, else ``DEFAULT_SPLIT``; None when
+        ``valid_path`` is set (``path`` is then trained on whole)."""
+        if self.valid_path is not None:
+            return None
+        return self.split or DEFAULT_SPLIT
 
 
 @dataclass
@@ -149,6 +172,8 @@ class LoggingConfig:
     log_interval: int = 1
     tensorboard: bool = True
     progress_bar: bool = True
+    # per-device peak TFLOP/s for MFU; None: the bf16 dense peak of a known GPU, none on CPU
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -234,6 +259,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
     elif tp is str:
         if isinstance(value, str):
+            return value
+    elif tp is list:
+        if isinstance(value, list):
             return value
     raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
 
@@ -418,6 +446,13 @@ def _validate(cfg: GroveConfig) -> None:
              f"checkpoint.save_interval={cfg.checkpoint.save_interval}: must be >= 0")
     _require(cfg.logging.log_interval >= 1,
              f"logging.log_interval={cfg.logging.log_interval}: must be >= 1")
+    _require(t.eval_interval >= 1, f"train.eval_interval={t.eval_interval}: must be >= 1")
+    _require(t.eval_iters >= 0,
+             f"train.eval_iters={t.eval_iters}: must be >= 0 (0 = no validation)")
+    _validate_data(cfg.data)
+    _require(cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0,
+             f"logging.peak_tflops={cfg.logging.peak_tflops}: must be > 0 or null (null: the "
+             "known peak of the GPU, none on CPU)")
     _require(p.pipeline_model_parallel_size == 1,
              f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}: pipeline "
              "parallelism is not supported yet; allowed: 1")
@@ -449,6 +484,54 @@ def routing_differences(saved: dict, cfg: GroveConfig) -> list[str]:
 
 def _yaml_scalar(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+DEFAULT_SPLIT = "98,2,0"
+SPLIT_PARTS = ("train", "validation", "test")
+
+
+def split_shares(split: str) -> list[float]:
+    """Megatron's reading of a split string: ``"98,2,0"`` -> ``[0.98, 0.02, 0.0]`` (up to three
+    non-negative weights, normalised; missing ones are 0). ConfigError if it is not one."""
+    try:
+        values = [float(v) for v in split.split(",")]
+    except ValueError:
+        values = []
+    _require(1 <= len(values) <= 3 and all(math.isfinite(v) and v >= 0 for v in values)
+             and sum(values) > 0,
+             f"data.split={split!r}: expected Megatron's split string train,valid,test of "
+             "non-negative shares, e.g. \"98,2,0\"")
+    values += [0.0] * (3 - len(values))
+    return [v / sum(values) for v in values]
+
+
+def _check_source(key: str, value: Any) -> None:
+    """A data source: a non-empty prefix, or a non-empty list of [weight > 0, prefix] pairs."""
+    example = f"e.g. {key}=[[0.7,data/web],[0.3,data/books]]"
+    if isinstance(value, str):
+        _require(value.strip() != "", f"{key}: empty; expected a dataset prefix or a blend, "
+                                      f"{example}")
+        return
+    _require(len(value) > 0, f"{key}=[]: an empty blend; expected [[weight, prefix], ...], "
+                             f"{example}")
+    for i, entry in enumerate(value):
+        ok = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)
+              and entry[1].strip() != "" and isinstance(entry[0], (int, float))
+              and not isinstance(entry[0], bool) and entry[0] > 0)
+        _require(ok, f"{key}[{i}]={entry!r}: expected [weight, prefix] with a weight > 0, "
+                     f"{example}")
+
+
+def _validate_data(d: DataConfig) -> None:
+    for key, value in (("data.path", d.path), ("data.valid_path", d.valid_path)):
+        if value is not None:
+            _check_source(key, value)
+    if d.split is None:
+        return
+    _require(d.valid_path is None,
+             f"data.split={d.split}: with data.valid_path the validation data is given "
+             "separately and data.path is trained on whole; set one of the two")
+    _require(split_shares(d.split)[0] > 0, f"data.split={d.split}: the training share must be > 0")
 
 
 def validate_layout(cfg: GroveConfig, world_size: int) -> int:

@@ -170,12 +170,12 @@ def test_trainable_router_freezes_everything_but_the_routers():
 
 
 def test_embedded_corpus_is_tokenised_with_the_configured_tokenizer(monkeypatch):
-    from megatron_grove.training import loop as training
+    from megatron_grove.training import data as training_data
 
     seen = {}
-    monkeypatch.setattr(training, "embedded_corpus_prefix",
+    monkeypatch.setattr(training_data, "embedded_corpus_prefix",
                         lambda tokenizer=None: seen.setdefault("tokenizer", tokenizer) and "p")
-    monkeypatch.setattr(training, "build_gpt_dataset", lambda prefix, *a, **k: prefix)
+    monkeypatch.setattr(training_data, "check_sources", lambda *a, **k: None)
     marker = object()
-    training._dataset(load_config(None), marker)
+    assert training_data.resolve_sources(load_config(None), marker)[0] == (["p"], None)
     assert seen["tokenizer"] is marker

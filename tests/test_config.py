@@ -144,3 +144,40 @@ def test_derived_values_live_on_the_typed_config():
     cfg = load_config(None, ["model.kv_channels=16", "model.num_query_groups=2",
                              "moe.num_expert_groups=0"])
     assert (cfg.model.head_dim, cfg.model.kv_heads, cfg.moe.experts_per_group) == (16, 2, 0)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.path=[[0.7,a],[0,b]]"], "data.path[1]=[0, 'b']: expected [weight, prefix] with a "
+                                    "weight > 0, e.g. data.path=[[0.7,data/web],[0.3,data/books]]"),
+    (["data.path=[a,b]"], "data.path[0]='a': expected [weight, prefix]"),
+    (["data.path=[]"], "data.path=[]: an empty blend"),
+    (["data.valid_path=[[1,x,y]]"], "data.valid_path[0]=[1, 'x', 'y']: expected [weight, prefix]"),
+    (["data.path=5"], "data.path=5: expected str or list or null"),
+    (["data.split=98,2"], None),  # two shares: test 0, as in Megatron
+    (["data.split=98;2;0"], "data.split='98;2;0': expected Megatron's split string"),
+    (["data.split=0,100,0"], "data.split=0,100,0: the training share must be > 0"),
+    (["data.split=-1,2,0"], "data.split='-1,2,0': expected Megatron's split string"),
+    (["data.split=98,2,0", "data.valid_path=v"], "data.split=98,2,0: with data.valid_path"),
+    (["train.eval_interval=0"], "train.eval_interval=0: must be >= 1"),
+    (["train.eval_iters=-1"], "train.eval_iters=-1: must be >= 0 (0 = no validation)"),
+    (["logging.peak_tflops=0"], "logging.peak_tflops=0.0: must be > 0 or null"),
+])
+def test_data_validation_and_throughput_keys(overrides, needle):
+    if needle is None:
+        load_config(None, overrides)
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_blend_and_split_from_yaml_and_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text("data:\n  path:\n    - [0.7, data/web]\n"
+                                       "    - [0.3, data/books]\n  split: '90,10,0'\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.data.path == [[0.7, "data/web"], [0.3, "data/books"]]
+    assert cfg.data.resolved_split == "90,10,0"
+    cfg = load_config(None, ["data.path=[[2,a],[1,b]]", "data.valid_path=v"])
+    assert cfg.data.path == [[2, "a"], [1, "b"]] and cfg.data.resolved_split is None
+    assert load_config(None).data.resolved_split == "98,2,0"  # Megatron-style default
+    assert load_config(CONFIGS / "tiny_cpu.yaml").data.resolved_split == "95,5,0"

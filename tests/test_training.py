@@ -1,6 +1,8 @@
 """End-to-end pretraining under real torchrun (2 gloo processes): losses across parallel
 layouts, exact resume, logging outputs, and the command-line behaviour."""
 
+import math
+
 import pytest
 
 from helpers import TINY, losses, run_script, torchrun
@@ -13,7 +15,8 @@ pytestmark = pytest.mark.e2e
 def straight_ep2(tmp_path_factory):
     """8 uninterrupted steps at EP=2 (shared by several tests)."""
     log = tmp_path_factory.mktemp("ep2")
-    torchrun("parallel.expert_model_parallel_size=2", f"logging.dir={log}")
+    proc = torchrun("parallel.expert_model_parallel_size=2", f"logging.dir={log}")
+    (log / "stdout.txt").write_text(proc.stdout)
     return log
 
 
@@ -21,20 +24,42 @@ def test_loss_falls_and_metrics_are_complete(straight_ep2):
     records = read_metrics(straight_ep2 / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
     for r in records:
-        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "expert_load"} <= set(r)
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "expert_load",
+                "tokens_per_s_per_device", "model_flops_per_token", "tflops_per_device"} <= set(r)
+        assert "mfu" not in r  # CPU: no peak, no MFU
         assert len(r["expert_load"]) == 2 and all(len(layer) == 8 for layer in r["expert_load"])
         # every (token, choice) of the global batch is counted once per layer
         assert all(sum(layer) == 8 * 32 * 2 for layer in r["expert_load"])
+        assert r["tflops_per_device"] == pytest.approx(
+            r["model_flops_per_token"] * r["tokens_per_s_per_device"] / 1e12)
     assert records[-1]["loss"] < records[0]["loss"] - 0.3
     assert list((straight_ep2 / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_tiny_config_validates_after_the_last_step(straight_ep2):
+    """The tiny config (README command 1) holds out 5% of the embedded corpus and validates
+    every 50 steps and after the last: in 8 steps, once, printed and logged."""
+    records = read_metrics(straight_ep2 / "metrics.jsonl")
+    assert [r["step"] for r in records if "val_loss" in r] == [8]
+    assert 0 < records[-1]["val_loss"] < 9 and records[-1]["val_ppl"] == pytest.approx(
+        math.exp(records[-1]["val_loss"]))
+    out = (straight_ep2 / "stdout.txt").read_text()
+    assert "data: validation on 32 samples (4 batches x 8, the same at every validation), " \
+        "split 95,5,0:" in out
+    assert f"validation at step 8/8: loss {records[-1]['val_loss']:.4f}" in out
+    assert f"validation loss {records[-1]['val_loss']:.4f}" in out.splitlines()[-1]  # done: ...
+
+
 def test_expert_parallel_matches_data_parallel(straight_ep2, tmp_path):
+    """The same model at EP=1 and EP=2: the same training losses and validation loss."""
     torchrun("parallel.expert_model_parallel_size=1", f"logging.dir={tmp_path}")
     ep1, ep2 = losses(tmp_path), losses(straight_ep2)
     assert ep1.keys() == ep2.keys()
     for step in ep1:
         assert ep1[step] == pytest.approx(ep2[step], rel=1e-5), step
+    val1, val2 = (read_metrics(log / "metrics.jsonl")[-1]["val_loss"]
+                  for log in (tmp_path, straight_ep2))
+    assert val1 == pytest.approx(val2, rel=1e-5)
 
 
 def test_triton_kernels_train_like_torch_kernels(straight_ep2, tmp_path):
@@ -60,6 +85,8 @@ def test_resume_is_identical_to_uninterrupted(straight_ep2, tmp_path):
     assert sorted(resumed) == list(range(1, 9))  # the log continues, one record per step
     for step in range(5, 9):
         assert resumed[step] == straight[step], step
+    assert read_metrics(log / "metrics.jsonl")[-1]["val_loss"] == \
+        read_metrics(straight_ep2 / "metrics.jsonl")[-1]["val_loss"]
 
 
 @pytest.fixture(scope="module")

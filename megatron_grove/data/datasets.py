@@ -1,10 +1,10 @@
-"""Training data: tokenised corpora in Megatron's indexed format, served by Megatron's GPTDataset.
+"""Tokenised corpora in Megatron's indexed format, and the embedded corpus.
 
 An indexed dataset is a ``PREFIX.bin`` (token ids back to back, uint16 for vocabularies under
 65500 ids, else int32, as Megatron's ``DType.optimal_dtype`` picks) and a ``PREFIX.idx``
 (sequence lengths and document boundaries). Each document is one sequence ending in the
-tokenizer's end-of-document token. ``GPTDataset`` cuts the concatenated, per-epoch shuffled
-documents into fixed-length samples.
+tokenizer's end-of-document token. Megatron's ``GPTDataset`` (:mod:`.blends`) cuts the
+concatenated, per-epoch shuffled documents into fixed-length samples.
 
 Everything here runs on CPU, with or without ``torch.distributed`` initialised.
 """
@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy
 import torch
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import (
     DType,
     IndexedDataset,
@@ -49,43 +49,94 @@ def embedded_train_files() -> list[str]:
     return sorted(str(p) for p in (_corpus_dir() / "train").glob("*.txt"))
 
 
+EMBEDDED_DOCUMENT_CHARS = 4000  # the embedded plays are cut into documents of about this size
+
+
+def split_into_documents(text: str, min_chars: int = EMBEDDED_DOCUMENT_CHARS) -> list[str]:
+    """``text`` cut after blank lines into documents of at least ``min_chars`` characters (the
+    last one may be shorter); joined, they give back ``text``."""
+    documents, start = [], 0
+    for blank in re.finditer(r"\n[ \t]*\n", text):
+        if blank.end() - start >= min_chars:
+            documents.append(text[start:blank.end()])
+            start = blank.end()
+    if text[start:].strip() or not documents:
+        documents.append(text[start:])
+    else:
+        documents[-1] += text[start:]
+    return documents
+
+
+def embedded_train_documents() -> list[str]:
+    """The shipped training plays as documents (:func:`split_into_documents`), play by play in
+    file-name order. Megatron's split string takes its validation part from the end of this
+    list (the last scenes of The Tempest)."""
+    return [document for path in embedded_train_files()
+            for document in split_into_documents(Path(path).read_text(encoding="utf-8"))]
+
+
 def heldout_text_path() -> str:
     """Path of the held-out evaluation text (Hamlet; not in the training slice)."""
     return str(_corpus_dir() / "heldout" / "hamlet.txt")
 
 
-def tokenize_to_indexed_dataset(
-    texts: Iterable[str], output_prefix: str, tokenizer: JsonTokenizer
-) -> None:
-    """Tokenise documents into Megatron's indexed dataset ``output_prefix.{bin,idx}``.
+class EmptyDatasetError(ValueError):
+    """There were no documents to write."""
 
-    Each text becomes one document of ``len(tokenizer.encode(text)) + 1`` tokens: its ids
-    followed by ``tokenizer.eod``. Both files are written under temporary names and renamed
-    into place (``.bin`` first, ``.idx`` last), so a reader that finds the ``.idx`` finds a
-    complete dataset, and processes racing to write the same dataset are harmless.
+
+def write_indexed_dataset(documents: Iterable[Sequence[int] | numpy.ndarray], output_prefix: str,
+                          vocab_size: int) -> int:
+    """Write token-id documents into Megatron's indexed dataset ``output_prefix.{bin,idx}``.
+
+    Each document is written as given (one sequence; callers append the end-of-document
+    token), as uint16 below 65500 ids, else int32 (Megatron's ``DType.optimal_dtype``). Both
+    files are written under temporary names and renamed into place (``.bin`` first, ``.idx``
+    last), so a reader that finds the ``.idx`` finds a complete dataset, processes racing to
+    write the same dataset are harmless, and a failure (or no document at all:
+    :class:`EmptyDatasetError`) leaves nothing behind.
+
+    Returns:
+        The number of documents written.
     """
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    dtype = DType.optimal_dtype(vocab_size)
     output_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(output_dir, exist_ok=True)
     tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
     builder = IndexedDatasetBuilder(get_bin_path(tmp_prefix), dtype=dtype)
+    count = 0
     try:
-        for text in texts:
-            ids = tokenizer.encode(text) + [tokenizer.eod]
-            builder.add_item(torch.tensor(ids, dtype=torch.int64))
+        for ids in documents:
+            builder.add_item(torch.from_numpy(numpy.asarray(ids, dtype=dtype)))
             builder.end_document()
+            count += 1
+        if not count:
+            raise EmptyDatasetError(f"no documents to write to {output_prefix}")
         builder.finalize(get_idx_path(tmp_prefix))
         os.replace(get_bin_path(tmp_prefix), get_bin_path(output_prefix))
         os.replace(get_idx_path(tmp_prefix), get_idx_path(output_prefix))
     finally:
+        builder.data_file.close()
         for path in (get_bin_path(tmp_prefix), get_idx_path(tmp_prefix)):
             if os.path.exists(path):
                 os.remove(path)
+    return count
+
+
+def tokenize_to_indexed_dataset(
+    texts: Iterable[str], output_prefix: str, tokenizer: JsonTokenizer
+) -> int:
+    """Tokenise documents into Megatron's indexed dataset ``output_prefix.{bin,idx}``
+    (:func:`write_indexed_dataset`): each text becomes one document of
+    ``len(tokenizer.encode(text)) + 1`` tokens, its ids followed by ``tokenizer.eod``.
+    Returns the number of documents."""
+    return write_indexed_dataset((tokenizer.encode(text) + [tokenizer.eod] for text in texts),
+                                 output_prefix, tokenizer.vocab_size)
 
 
 def _embedded_corpus_key(tokenizer: JsonTokenizer) -> str:
-    """Hash of the shipped training texts and of the tokenizer's identity."""
+    """Hash of the shipped training texts, of how they are cut and of the tokenizer."""
     digest = hashlib.sha256(json.dumps(tokenizer.unique_identifiers).encode())
+    digest.update(f"documents of {EMBEDDED_DOCUMENT_CHARS} chars".encode())
     for path in embedded_train_files():
         digest.update(os.path.basename(path).encode())
         digest.update(Path(path).read_bytes())
@@ -95,7 +146,8 @@ def _embedded_corpus_key(tokenizer: JsonTokenizer) -> str:
 def embedded_corpus_prefix(
     cache_dir: str | None = None, tokenizer: JsonTokenizer | None = None
 ) -> str:
-    """Prefix of the shipped training slice tokenised as an indexed dataset, built once.
+    """Prefix of the shipped training plays tokenised as an indexed dataset (documents of
+    :func:`embedded_train_documents`), built once.
 
     Args:
         cache_dir: where to keep it; see :func:`cache_root` for the default.
@@ -109,62 +161,5 @@ def embedded_corpus_prefix(
     name = f"shakespeare-{_embedded_corpus_key(tokenizer)}"
     prefix = os.path.join(cache_root(cache_dir), "corpus", name)
     if not IndexedDataset.exists(prefix):
-        texts = (Path(path).read_text(encoding="utf-8") for path in embedded_train_files())
-        tokenize_to_indexed_dataset(texts, prefix, tokenizer)
+        tokenize_to_indexed_dataset(embedded_train_documents(), prefix, tokenizer)
     return prefix
-
-
-def build_gpt_dataset(
-    prefix: str,
-    seq_length: int,
-    num_samples: int,
-    seed: int,
-    tokenizer: JsonTokenizer,
-    *,
-    cache_dir: str | None = None,
-    create_attention_mask: bool = True,
-) -> GPTDataset:
-    """Megatron's ``GPTDataset`` over every document of the indexed dataset ``prefix``.
-
-    Built with Megatron's ``BlendedMegatronDatasetBuilder`` (split "100,0,0"), so it follows
-    Megatron's protocol when ``torch.distributed`` is initialised: rank 0 builds and saves the
-    document/sample/shuffle indices, all ranks barrier, the others load them. Every rank must
-    then call this, and the cache must be one all ranks see (a shared filesystem on
-    multi-node runs, like Megatron-LM's ``--data-cache-path``): the other ranks only load.
-    Without ``torch.distributed`` it just builds (or loads) them.
-
-    Args:
-        prefix: the ``.bin``/``.idx`` prefix.
-        seq_length: tokens per sample.
-        num_samples: samples wanted; the dataset holds at least that many (whole epochs of
-            the corpus, reshuffled per epoch with ``seed``).
-        seed: seed of the document and sample shuffles.
-        tokenizer: the tokenizer the dataset was written with (for ``eod``/``pad``).
-        cache_dir: root of the index cache (``CACHE/gpt_dataset_indices``); see
-            :func:`cache_root`.
-        create_attention_mask: include the ``[1, S, S]`` causal mask in each sample.
-
-    Returns:
-        A dataset whose items are dicts of tensors, S = ``seq_length``:
-        ``tokens`` [S] int64; ``labels`` [S] int64 (``tokens`` shifted left by one: the
-        next token); ``loss_mask`` [S] float32 (1.0, 0.0 on padding); ``position_ids`` [S]
-        int64 (0..S-1); and if ``create_attention_mask``, ``attention_mask`` [1, S, S] bool,
-        True where attention is *masked* (above the diagonal).
-    """
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=([prefix], None),
-        split="100,0,0",
-        path_to_cache=os.path.join(cache_root(cache_dir), "gpt_dataset_indices"),
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=create_attention_mask,
-    )
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, [num_samples, None, None], lambda: True, config
-    )
-    train, _, _ = builder.build()
-    return train

@@ -5,18 +5,22 @@ the forward passes of a step on this rank (``dispatched_rows``: token rows its d
 to other ranks or kept locally, logged as ``copies_sent_per_token``; ``routed_rows``:
 (token, expert) rows its experts computed; ``adjugate_rows``: token rows its adjugates
 computed, one per (token, group)).
-This module sums them over all ranks and divides by the tokens of the global batch.
+This module sums them over all ranks and divides by the tokens of the global batch. Under
+expert tensor parallelism every rank of an expert-tensor-parallel group computes its slice of
+the same rows, so the computed rows are counted once per group, not once per rank.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 __all__ = ["collect_moe_counters", "reset_moe_counters"]
 
 PER_TOKEN = {"dispatched_rows": "copies_sent_per_token", "routed_rows": "routed_evals_per_token",
              "adjugate_rows": "adjugate_evals_per_token"}
+COMPUTED = ("routed_rows", "adjugate_rows")  # rows every expert-tensor-parallel rank computes
 
 
 def _counting_layers(model: torch.nn.Module):
@@ -33,7 +37,9 @@ def collect_moe_counters(model: torch.nn.Module, global_tokens: int) -> dict[str
                           dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)
-    return {PER_TOKEN[n]: (totals[:, i] / global_tokens).tolist() for i, n in enumerate(names)}
+    etp = parallel_state.get_expert_tensor_parallel_world_size() or 1
+    return {PER_TOKEN[n]: (totals[:, i] / (global_tokens * (etp if n in COMPUTED else 1))).tolist()
+            for i, n in enumerate(names)}
 
 
 def reset_moe_counters(model: torch.nn.Module) -> None:

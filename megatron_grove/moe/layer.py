@@ -33,7 +33,9 @@ trainer zeroes them (:func:`megatron_grove.moe.counters.reset_moe_counters`):
 
 ``routed_rows`` and ``adjugate_rows`` count this rank's compute (the tokens it *received*);
 summed over the EP group they give the group's (token, expert) and (token, group) pairs.
-Activation recomputation counts twice.
+As Megatron's router counts tokens, a forward in training mode counts only with gradients
+enabled, so a layer under full activation recomputation counts once per micro-batch (in the
+recomputation), not twice; forwards in eval mode always count.
 Per-expert token load is the router's ``local_tokens_per_expert``.
 """
 
@@ -108,12 +110,17 @@ class GroveMoELayer(MoELayer):
         self.grove_counters: dict[str, int] = {"dispatched_rows": 0, "routed_rows": 0,
                                                "adjugate_rows": 0, "forwards": 0}
 
+    def _counting(self) -> bool:
+        """Whether this forward counts: not the no-grad first pass of a recomputed layer."""
+        return torch.is_grad_enabled() or not self.training
+
     def preprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor,
                    routing_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Megatron's preprocess (the dispatcher's ``dispatch_preprocess`` of the router's
         ``[T, E]`` probs and map), counting the rows it sends."""
         rows, row_probs = super().preprocess(hidden_states, probs, routing_map)
-        self.grove_counters["dispatched_rows"] += self.token_dispatcher.rows_sent
+        if self._counting():
+            self.grove_counters["dispatched_rows"] += self.token_dispatcher.rows_sent
         return rows, row_probs
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor
@@ -123,7 +130,8 @@ class GroveMoELayer(MoELayer):
         tokens = self.token_dispatcher.expert_batches(hidden_states, probs)
         routed_output, _ = self.experts(*tokens.routed)
         adjugate_output, _ = self.adjugate_experts(*tokens.adjugate)
-        self.grove_counters["routed_rows"] += tokens.routed.rows.shape[0]
-        self.grove_counters["adjugate_rows"] += tokens.adjugate.rows.shape[0]
-        self.grove_counters["forwards"] += 1
+        if self._counting():
+            self.grove_counters["routed_rows"] += tokens.routed.rows.shape[0]
+            self.grove_counters["adjugate_rows"] += tokens.adjugate.rows.shape[0]
+            self.grove_counters["forwards"] += 1
         return self.token_dispatcher.combine_outputs(routed_output, adjugate_output, tokens), None

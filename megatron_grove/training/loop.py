@@ -3,7 +3,8 @@
 One step = one global batch of ``train.global_batch_size`` sequences: each data-parallel rank
 takes its contiguous slice, split into micro-batches of ``train.micro_batch_size``. The
 samples of step ``s`` are fixed by the step number alone, so a resumed run sees exactly the
-data an uninterrupted run would.
+data an uninterrupted run would (:mod:`.data`). Validation (:mod:`.validation`) and the
+throughput figures (:mod:`.flops`) are computed after the step and logged with it.
 """
 
 from __future__ import annotations
@@ -36,41 +37,31 @@ from megatron_grove.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_grove.config import (
-    GroveConfig,
-    config_to_dict,
-    routing_differences,
-    validate_layout,
-)
-from megatron_grove.data import build_gpt_dataset, embedded_corpus_prefix
+from megatron_grove.config import (GroveConfig, config_to_dict, routing_differences,
+                                   validate_layout)
 from megatron_grove.data.tokenizer import load_tokenizer
 from megatron_grove.megatron_config import (
     TORCH_DTYPES,
     GroveTransformerConfig,
     to_transformer_config,
 )
-from megatron_grove.model import build_gpt_model, causal_attention_mask
+from megatron_grove.model import build_gpt_model, causal_attention_mask, padded_vocab_size
 from megatron_grove.moe.balancing import update_expert_bias
 from megatron_grove.moe.counters import collect_moe_counters, reset_moe_counters
 from megatron_grove.runtime import ParallelRuntime, initialize_parallel
 from megatron_grove.runtime.acceleration import resolve_acceleration
+from megatron_grove.training.data import build_training_data, micro_batches
+from megatron_grove.training.flops import peak_tflops, throughput_record
 from megatron_grove.training.metrics import MetricsWriter
+from megatron_grove.training.validation import (
+    validation_due,
+    validation_line,
+    validation_loss,
+    validation_record,
+)
 
 __all__ = ["TrainingSetup", "setup_training", "train", "resolve_checkpoint_load",
-           "micro_batches", "freeze_untrainable"]
-
-
-def micro_batches(dataset, step: int, global_batch_size: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
-    """The micro-batches of 1-based ``step`` for one data-parallel rank; each value ``[mbs, s]``."""
-    per_rank = global_batch_size // dp_size
-    first = (step - 1) * global_batch_size + dp_rank * per_rank
-    out = []
-    for start in range(first, first + per_rank, micro_batch_size):
-        samples = [dataset[i] for i in range(start, start + micro_batch_size)]
-        out.append({key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                    for key in ("tokens", "labels", "loss_mask", "position_ids")})
-    return out
+           "freeze_untrainable"]
 
 
 def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -121,14 +112,6 @@ def _build_optimizer(cfg: GroveConfig, model: torch.nn.Module, dtype: torch.dtyp
     return optimizer, scheduler
 
 
-def _dataset(cfg: GroveConfig, tokenizer):
-    # embedded_corpus_prefix is safe to call from every rank at once (atomic tmp + rename)
-    prefix = cfg.data.path or embedded_corpus_prefix(tokenizer=tokenizer)
-    return build_gpt_dataset(prefix, cfg.model.seq_length,
-                             num_samples=cfg.train.iters * cfg.train.global_batch_size,
-                             seed=cfg.train.seed, tokenizer=tokenizer)
-
-
 @dataclass
 class TrainingSetup:
     """Everything a training run holds; built by :func:`setup_training`."""
@@ -140,7 +123,10 @@ class TrainingSetup:
     model: DistributedDataParallel
     optimizer: Any
     scheduler: OptimizerParamScheduler
-    dataset: Any
+    dataset: Any  # training samples (Megatron GPTDataset / BlendedDataset)
+    valid_dataset: Any  # validation samples, or None
+    data_summary: list[str]  # what the datasets hold, printed at start
+    padded_vocab_size: int  # the model's (padded) vocabulary
 
 
 def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
@@ -148,11 +134,11 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
     dp_size = validate_layout(cfg, runtime.world_size)
     dtype = TORCH_DTYPES[cfg.runtime.dtype]
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    dataset = _dataset(cfg, tokenizer)
+    data = build_training_data(cfg, tokenizer)
+    vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=runtime.device.type == "cpu",
                                     acceleration=resolve_acceleration(cfg, runtime.device.type))
-    model = build_gpt_model(tconfig, cfg.model.vocab_size or tokenizer.vocab_size,
-                            cfg.model.seq_length, cfg.model.rotary_base,
+    model = build_gpt_model(tconfig, vocab_size, cfg.model.seq_length, cfg.model.rotary_base,
                             cfg.model.tie_embeddings, seed=cfg.train.seed).to(runtime.device)
     freeze_untrainable(model, cfg.train.trainable)
     if dtype == torch.bfloat16:
@@ -169,7 +155,10 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
     tconfig.no_sync_func = model.no_sync
     return TrainingSetup(runtime=runtime, dp_size=dp_size,
                          dp_rank=parallel_state.get_data_parallel_rank(), tconfig=tconfig,
-                         model=model, optimizer=optimizer, scheduler=scheduler, dataset=dataset)
+                         model=model, optimizer=optimizer, scheduler=scheduler, dataset=data.train,
+                         valid_dataset=data.valid, data_summary=data.summary,
+                         padded_vocab_size=padded_vocab_size(vocab_size,
+                                                             cfg.parallel.tensor_model_parallel_size))
 
 
 def resolve_checkpoint_load(cfg: GroveConfig) -> str | None:
@@ -222,8 +211,11 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
     if start >= t.iters and is_first:
         print(f"checkpoint is at step {start} >= train.iters={t.iters}: nothing to train")
 
+    if is_first:
+        print("\n".join(setup.data_summary), flush=True)
     metrics = MetricsWriter(cfg.logging.dir, enabled=is_first,
                             tensorboard=cfg.logging.tensorboard, resume_step=start)
+    peak = peak_tflops(cfg.logging.peak_tflops, device)
     mask = causal_attention_mask(cfg.model.seq_length, device)
     forward_step = functools.partial(_forward_step, mask, device)
     forward_backward = get_forward_backward_func()
@@ -248,18 +240,28 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
                                          cfg.moe.bias_update_rate)
         loss = _dp_mean(torch.stack([d["lm loss"] for d in losses]).mean())
         elapsed = time.perf_counter() - began
+        counters = collect_moe_counters(model, t.global_batch_size * cfg.model.seq_length)
         record = {
             "step": step, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "tokens_per_s": t.global_batch_size * cfg.model.seq_length / elapsed,
             "step_time_s": elapsed,
+            **throughput_record(cfg, setup.padded_vocab_size, counters, elapsed,
+                                runtime.world_size, peak),
             "expert_load": [[int(x) for x in layer.tolist()] for layer in expert_load],
-            **collect_moe_counters(model, t.global_batch_size * cfg.model.seq_length),
+            **counters,
         }
+        if validation_due(cfg, step, setup.valid_dataset is not None):
+            record.update(validation_record(_dp_mean(validation_loss(
+                cfg, model, setup.valid_dataset, forward_step, dp_rank, dp_size))))
+            if is_first:
+                bar.write(validation_line(step, t.iters, record))
         records.append(record)
-        if step % cfg.logging.log_interval == 0 or step == t.iters:
+        if step % cfg.logging.log_interval == 0 or step == t.iters or "val_loss" in record:
             metrics.write(record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                        tflops=f"{record['tflops_per_device']:.3g}",
+                        **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
         bar.update(1)
         stopping = step == t.iters or step == t.exit_at_iter
         interval = cfg.checkpoint.save_interval
