@@ -37,8 +37,7 @@ from megatron_grove.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_grove.config import (GroveConfig, config_to_dict, routing_differences,
-                                   validate_layout)
+from megatron_grove.config import GroveConfig, config_to_dict, routing_differences, validate_layout
 from megatron_grove.data.tokenizer import load_tokenizer
 from megatron_grove.megatron_config import (
     TORCH_DTYPES,
