@@ -20,6 +20,7 @@ import datetime
 import errno
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -236,16 +237,26 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
             todo += [pair[0] for pair in failures.values() if isinstance(pair, tuple) and pair]
 
 
-def disk_full(exc: BaseException) -> str | None:
+def disk_full(exc: BaseException, where: str | os.PathLike | None = None) -> str | None:
     """``"no space left on device writing PATH"`` (or the quota's) when ``exc`` or one of its
-    causes is a full disk or an exceeded quota, else None."""
+    causes is a full disk or an exceeded quota; else, when ``where`` (a folder being written)
+    is given and its filesystem is (almost) full, ``"no space left on device in WHERE (N bytes
+    free)"`` (Megatron's checkpoint writer and torch's zip writer can lose the error number);
+    else None."""
     for cause in _causes(exc):
         if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
-            where = f" writing {cause.filename}" if cause.filename else ""
-            return f"{_NO_SPACE[cause.errno]}{where}"
+            at = f" writing {cause.filename}" if cause.filename else ""
+            return f"{_NO_SPACE[cause.errno]}{at}"
         text = str(cause)
         for code, what in _NO_SPACE.items():
             if os.strerror(code) in text:  # e.g. a worker's OSError flattened into a message
                 path = re.search(os.strerror(code) + r": '([^']+)'", text)
                 return f"{what} writing {path.group(1)}" if path else what
+    if where is not None:
+        try:
+            usage = shutil.disk_usage(where)
+        except OSError:
+            return None
+        if usage.free < max(64 << 20, usage.total // 200):  # under 64 MiB or 0.5 %
+            return f"no space left on device in {where} ({usage.free} bytes free)"
     return None
