@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         if full is not None:
             return _stop(rank, f"rank {rank}: {full}; free space there, then run the same "
                                "command to resume", BAD_INPUT)
+        if isinstance(exc, OSError) and exc.filename:  # e.g. logging.dir removed mid-run
+            return _stop(rank, f"rank {rank}: {exc.filename}: {exc.strerror}; fix that, then run "
+                               "the same command to resume", BAD_INPUT)
         from megatron_grove.runtime import announce_failure
 
         traceback.print_exc()  # a bug: the whole story, then the peers' lines
