@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="signal: send it once this many steps are logged (default 10)")
     parser.add_argument("--signal", default="SIGTERM", choices=("SIGTERM", "SIGINT", "SIGUSR1"))
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from megatron_grove.checkpointing import (
     verify_checkpoint,
 )
 from megatron_grove.checkpointing import checkpoint as checkpoint_module
+from megatron_grove.checkpointing import manifest as manifest_module
 from megatron_grove.checkpointing.manifest import MANIFEST_NAME
 from megatron_grove.config import load_config
 from megatron_grove.runtime import current_runtime
@@ -166,6 +167,23 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(saved, tmp_path, damage,
     assert "\n" not in message and needle in message
     if damage != "manifest":
         assert str(shard) in message
+
+
+def test_large_files_are_hashed_in_pieces(saved, tmp_path, monkeypatch):
+    folder = _copy(saved, tmp_path)
+    monkeypatch.setattr(manifest_module, "PIECE_BYTES", 4096)
+    manifest = manifest_module.write_manifest(folder)
+    shard = _largest_shard(folder)
+    crcs = manifest["files"][shard.name]["crc32"]
+    assert len(crcs) == -(-shard.stat().st_size // 4096) > 1
+    assert manifest_module.verify_manifest(folder) == []
+    with open(shard, "r+b") as f:  # one flipped byte in one piece
+        f.seek(5 * 4096 + 7)
+        byte = f.read(1)
+        f.seek(5 * 4096 + 7)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert [str(p) for p in manifest_module.verify_manifest(folder)] == [
+        f"{shard.name}: checksum mismatch: its bytes changed after the save"]
 
 
 def test_checkpoint_saved_before_manifests_loads_with_a_warning(saved, tmp_path):

@@ -1,19 +1,19 @@
-"""Checkpoint integrity: a manifest of every file a save wrote (size and CRC-32), checked on load.
+"""Checkpoint integrity: a manifest of every file a save wrote (size and CRC-32s), checked on load.
 
 A save writes ``manifest.json`` into the checkpoint's temporary folder after every rank has
 written its files and before the folder is renamed into place, so a published checkpoint
 always carries the manifest of exactly what it holds::
 
-    {"format": "megatron_grove.manifest/1", "algorithm": "crc32",
-     "files": {"__0_0.distcp": {"size": 8371802, "crc32": "9f1c2ab0"}, ...}}
+    {"format": "megatron_grove.manifest/1", "algorithm": "crc32", "piece_bytes": 67108864,
+     "files": {"__0_0.distcp": {"size": 8371802, "crc32": ["9f1c2ab0"]}, ...}}
 
-(paths relative to the checkpoint folder; ``manifest.json`` itself is not listed). Hashing and
-checking are collective and parallel: the files are split over the ranks by size (largest
-first, each to the least loaded rank), every rank reads and hashes its share, in a few
-threads, and the results meet on every rank, so each rank reads about ``1 / world size`` of
-the checkpoint once more. Loading reads at least that share anyway (replicated tensors are
-read by every rank), so checking costs less than the load itself; right after a save the
-files are usually still in the page cache.
+(paths relative to the checkpoint folder; ``manifest.json`` itself is not listed; one CRC-32
+per piece of ``piece_bytes`` of a file, so that large files are hashed in parallel).
+Hashing and checking are collective and parallel: the pieces are split over the ranks by size
+(largest first, each to the least loaded rank), every rank reads and hashes its share in a few
+threads (``zlib.crc32`` releases the GIL), and the results meet on every rank. Each rank thus
+reads about ``1 / world size`` of the checkpoint once more; right after a save the files are
+usually still in the page cache.
 
 CRC-32 detects accidental damage (flipped, zeroed or random bytes, truncation); it is not a
 defence against deliberate tampering.
@@ -34,12 +34,13 @@ import torch.distributed as dist
 from megatron_grove.runtime.distributed import object_from_rank0, objects_from_all_ranks
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "FileProblem", "write_manifest",
-           "verify_manifest", "has_manifest"]
+           "verify_manifest"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "megatron_grove.manifest/1"
-_CHUNK = 8 << 20  # bytes read at a time
-_THREADS = 4  # files hashed at once per rank (zlib.crc32 releases the GIL)
+PIECE_BYTES = 64 << 20  # one CRC-32 per piece of a file: the unit of parallel hashing
+_READ = 8 << 20  # bytes read at a time
+_THREADS = 4  # pieces hashed at once per rank
 
 
 @dataclass(frozen=True)
@@ -47,19 +48,25 @@ class FileProblem:
     """One file of a checkpoint that does not match its manifest."""
 
     name: str  # path relative to the checkpoint folder
-    what: str  # e.g. "missing", "size 100 bytes, manifest says 4096", "checksum mismatch"
+    what: str  # e.g. "missing", "truncated: 100 bytes, the manifest says 4096"
 
     def __str__(self) -> str:
         return f"{self.name}: {self.what}"
 
 
-def _crc32(path: Path) -> str:
-    crc = 0
-    buffer = bytearray(_CHUNK)
+Piece = tuple[str, int]  # (file, piece index)
+
+
+def _crc32(path: Path, piece: int, piece_bytes: int) -> str:
+    """CRC-32 of piece ``piece`` of the file at ``path`` (fewer bytes at its end)."""
+    crc, left = 0, piece_bytes
+    buffer = bytearray(min(_READ, piece_bytes))
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
+        f.seek(piece * piece_bytes)
+        while left and (n := f.readinto(view[:min(len(buffer), left)])):
             crc = zlib.crc32(view[:n], crc)
+            left -= n
     return f"{crc:08x}"
 
 
@@ -69,24 +76,31 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
-    """The files ``rank`` hashes: largest first, each to the least loaded rank (ties: lowest
-    rank), the same split on every rank."""
+def _pieces(sizes: dict[str, int], piece_bytes: int) -> dict[Piece, int]:
+    """Every piece of every file with its length (an empty file is one empty piece)."""
+    return {(name, i): min(piece_bytes, size - i * piece_bytes)
+            for name, size in sizes.items()
+            for i in range(max(1, -(-size // piece_bytes)))}
+
+
+def _share(lengths: dict[Piece, int], rank: int, world: int) -> list[Piece]:
+    """The pieces ``rank`` hashes: largest first, each to the least loaded rank (ties: lowest
+    rank); the same split on every rank."""
     load = [0] * world
     mine = []
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+    for piece in sorted(lengths, key=lambda p: (-lengths[p], p)):
         owner = min(range(world), key=lambda r: (load[r], r))
-        load[owner] += sizes[name]
+        load[owner] += lengths[piece]
         if owner == rank:
-            mine.append(name)
+            mine.append(piece)
     return mine
 
 
-def _hash_share(folder: Path, names: list[str]) -> dict[str, str]:
-    if not names:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(_THREADS, len(names))) as pool:
-        return dict(zip(names, pool.map(lambda n: _crc32(folder / n), names)))
+def _in_threads(fn, items: list) -> list:
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def write_manifest(folder: str | Path) -> dict[str, Any]:
@@ -99,11 +113,15 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
         sizes = {str(p.relative_to(folder)): p.stat().st_size
                  for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
     sizes = object_from_rank0(sizes)
-    crcs: dict[str, str] = {}
-    for part in objects_from_all_ranks(_hash_share(folder, _share(sizes, rank, world))):
+    mine = _share(_pieces(sizes, PIECE_BYTES), rank, world)
+    local = dict(zip(mine, _in_threads(lambda p: _crc32(folder / p[0], p[1], PIECE_BYTES), mine)))
+    crcs: dict[Piece, str] = {}
+    for part in objects_from_all_ranks(local):
         crcs.update(part)
-    manifest = {"format": MANIFEST_FORMAT, "algorithm": "crc32",
-                "files": {name: {"size": sizes[name], "crc32": crcs[name]} for name in sizes}}
+    files = {name: {"size": size, "crc32": [crcs[(name, i)] for i in range(
+                 max(1, -(-size // PIECE_BYTES)))]} for name, size in sizes.items()}
+    manifest = {"format": MANIFEST_FORMAT, "algorithm": "crc32", "piece_bytes": PIECE_BYTES,
+                "files": files}
     if rank == 0:
         tmp = folder / f".{MANIFEST_NAME}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
@@ -111,57 +129,58 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def has_manifest(folder: str | Path) -> bool:
-    return (Path(folder) / MANIFEST_NAME).is_file()
-
-
-def _read_manifest(folder: Path) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
-    """(files, None), or (None, why the manifest cannot be used)."""
+def _read_manifest(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None), or (None, why it cannot be used)."""
     try:
         manifest = json.loads((folder / MANIFEST_NAME).read_text())
-        files = manifest["files"]
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+        if manifest.get("format") != MANIFEST_FORMAT:
             return None, f"not a {MANIFEST_FORMAT} manifest"
-        for entry in files.values():
-            int(entry["size"]), str(entry["crc32"])
-        return files, None
+        piece_bytes = int(manifest["piece_bytes"])
+        for entry in manifest["files"].values():
+            if len(entry["crc32"]) != max(1, -(-int(entry["size"]) // piece_bytes)):
+                return None, "inconsistent (a file's pieces do not match its size)"
+        return manifest, None
     except FileNotFoundError:
         return None, "missing"
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return None, f"unreadable ({type(exc).__name__}: {exc})"
 
 
-def _check(folder: Path, name: str, entry: dict[str, Any]) -> FileProblem | None:
-    path = folder / name
+def _size_problem(folder: Path, name: str, expected: int) -> FileProblem | None:
     try:
-        size = path.stat().st_size
+        size = (folder / name).stat().st_size
     except FileNotFoundError:
         return FileProblem(name, "missing")
-    if size != entry["size"]:
-        what = "truncated" if size < entry["size"] else "longer than written"
-        return FileProblem(name, f"{what}: {size} bytes, the manifest says {entry['size']}")
-    if _crc32(path) != entry["crc32"]:
-        return FileProblem(name, "checksum mismatch: its bytes changed after the save")
+    if size != expected:
+        what = "truncated" if size < expected else "longer than written"
+        return FileProblem(name, f"{what}: {size} bytes, the manifest says {expected}")
     return None
 
 
 def verify_manifest(folder: str | Path) -> list[FileProblem]:
-    """Collective: check every file of ``folder``'s manifest (size, then CRC-32), each rank its
-    share. Returns the problems found (the same sorted list on every rank); a missing or
-    unreadable manifest is one problem."""
+    """Collective: check every file of ``folder``'s manifest (size, then the CRC-32 of each
+    piece), each rank its share. Returns the problems found, at most one per file (the same
+    sorted list on every rank); a missing or unreadable manifest is one problem."""
     folder = Path(folder)
     rank, world = _rank_and_world()
-    files, why = object_from_rank0(_read_manifest(folder) if rank == 0 else None)
-    if files is None:
+    manifest, why = object_from_rank0(_read_manifest(folder) if rank == 0 else None)
+    if manifest is None:
         return [FileProblem(MANIFEST_NAME, why)]
-    names = _share({name: int(entry["size"]) for name, entry in files.items()}, rank, world)
+    files, piece_bytes = manifest["files"], int(manifest["piece_bytes"])
+    mine = _share(_pieces({n: int(e["size"]) for n, e in files.items()}, piece_bytes), rank, world)
 
-    def check(name: str) -> FileProblem | None:
-        return _check(folder, name, files[name])
+    def check(piece: Piece) -> FileProblem | None:
+        name, index = piece
+        problem = _size_problem(folder, name, int(files[name]["size"]))
+        if problem is not None:  # reported once, by the owner of the file's first piece
+            return problem if index == 0 else None
+        if _crc32(folder / name, index, piece_bytes) != files[name]["crc32"][index]:
+            return FileProblem(name, "checksum mismatch: its bytes changed after the save")
+        return None
 
-    local: list[FileProblem] = []
-    if names:
-        with ThreadPoolExecutor(max_workers=min(_THREADS, len(names))) as pool:
-            local = [p for p in pool.map(check, names) if p is not None]
-    problems = [p for part in objects_from_all_ranks(local) for p in part]
-    return sorted(problems, key=lambda p: p.name)
+    local = [p for p in _in_threads(check, mine) if p is not None]
+    first: dict[str, FileProblem] = {}
+    for problem in sorted((p for part in objects_from_all_ranks(local) for p in part),
+                          key=lambda p: (p.name, p.what)):
+        first.setdefault(problem.name, problem)
+    return list(first.values())
