@@ -217,3 +217,42 @@ def test_remove_checkpoints_after_keeps_older_ones_and_the_pointer_right(saved, 
     assert checkpoint_steps(root) == [2, 4] and latest_iteration(root) == 4
     assert remove_checkpoints_after(root, 0) == [2, 4]
     assert checkpoint_steps(root) == [] and latest_iteration(root) is None
+
+
+def _run_root(saved, root: Path, steps) -> Path:
+    for step in steps:
+        shutil.copytree(checkpoint_dir(saved / "False", 1), checkpoint_dir(root, step))
+    (root / "latest_checkpointed_iteration.txt").write_text(str(max(steps)))
+    return root
+
+
+def test_a_run_resumes_its_newest_checkpoint_that_verifies(saved, tmp_path):
+    from megatron_grove.training.resume import choose_start
+
+    root = _run_root(saved, tmp_path / "ckpt", [2, 4])
+    other = f"checkpoint.load={tmp_path / 'elsewhere'}"  # a new run's start: not used
+    start = choose_start(load_config(None, [f"checkpoint.save={root}", other]))
+    assert start.folder == checkpoint_dir(root, 4)
+    assert start.notes == [f"{other} is not used: checkpoint.save={root} holds this run's step "
+                           "4, which it resumes (to start from checkpoint.load instead, set "
+                           "checkpoint.overwrite=true)"]
+    _largest_shard(checkpoint_dir(root, 4)).unlink()
+    start = choose_start(load_config(None, [f"checkpoint.save={root}", "checkpoint.load=auto"]))
+    assert start.folder == checkpoint_dir(root, 2)
+    assert start.notes[0].startswith(f"resuming: skipped {checkpoint_dir(root, 4)}/")
+    assert start.notes[0].endswith(": missing; the checkpoint is damaged or incomplete")
+    _largest_shard(checkpoint_dir(root, 2)).unlink()
+    with pytest.raises(CheckpointError, match="holds checkpoints .steps 2, 4. but none verifies"):
+        choose_start(load_config(None, [f"checkpoint.save={root}"]))
+
+
+def test_overwrite_rolls_back_to_the_named_checkpoint(saved, tmp_path):
+    from megatron_grove.training.resume import choose_start
+
+    root = _run_root(saved, tmp_path / "ckpt", [1, 3, 5])  # copies of step 1's checkpoint
+    start = choose_start(load_config(None, [f"checkpoint.save={root}", "checkpoint.overwrite=true",
+                                            f"checkpoint.load={checkpoint_dir(root, 1)}"]))
+    assert start.folder == checkpoint_dir(root, 1) and checkpoint_steps(root) == [1]
+    assert latest_iteration(root) == 1
+    assert start.notes == [f"checkpoint.overwrite=true: deleted the checkpoints of steps 3, 5 "
+                           f"from {root}"]

@@ -234,6 +234,16 @@ def test_a_full_disk_is_named_with_where(tmp_path):
         assert disk_full(chained).startswith("no space left on device writing /ckpt/")
 
 
+def test_a_token_id_outside_the_vocabulary_is_refused_before_the_model_runs():
+    from megatron_grove.evaluation import perplexity
+
+    for bad, needle in ((-3, "token id -3"), (10, "token id 10")):
+        tokens = torch.tensor([1, 2, bad, 4, 5, 6, 7, 8, 9])
+        with pytest.raises(ValueError, match=f"{needle} is outside the model's vocabulary of "
+                                             "10 .ids 0..9."):
+            perplexity(None, tokens, seq_length=4, vocab_size=10)
+
+
 def _announce(rank):
     if rank == 1:
         return announce_failure(1, "checkpoint error: /x: checksum mismatch"), None
