@@ -129,8 +129,8 @@ def _collective_failed(rank: int, reason: str, cfg) -> None:
     if cause:
         why = f"{cause.split(':', 1)[0]} stopped the job (its error is above); stopping"
     else:
-        resume = (f"restart the job to resume from the last checkpoint in {cfg.checkpoint.save} "
-                  "(checkpoint.load=auto)" if cfg.checkpoint.save else
+        resume = (f"run the same command again to resume from the last checkpoint in "
+                  f"{cfg.checkpoint.save}" if cfg.checkpoint.save else
                   "set checkpoint.save and checkpoint.save_interval to be able to resume")
         why = (f"another rank died, hung past runtime.dist_timeout_s={cfg.runtime.dist_timeout_s}s "
                f"or the network failed; stopping. {resume}")
@@ -166,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_grove.checkpointing import CheckpointError
-    from megatron_grove.runtime import collective_failure, destroy_parallel, disk_full
+    from megatron_grove.runtime import (
+        announce_failure,
+        collective_failure,
+        destroy_parallel,
+        disk_full,
+    )
     from megatron_grove.training import train
     from megatron_grove.training.nonfinite import NonFiniteError
     from megatron_grove.training.preemption import Preempted, StopSignals
@@ -193,8 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, OSError) and exc.filename:  # e.g. logging.dir removed mid-run
             return _stop(rank, f"rank {rank}: {exc.filename}: {exc.strerror}; fix that, then run "
                                "the same command to resume", BAD_INPUT)
-        from megatron_grove.runtime import announce_failure
-
         traceback.print_exc()  # a bug: the whole story, then the peers' lines
         sys.stderr.flush()
         announce_failure(rank, f"{type(exc).__name__}: {exc}")
@@ -202,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     destroy_parallel()
     if rank == 0 and summary.steps:
-        print(f"done: {summary.steps} steps, loss {summary.first_loss:.4f} -> "
-              f"{summary.last_loss:.4f}"
-              + (f" ({summary.skipped} skipped as non-finite)" if summary.skipped else "")
-              + f"; metrics in {cfg.logging.dir}/metrics.jsonl")
+        losses = (f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
+                  if summary.first_loss is not None else "no finite loss")
+        skipped = f" ({summary.skipped} skipped as non-finite)" if summary.skipped else ""
+        print(f"done: {summary.steps} steps, {losses}{skipped}; metrics in "
+              f"{cfg.logging.dir}/metrics.jsonl")
     return 0
 
 
