@@ -50,10 +50,12 @@ __all__ = ["StartPoint", "choose_start", "load_start", "save_step", "latest_chec
 
 @dataclass
 class StartPoint:
-    """The checkpoint folder to load (None: fresh initialisation), already verified, and the
-    lines rank 0 prints about the choice."""
+    """The checkpoint folder to load (None: fresh initialisation), already verified; whether it
+    is one of this run's own (in ``checkpoint.save``); the lines rank 0 prints about the
+    choice."""
 
     folder: Path | None
+    own: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -82,7 +84,7 @@ def _resume_own(save: str, steps: list[int], load: str | None) -> StartPoint:
             notes.append(f"checkpoint.load={load} is not used: checkpoint.save={save} holds this "
                          f"run's step {step}, which it resumes (to start from checkpoint.load "
                          "instead, set checkpoint.overwrite=true)")
-        return StartPoint(folder, notes)
+        return StartPoint(folder, own=True, notes=notes)
     raise CheckpointError(
         f"checkpoint.save={save} holds checkpoints (steps {', '.join(map(str, steps))}) but none "
         f"verifies (newest: {skipped[0]}); set checkpoint.overwrite=true to start over there, "
@@ -100,6 +102,7 @@ def choose_start(cfg: GroveConfig) -> StartPoint:
     start = StartPoint(None)
     if load not in (None, "auto") and not (save and _same(load, save)):
         start.folder = resolve_checkpoint_folder(load)
+        start.own = bool(save) and _same(start.folder.parent, save)
         warning = verify_checkpoint(start.folder)
         if warning:
             start.notes.append(f"warning: {warning}")
@@ -116,8 +119,8 @@ def choose_start(cfg: GroveConfig) -> StartPoint:
 
 def load_start(start: StartPoint, model, optimizer, scheduler) -> tuple[int, int | None]:
     """Collective: load ``start.folder`` (if any) into model, optimizer and LR schedule.
-    Returns (the step training continues after, the step of the run's latest checkpoint or
-    None); refuses non-finite weights with a :class:`CheckpointError`."""
+    Returns (the step training continues after, the step of the latest checkpoint in
+    ``checkpoint.save`` or None); refuses non-finite weights with a :class:`CheckpointError`."""
     if start.folder is None:
         return 0, None
     state = load_checkpoint(start.folder, model, optimizer, verify=False)  # choose_start did
@@ -129,7 +132,7 @@ def load_start(start: StartPoint, model, optimizer, scheduler) -> tuple[int, int
     if state.scheduler is None:  # a model-only checkpoint: training starts from its weights
         return 0, None
     scheduler.load_state_dict(state.scheduler)
-    return state.step, state.step
+    return state.step, state.step if start.own else None
 
 
 def latest_checkpoint(cfg: GroveConfig, step: int | None) -> str:
