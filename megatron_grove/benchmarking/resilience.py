@@ -176,7 +176,8 @@ def _last_step(metrics: Path) -> int:
 def _torchrun(config: str, overrides: list[str], nproc: int, log_dir: str, **popen):
     port = 20000 + os.getpid() % 20000
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(port), str(LAUNCHER),
+           "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", str(LAUNCHER),
            "--config", config, "logging.progress_bar=false", f"logging.dir={log_dir}",
            *overrides]
     return subprocess.Popen(cmd, **popen)
