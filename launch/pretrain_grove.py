@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -46,7 +47,9 @@ long runs (docs/fault_tolerance.md):
   a step with a non-finite loss or gradient on any rank is skipped (no update, no save);
   train.max_skipped_steps (default 10) in a row stop the run
   SIGTERM / SIGINT / SIGUSR1: finish the step, save, exit 4; a second signal exits at once
-  (under torchrun give --shutdown-timeout enough for a step and a save; default 30 s)
+  (under torchrun give --shutdown-timeout enough for a step and a save; default 30 s; add
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 for SIGUSR1); a worker whose
+  torchrun dies gets SIGTERM
   before step 1: checkpoint.save and logging.dir writable, data.path's .bin/.idx consistent,
   tokenizer readable, runtime.device present
 exit codes (of each process; torchrun's own is 1 whenever a worker failed):
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         collective_failure,
         destroy_parallel,
         disk_full,
+        signal_when_parent_dies,
     )
     from megatron_grove.training import train
     from megatron_grove.training.nonfinite import NonFiniteError
@@ -178,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with StopSignals(announce=rank == 0) as stop:
+            if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's worker: its death stops us too
+                signal_when_parent_dies(signal.SIGTERM)
             summary = train(cfg, stop)
     except ConfigError as exc:  # pre-flight: agreed by every rank before step 1
         return _stop(rank, f"config error: {exc}", BAD_INPUT)

@@ -187,6 +187,22 @@ def test_sigterm_saves_the_current_step_and_the_resume_continues_the_run(straigh
         assert resumed[step] == straight[step], step
 
 
+def test_killed_launcher_makes_its_workers_save_and_exit(tmp_path):
+    """torchrun killed with SIGKILL (an OOM killer, a node agent): its workers get SIGTERM from
+    the kernel, save their current step and exit; nothing of the run is left."""
+    ckpt, log, tag = tmp_path / "ckpt", tmp_path / "log", f"launcher-{tmp_path.name}"
+    proc = _launch(tmp_path, tag, "train.iters=200", f"checkpoint.save={ckpt}",
+                   f"logging.dir={log}")
+    _wait_for_steps(log, 3, proc)
+    proc.kill()
+    proc.wait()
+    assert _no_process_left(tag, grace_s=120) == []
+    stopped = read_metrics(log / "metrics.jsonl")[-1]["step"]
+    assert latest_iteration(ckpt) == stopped
+    assert f"pretrain_grove.py: SIGTERM received: stopped after step {stopped}; the latest " \
+           f"checkpoint is step {stopped} in {ckpt}" in (tmp_path / "stderr").read_text()
+
+
 def test_unwritable_save_folder_fails_before_step_1(tmp_path):
     (tmp_path / "file").write_text("a file, not a folder")
     proc = torchrun(*COMMON, f"checkpoint.save={tmp_path / 'file' / 'ckpt'}",

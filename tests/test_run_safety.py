@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -174,6 +175,31 @@ def test_first_signal_is_recorded_and_a_second_exits_at_once():
     assert proc.returncode == 128 + signal.SIGTERM
     assert proc.stdout == "first: SIGUSR1\n"
     assert "second signal (SIGTERM): exiting now without saving" in proc.stderr
+
+
+def test_a_worker_is_signalled_once_when_its_launcher_dies(tmp_path):
+    """The child of a process that exits gets the signal once (torchrun killed -> SIGTERM)."""
+    out = tmp_path / "child.txt"
+    proc = run_python(
+        "import os, signal, time\n"
+        "from megatron_grove.runtime import signal_when_parent_dies\n"
+        "if os.fork() == 0:\n"
+        "    got = []\n"
+        "    signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))\n"
+        "    signal_when_parent_dies(signal.SIGUSR2, poll_s=0.05)\n"
+        "    deadline = time.monotonic() + 20\n"
+        "    while not got and time.monotonic() < deadline:\n"
+        "        time.sleep(0.05)\n"
+        "    time.sleep(0.5)  # a second signal would arrive meanwhile\n"
+        f"    open({str(out)!r}, 'w').write(str(got))\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.2)\n"
+        "os._exit(0)\n")  # the parent dies, the child lives on
+    assert proc.returncode == 0
+    deadline = time.monotonic() + 30
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert out.read_text() == f"[{signal.SIGUSR2.value}]"
 
 
 # --------------------------------------------------------------------------------------

@@ -20,10 +20,11 @@ from megatron_grove.runtime.distributed import (
     object_from_rank0,
     objects_from_all_ranks,
     resolve_device,
+    signal_when_parent_dies,
     single_process_world,
 )
 
 __all__ = ["ParallelRuntime", "resolve_device", "initialize_parallel", "current_runtime",
            "destroy_parallel", "single_process_world", "collective_failure",
            "objects_from_all_ranks", "object_from_rank0", "announce_failure", "first_failure",
-           "disk_full"]
+           "disk_full", "signal_when_parent_dies"]

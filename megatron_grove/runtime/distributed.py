@@ -36,7 +36,7 @@ from megatron_grove.runtime.cpu_patches import apply_cpu_patches
 __all__ = ["ParallelRuntime", "resolve_device", "initialize_parallel", "current_runtime",
            "destroy_parallel", "single_process_world", "collective_failure",
            "objects_from_all_ranks", "object_from_rank0", "announce_failure", "first_failure",
-           "disk_full"]
+           "disk_full", "signal_when_parent_dies"]
 
 # What gloo / NCCL / the c10d store say when a peer died, hung past the timeout or vanished.
 _PEER_FAILURE_MARKERS = ("connection reset", "connection closed", "connection refused",
@@ -147,6 +147,23 @@ def collective_failure(exc: BaseException) -> str | None:
     if "] " in first:  # drop gloo's "[/path/to/pair.cc:537] " source-location prefix
         first = first.split("] ", 1)[1]
     return first.split(". This is typically")[0][:200]
+
+
+def signal_when_parent_dies(sig: int, poll_s: float = 1.0) -> None:
+    """Send this process ``sig`` once when its parent (torchrun) dies, e.g. killed with SIGKILL,
+    so that no worker trains on as an orphan. A daemon thread checks the parent every
+    ``poll_s`` seconds (Linux's PR_SET_PDEATHSIG would fire once per exiting thread of a
+    multi-threaded parent, i.e. several times)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def objects_from_all_ranks(local: Any) -> list[Any]:
