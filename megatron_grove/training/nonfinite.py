@@ -100,8 +100,8 @@ class SkipCounter:
                 f"(train.max_skipped_steps={self.max_consecutive}); stopped without saving "
                 f"({last_saved}); lower train.lr or check the data, then resume")
         return (f"step {step}: {health.describe()}; update skipped ({self.consecutive} in a "
-                f"row, {self.total} in all; the run stops after "
-                f"{self.max_consecutive} in a row)")
+                f"row, {self.total} in all; train.max_skipped_steps={self.max_consecutive} in a "
+                "row are allowed)")
 
 
 def first_nonfinite_weight(model: torch.nn.Module) -> str | None:
