@@ -13,8 +13,13 @@ import time
 import pytest
 import torch
 
-from helpers import run_distributed, run_python
-from megatron_grove.runtime import announce_failure, disk_full, first_failure
+from helpers import run_distributed
+from megatron_grove.runtime import (
+    announce_failure,
+    disk_full,
+    first_failure,
+    signal_when_parent_dies,
+)
 from megatron_grove.training.metrics import (
     MetricsWriter,
     keep_records_through,
@@ -28,6 +33,7 @@ from megatron_grove.training.nonfinite import (
     first_nonfinite_weight,
     step_health,
 )
+from megatron_grove.training.preemption import StopSignals
 from megatron_grove.training.preflight import dataset_problem, writable_dir_problem
 
 
@@ -163,43 +169,56 @@ def test_skip_counter_stops_after_max_consecutive_skips():
 # --------------------------------------------------------------------------------------
 
 
+def _in_child(body) -> tuple[int, str]:
+    """``body(write)`` in a forked child (the modules this process loaded, none imported
+    again); its exit code and what it wrote (with ``write`` or on stderr)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read_end)
+        os.dup2(write_end, 2)
+        try:
+            body(lambda text: os.write(write_end, text.encode()))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as out:
+        written = out.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), written
+
+
 def test_first_signal_is_recorded_and_a_second_exits_at_once():
-    proc = run_python(
-        "import os, signal\n"
-        "from megatron_grove.training.preemption import StopSignals\n"
-        "with StopSignals() as stop:\n"
-        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
-        "    print('first:', stop.received.name, flush=True)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    print('not reached', flush=True)\n")
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert proc.stdout == "first: SIGUSR1\n"
-    assert "second signal (SIGTERM): exiting now without saving" in proc.stderr
+    def body(write):
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            write(f"first: {stop.received.name}\n")
+            os.kill(os.getpid(), signal.SIGTERM)
+            write("not reached\n")
+
+    code, written = _in_child(body)
+    assert code == 128 + signal.SIGTERM
+    assert written == ("first: SIGUSR1\npretrain_grove.py: second signal (SIGTERM): exiting now "
+                       "without saving\n")
 
 
-def test_a_worker_is_signalled_once_when_its_launcher_dies(tmp_path):
-    """The child of a process that exits gets the signal once (torchrun killed -> SIGTERM)."""
-    out = tmp_path / "child.txt"
-    proc = run_python(
-        "import os, signal, time\n"
-        "from megatron_grove.runtime import signal_when_parent_dies\n"
-        "if os.fork() == 0:\n"
-        "    got = []\n"
-        "    signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))\n"
-        "    signal_when_parent_dies(signal.SIGUSR2, poll_s=0.05)\n"
-        "    deadline = time.monotonic() + 20\n"
-        "    while not got and time.monotonic() < deadline:\n"
-        "        time.sleep(0.05)\n"
-        "    time.sleep(0.5)  # a second signal would arrive meanwhile\n"
-        f"    open({str(out)!r}, 'w').write(str(got))\n"
-        "    os._exit(0)\n"
-        "time.sleep(0.2)\n"
-        "os._exit(0)\n")  # the parent dies, the child lives on
-    assert proc.returncode == 0
-    deadline = time.monotonic() + 30
-    while not out.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert out.read_text() == f"[{signal.SIGUSR2.value}]"
+def test_a_worker_is_signalled_once_when_its_launcher_dies():
+    """The grandchild of this process is signalled once when its parent exits (torchrun
+    killed -> its workers get SIGTERM)."""
+    def body(write):
+        if os.fork() != 0:
+            time.sleep(0.2)
+            os._exit(0)  # the "launcher" dies; its child lives on
+        got = []
+        signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))
+        signal_when_parent_dies(signal.SIGUSR2, poll_s=0.05)
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a second signal would arrive meanwhile
+        write(str(got))
+
+    code, written = _in_child(body)  # the pipe stays open until the grandchild is done
+    assert code == 0 and written == f"[{signal.SIGUSR2.value}]"
 
 
 # --------------------------------------------------------------------------------------
