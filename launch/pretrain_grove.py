@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import traceback
 import warnings
+
+BAD_INPUT, NONFINITE = 2, 3  # exit codes (0 ok, 1 a collective failed; 4 preempted: see EPILOG)
 
 EPILOG = """\
 overrides: any number of dotted key=value pairs applied after the YAML file, values parsed
@@ -33,8 +37,9 @@ main keys:
   train.eval_interval / train.eval_iters: validation loss every N steps and after the last, on
   the same eval_iters global batches each time (eval_iters=0: none)
   logging.peak_tflops: per-device peak for MFU (default: bf16 peak of a known GPU; none on CPU)
-  checkpoint.save / checkpoint.load (a folder, or auto: checkpoint.save if it holds a
-  checkpoint) / checkpoint.save_interval / logging.dir / runtime.dist_timeout_s
+  checkpoint.save / checkpoint.load (where a new run starts: a folder, or auto/null: from
+  scratch) / checkpoint.save_interval / checkpoint.overwrite / logging.dir
+  runtime.dist_timeout_s / train.max_skipped_steps
   a checkpoint resumes at another TP/EP size, unless the distributed optimizer saved it with
   checkpoint.optimizer_format=dp_reshardable (default fully_reshardable)
   parallel.use_distributed_optimizer / parallel.recompute_granularity (none|selective|full)
@@ -45,8 +50,28 @@ outputs (in logging.dir): metrics.jsonl (one JSON object per step: loss, val_los
   validated, tokens_per_s, model_flops_per_token, tflops_per_device, mfu, MoE counters) and
   tensorboard/; the samples drawn from each dataset are printed at start
 layout check without GPUs:  python launch/pretrain_grove.py --config configs/grovemoe_33b_a3b.yaml --dry-run
-exit codes: 0 ok, 2 bad configuration (one line on stderr saying which key and what is allowed)
-  or a checkpoint that cannot load as asked (one line saying why)
+long runs (docs/fault_tolerance.md):
+  checkpoints carry a manifest (size + CRC-32 of every file), verified on load: a damaged one
+  stops with one line naming the file; a run whose checkpoint.save already holds checkpoints
+  resumes from the newest that verifies (checkpoint.load only starts a new run; set
+  checkpoint.overwrite=true to start over there, deleting the newer checkpoints)
+  a step with a non-finite loss or gradient on any rank is skipped (no update, no save);
+  train.max_skipped_steps (default 10) in a row stop the run
+  SIGTERM / SIGINT / SIGUSR1: finish the step, save, exit 4; a second signal exits at once
+  (under torchrun give --shutdown-timeout enough for a step and a save; default 30 s; add
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 for SIGUSR1); a worker whose
+  torchrun dies gets SIGTERM
+  before step 1: checkpoint.save and logging.dir writable, data.path's .bin/.idx consistent,
+  tokenizer readable, runtime.device present
+exit codes (of each process; torchrun's own is 1 whenever a worker failed):
+  0 ok
+  1 a collective failed (a peer died, hung or the network failed; one line naming the rank
+    that stopped first when known) or an unexpected error (traceback)
+  2 bad input: configuration, pre-flight, a checkpoint that cannot load as asked, a full disk
+    (one line on stderr saying which key or file and what to do)
+  3 stopped: train.max_skipped_steps consecutive non-finite steps, or non-finite weights
+  4 preempted by a signal: the checkpoint of the current step is saved; run the same command
+  128+N  stopped by signal N without saving (no checkpoint.save, or a second signal)
 """
 
 
@@ -106,10 +131,41 @@ def _quiet_dependency_warnings() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 
+def _stop(rank: int, message: str, code: int) -> int:
+    """This rank stops the job for an ordinary reason: tell the peers; the first rank to stop
+    prints the one line (the others usually raised the same agreed error)."""
+    from megatron_grove.runtime import announce_failure, destroy_parallel
+
+    if announce_failure(rank, message):
+        print(f"pretrain_grove.py: {message}", file=sys.stderr, flush=True)
+    destroy_parallel()
+    return code
+
+
+def _collective_failed(rank: int, reason: str, cfg) -> None:
+    """A collective failed under this rank: one line, after the cause when a peer announced
+    one, then exit at once (a teardown would wait on the dead peers)."""
+    from megatron_grove.runtime import first_failure
+
+    cause = first_failure()
+    if cause:
+        why = f"{cause.split(':', 1)[0]} stopped the job (its error is above); stopping"
+    else:
+        resume = (f"run the same command again to resume from the last checkpoint in "
+                  f"{cfg.checkpoint.save}" if cfg.checkpoint.save else
+                  "set checkpoint.save and checkpoint.save_interval to be able to resume")
+        why = (f"another rank died, hung past runtime.dist_timeout_s={cfg.runtime.dist_timeout_s}s "
+               f"or the network failed; stopping. {resume}")
+    print(f"pretrain_grove.py: rank {rank}: a collective failed ({reason}): {why}",
+          file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet_dependency_warnings()
     from megatron_grove.config import ConfigError, load_config, validate_layout
+    from megatron_grove.runtime import resolve_device
     from megatron_grove.runtime.acceleration import resolve_acceleration
 
     rank = int(os.environ.get("RANK", "0"))
@@ -119,49 +175,76 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(cfg, args.json, args.world_size)
         validate_layout(cfg, world_size)
+        resolve_device(cfg.runtime.device)  # runtime.device=cuda on a machine without a GPU
         resolve_acceleration(cfg)  # kernels / TE / FP8 requests this machine cannot serve
         check_data(cfg)  # missing datasets, split parts without documents
     except ConfigError as exc:
         if rank == 0:
             print(f"pretrain_grove.py: config error: {exc}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from megatron_grove.checkpointing import CheckpointError
-    from megatron_grove.runtime import collective_failure, destroy_parallel
+    from megatron_grove.runtime import (
+        announce_failure,
+        collective_failure,
+        destroy_parallel,
+        disk_full,
+        signal_when_parent_dies,
+    )
     from megatron_grove.training import train
+    from megatron_grove.training.nonfinite import NonFiniteError
+    from megatron_grove.training.preemption import Preempted, StopSignals
 
     try:
-        records = train(cfg)
-    except CheckpointError as exc:  # raised alike on every rank, before any training step
-        destroy_parallel()
-        if rank == 0:
-            print(f"pretrain_grove.py: checkpoint error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
+        with StopSignals(announce=rank == 0) as stop:
+            if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's worker: its death stops us too
+                signal_when_parent_dies(signal.SIGTERM)
+            summary = train(cfg, stop)
+    except ConfigError as exc:  # pre-flight: agreed by every rank before step 1
+        return _stop(rank, f"config error: {exc}", BAD_INPUT)
+    except CheckpointError as exc:
+        return _stop(rank, f"checkpoint error: {exc}", BAD_INPUT)
+    except NonFiniteError as exc:
+        return _stop(rank, f"non-finite training: {exc}", NONFINITE)
+    except Preempted as exc:
+        return _stop(rank, str(exc), exc.exit_code)
+    except (Exception, CheckpointException) as exc:
         reason = collective_failure(exc)
-        if reason is None:
-            destroy_parallel()
-            raise
-        resume = (f"restart the job to resume from the last checkpoint in {cfg.checkpoint.save} "
-                  "(checkpoint.load=auto)" if cfg.checkpoint.save else
-                  "set checkpoint.save and checkpoint.save_interval to be able to resume")
-        print(f"pretrain_grove.py: rank {rank}: a collective failed ({reason}): another rank "
-              f"died, hung past runtime.dist_timeout_s={cfg.runtime.dist_timeout_s}s or the network "
-              f"failed; stopping. {resume}", file=sys.stderr, flush=True)
-        os._exit(1)  # no teardown: it would wait on the dead peers
+        if reason is not None:
+            _collective_failed(rank, reason, cfg)
+        full = disk_full(exc)
+        if full is not None:
+            return _stop(rank, f"rank {rank}: {full}; free space there, then run the same "
+                               "command to resume", BAD_INPUT)
+        if isinstance(exc, OSError) and exc.filename:  # e.g. logging.dir removed mid-run
+            return _stop(rank, f"rank {rank}: {exc.filename}: {exc.strerror}; fix that, then run "
+                               "the same command to resume", BAD_INPUT)
+        traceback.print_exc()  # a bug: the whole story, then the peers' lines
+        sys.stderr.flush()
+        announce_failure(rank, f"{type(exc).__name__}: {exc}")
+        destroy_parallel()
+        return 1
     destroy_parallel()
-    if rank == 0 and records:
-        validated = [r for r in records if "val_loss" in r]
-        validation = (f", validation loss {validated[-1]['val_loss']:.4f} (perplexity "
-                      f"{validated[-1]['val_ppl']:.2f})" if validated else "")
-        print(f"done: {len(records)} steps, loss {records[0]['loss']:.4f} -> "
-              f"{records[-1]['loss']:.4f}{validation}; metrics in "
+    if rank == 0 and summary.steps:
+        losses = (f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
+                  if summary.first_loss is not None else "no finite loss")
+        skipped = f" ({summary.skipped} skipped as non-finite)" if summary.skipped else ""
+        last = summary.last_validation
+        validation = (f", validation loss {last['val_loss']:.4f} (perplexity "
+                      f"{last['val_ppl']:.2f})" if last else "")
+        print(f"done: {summary.steps} steps, {losses}{skipped}{validation}; metrics in "
               f"{cfg.logging.dir}/metrics.jsonl")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skips the interpreter's teardown of torch and Megatron (seconds, nothing
+    # left to write: files are closed, the process groups destroyed)

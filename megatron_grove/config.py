@@ -128,6 +128,9 @@ class TrainConfig:
     # global batches of the validation data each time; eval_iters=0: no validation
     eval_interval: int = 1000
     eval_iters: int = 10
+    # a step whose loss or gradient is non-finite on any rank is skipped (no update); this
+    # many skipped steps in a row stop the run (exit code 3); 0 = stop at the first one
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -164,6 +167,11 @@ class CheckpointConfig:
     # "dp_reshardable" saves every rank's shard in parallel and resumes only at the saved
     # TP/EP sizes. Ignored by the plain optimizer, whose checkpoints always reshard.
     optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    # When checkpoint.save already holds checkpoints, the run resumes from the newest one that
+    # verifies, whatever checkpoint.load says (load only gives a new run's starting point).
+    # overwrite=true starts from checkpoint.load (or from scratch) instead and deletes the
+    # checkpoints in checkpoint.save newer than that starting step.
+    overwrite: bool = False
 
 
 @dataclass
@@ -387,6 +395,22 @@ def _validate(cfg: GroveConfig) -> None:
         for key, value in [("moe.router_topk", e.router_topk),
                            ("moe.ffn_hidden_size", e.ffn_hidden_size)]:
             _require(value >= 1, f"{key}={value}: must be >= 1")
+    for key, value in [("model.num_query_groups", m.num_query_groups),
+                       ("model.kv_channels", m.kv_channels), ("model.vocab_size", m.vocab_size)]:
+        _require(value is None or value >= 1, f"{key}={value}: must be >= 1 or null")
+    for key, value in [("model.rotary_base", m.rotary_base), ("train.adam_eps", t.adam_eps),
+                       ("model.norm_epsilon", m.norm_epsilon),
+                       ("model.init_method_std", m.init_method_std)]:
+        _require(math.isfinite(value) and value > 0, f"{key}={value}: must be a finite number > 0")
+    for key, value in [("train.lr", t.lr), ("train.min_lr", t.min_lr),
+                       ("train.weight_decay", t.weight_decay), ("train.clip_grad", t.clip_grad)]:
+        _require(math.isfinite(value) and value >= 0,
+                 f"{key}={value}: must be a finite number >= 0")
+    _require(t.min_lr <= t.lr, f"train.min_lr={t.min_lr}: must be <= train.lr={t.lr}")
+    for key, value in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
+        _require(0 <= value < 1, f"{key}={value}: allowed 0 <= value < 1")
+    _require(t.max_skipped_steps >= 0,
+             f"train.max_skipped_steps={t.max_skipped_steps}: must be >= 0")
     _require(m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
              f"model.hidden_size={m.hidden_size}: must be divisible by model.num_attention_heads="
              f"{m.num_attention_heads} (or set model.kv_channels)")

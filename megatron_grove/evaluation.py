@@ -62,9 +62,10 @@ def perplexity(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor, seq_le
     """Score ``tokens`` (1-D ids < ``vocab_size``) with our ``GPTModel`` (logits
     ``[b, L, V_padded]`` for inputs ``[b, L]``)."""
     inputs, targets = token_windows(tokens, seq_length)
-    if int(inputs.max()) >= vocab_size or int(targets.max()) >= vocab_size:
-        raise ValueError(f"token id {int(max(inputs.max(), targets.max()))} is outside the "
-                         f"model's vocabulary of {vocab_size}")
+    low, high = int(min(inputs.min(), targets.min())), int(max(inputs.max(), targets.max()))
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token id {low if low < 0 else high} is outside the model's "
+                         f"vocabulary of {vocab_size} (ids 0..{vocab_size - 1})")
     model.eval()
     total, count = 0.0, 0
     batches = range(0, inputs.shape[0], batch_size)

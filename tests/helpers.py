@@ -125,6 +125,33 @@ def run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=child_env())
 
 
+def child_pids(pid: int | None = None) -> list[int]:
+    """The live child processes of ``pid`` (default: this process)."""
+    pid = pid or os.getpid()
+    tasks = Path(f"/proc/{pid}/task")
+    return sorted(int(c) for task in (tasks.iterdir() if tasks.is_dir() else [])
+                  for c in (task / "children").read_text().split())
+
+
+def processes_with_env(name: str, value: str) -> list[str]:
+    """``"PID CMDLINE"`` of every live process whose environment has ``name=value`` (tag the
+    processes of one run with a unique value to find what outlived it)."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":  # a zombie is gone, only not yet reaped
+                    found.append(f"{proc.name} {cmd[:120]}")
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

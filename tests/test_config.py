@@ -59,6 +59,15 @@ def test_transformer_config_carries_our_fields():
     (["train"], "expected dotted key=value"),
     (["moe.router_topk=1"], "moe.router_topk=1 with moe.router_score_function=softmax"),
     (["train.iters.x=1"], "train.iters={'x': 1}: expected int"),
+    (["model.num_query_groups=0"], "model.num_query_groups=0: must be >= 1 or null"),
+    (["model.kv_channels=0"], "model.kv_channels=0: must be >= 1 or null"),
+    (["train.lr=.nan"], "train.lr=nan: must be a finite number >= 0"),
+    (["train.lr=nan"], "train.lr=nan: must be a finite number >= 0"),
+    (["train.lr=-1e-3"], "train.lr=-0.001: must be a finite number >= 0"),
+    (["train.lr=1e-5"], "train.min_lr=0.0003: must be <= train.lr=1e-05"),
+    (["train.adam_beta2=1.0"], "train.adam_beta2=1.0: allowed 0 <= value < 1"),
+    (["train.adam_eps=0"], "train.adam_eps=0.0: must be a finite number > 0"),
+    (["train.max_skipped_steps=-1"], "train.max_skipped_steps=-1: must be >= 0"),
 ])
 def test_bad_config_names_key_and_allowed(overrides, needle):
     with pytest.raises(ConfigError) as err:

@@ -100,6 +100,11 @@ def test_partial_and_mismatched_checkpoints_fail_clearly(qwen3_moe, tmp_path):
                                             r"\.mlp\.experts\.0\.gate_proj\.weight \(32, 64\) "
                                             r"\(expected \(48, 64\)\)"):
         load_hf_checkpoint(partial)
+    (partial / "config.json").write_text((folder / "config.json").read_text())
+    truncated = shard.stat().st_size - 100  # a copy cut short: one line naming the file
+    shard.write_bytes((folder / shard.name).read_bytes()[:truncated])
+    with pytest.raises(HFFormatError, match=f"{shard}: damaged or truncated safetensors file"):
+        load_hf_checkpoint(partial)
 
 
 def _packed(tensors: dict, banks: tuple[str, ...]) -> dict:

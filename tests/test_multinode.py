@@ -12,8 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, LAUNCH, TINY, child_env, free_port, losses, torchrun
+from helpers import (
+    FAST,
+    LAUNCH,
+    TINY,
+    child_env,
+    free_port,
+    losses,
+    processes_with_env,
+    torchrun,
+)
 from megatron_grove.checkpointing import latest_iteration
+from megatron_grove.training.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -23,9 +33,10 @@ COMMON = [f"train.iters={ITERS}", "parallel.expert_model_parallel_size=2",
           f"runtime.dist_timeout_s={TIMEOUT_S}"]
 
 
-def launch_nodes(out_dir: Path, *overrides: str) -> list[subprocess.Popen]:
+def launch_nodes(out_dir: Path, *overrides: str, env: dict | None = None) -> list[subprocess.Popen]:
     """Start two launchers of a fresh job (one process each); node i writes its stdout and
-    stderr to ``out_dir/node{i}.out`` / ``.err`` (files: a full pipe would block a launcher)."""
+    stderr to ``out_dir/node{i}.out`` / ``.err`` (files: a full pipe would block a launcher);
+    ``env`` adds to their environment."""
     port, job = free_port(), f"job{free_port()}"
     procs = []
     for node in range(2):
@@ -35,8 +46,7 @@ def launch_nodes(out_dir: Path, *overrides: str) -> list[subprocess.Popen]:
                "--config", str(TINY), *FAST, *COMMON, *overrides]
         with open(out_dir / f"node{node}.out", "w") as out, \
                 open(out_dir / f"node{node}.err", "w") as err:
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err,
-                                          env=child_env()))
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(env)))
     return procs
 
 
@@ -79,7 +89,8 @@ def test_killed_rank_stops_the_job_and_restart_resumes(single_launcher, tmp_path
     args = (f"logging.dir={log}", f"checkpoint.save={ckpt}", "checkpoint.save_interval=2",
             "checkpoint.load=auto", "parallel.use_distributed_optimizer=true",
             "checkpoint.optimizer_format=dp_reshardable")  # as in the 33B recipes
-    nodes = launch_nodes(tmp_path, *args)
+    tag = f"killed-rank-{tmp_path.name}"
+    nodes = launch_nodes(tmp_path, *args, env={"MEGATRON_GROVE_TEST_RUN": tag})
     deadline = time.monotonic() + 240
     while not ((ckpt / "latest_checkpointed_iteration.txt").is_file() and latest_iteration(ckpt) >= 4):
         assert time.monotonic() < deadline and nodes[0].poll() is None, "no checkpoint written"
@@ -94,6 +105,10 @@ def test_killed_rank_stops_the_job_and_restart_resumes(single_launcher, tmp_path
     assert len(ours) == 1, err0[-3000:]
     assert "a collective failed" in ours[0] and f"resume from the last checkpoint in {ckpt}" in ours[0]
     assert "[rank0]: Traceback" not in err0  # our rank: one line, not a wall of tracebacks
+    deadline = time.monotonic() + 10  # no process of the job outlives it (helpers included)
+    while processes_with_env("MEGATRON_GROVE_TEST_RUN", tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_with_env("MEGATRON_GROVE_TEST_RUN", tag) == []
     saved = latest_iteration(ckpt)
     assert 4 <= saved < ITERS
 
@@ -108,13 +123,15 @@ def test_killed_rank_stops_the_job_and_restart_resumes(single_launcher, tmp_path
     assert latest_iteration(ckpt) == ITERS
 
 
-def test_sbatch_script_runs_one_torchrun_per_node(tmp_path):
+def _sbatch(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     """The SLURM script, with stand-ins for ``srun`` (runs its command) and ``scontrol`` (names
-    this host), on a one-"node" allocation of 2 CPU ranks."""
+    this host; records its arguments in tmp_path/scontrol.log), on a one-"node" allocation of
+    2 CPU ranks; stdout and stderr in tmp_path/sbatch.out / .err."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n'
+                                      'echo 127.0.0.1\n')
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     root = LAUNCH.parents[1]
@@ -122,13 +139,38 @@ def test_sbatch_script_runs_one_torchrun_per_node(tmp_path):
            "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(root),
            "GPUS_PER_NODE": "2", "RDZV_PORT": str(free_port()), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(root / "launch" / "slurm" / "pretrain_grove.sbatch"),
-                           str(TINY), *FAST, "parallel.expert_model_parallel_size=2",
-                           f"logging.dir={tmp_path / 'log'}"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "rendezvous 127.0.0.1:" in proc.stdout and "done: 8 steps" in proc.stdout
+    with open(tmp_path / "sbatch.out", "w") as out, open(tmp_path / "sbatch.err", "w") as err:
+        return subprocess.Popen(["bash", str(root / "launch" / "slurm" / "pretrain_grove.sbatch"),
+                                 str(TINY), *FAST, "parallel.expert_model_parallel_size=2",
+                                 *overrides], stdout=out, stderr=err, env=env, cwd=tmp_path)
+
+
+def test_sbatch_script_runs_one_torchrun_per_node(tmp_path):
+    proc = _sbatch(tmp_path, f"logging.dir={tmp_path / 'log'}")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "sbatch.err").read_text()[-3000:]
+    out = (tmp_path / "sbatch.out").read_text()
+    assert "rendezvous 127.0.0.1:" in out and "done: 8 steps" in out
     assert sorted(losses(tmp_path / "log")) == list(range(1, 9))
+
+
+def test_sbatch_time_limit_signal_saves_and_requeues(tmp_path):
+    """SIGUSR1 to the batch shell (SLURM's --signal=B:USR1@300 before the time limit): every
+    rank finishes its step and saves, and the job requeues itself."""
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log"
+    proc = _sbatch(tmp_path, "train.iters=200", f"checkpoint.save={ckpt}", f"logging.dir={log}")
+    deadline = time.monotonic() + 240
+    while len(read_metrics(log / "metrics.jsonl")) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "sbatch.err").read_text()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    proc.wait(timeout=120)
+    stopped = read_metrics(log / "metrics.jsonl")[-1]["step"]
+    assert 3 <= stopped < 200 and latest_iteration(ckpt) == stopped
+    assert f"SIGUSR1 received: stopped after step {stopped}; the latest checkpoint is step " \
+           f"{stopped}" in (tmp_path / "sbatch.err").read_text()
+    assert "requeueing" in (tmp_path / "sbatch.out").read_text()
+    assert "requeue 42" in (tmp_path / "scontrol.log").read_text().splitlines()
 
 
 def test_only_collective_failures_get_the_one_line_exit():

@@ -8,7 +8,7 @@ import pytest
 from helpers import torchrun
 from megatron_grove.checkpointing import CheckpointError, TrainState
 from megatron_grove.config import config_to_dict, load_config, routing_differences
-from megatron_grove.training.loop import check_resume_routing
+from megatron_grove.training.resume import check_resume_routing
 
 
 def test_routing_differences_name_each_key_and_default_missing_ones():

@@ -182,5 +182,7 @@ def test_bad_layout_under_torchrun_names_the_key():
 def test_help_explains_overrides():
     proc = run_script("launch/pretrain_grove.py", "--help", timeout=60)
     assert proc.returncode == 0
-    for needle in ["--config", "key=value", "train.iters", "checkpoint.save", "metrics.jsonl"]:
+    for needle in ["--config", "key=value", "train.iters", "checkpoint.save", "metrics.jsonl",
+                   "checkpoint.overwrite", "train.max_skipped_steps", "exit codes",
+                   "4 preempted by a signal", "--shutdown-timeout"]:
         assert needle in proc.stdout

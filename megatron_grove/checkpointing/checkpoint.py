@@ -3,8 +3,9 @@
 Layout under ``checkpoint.save``::
 
     iter_0000004/                 a complete Megatron distributed checkpoint
-        (dist_checkpointing files: model [+ optimizer] sharded tensors, common.pt)
+        (dist_checkpointing files: model [+ optimizer] sharded tensors, common state)
         rng/rank_00000.pt         each rank's RNG states
+        manifest.json             size and CRC-32 of every file above (:mod:`.manifest`)
     latest_checkpointed_iteration.txt
     tokenizer/                    tokenizer.json (+ tokenizer_config.json ...), when known
 
@@ -16,9 +17,13 @@ the checkpoint alone (:func:`read_checkpoint_config`). The tokenizer is the one 
 first save; :func:`checkpoint_tokenizer` finds it.
 
 A checkpoint is written to ``.iter_XXXXXXX.tmp`` and renamed into place by rank 0 only after
-every rank finished; ``latest_checkpointed_iteration.txt`` is replaced atomically after that.
-A process killed mid-save therefore leaves the previous checkpoint as the latest loadable one
-(the stale ``.tmp`` folder is removed by the next save).
+every rank finished and the manifest is written; ``latest_checkpointed_iteration.txt`` is
+replaced atomically after that. A process killed mid-save therefore leaves the previous
+checkpoint as the latest loadable one (the stale ``.tmp`` folder is removed by the next save).
+Loading checks the manifest first (:func:`verify_checkpoint`): a damaged, truncated or
+incomplete checkpoint is a one-line :class:`CheckpointError` naming the file; one saved before
+manifests existed loads with a warning. Tensors whose global shape differs from the model's
+(another model size) are refused before anything is read, naming the first one.
 
 Because model and optimizer state are Megatron sharded tensors, a checkpoint loads under a
 different expert/tensor-parallel layout (dist_checkpointing reshards on load).
@@ -27,8 +32,11 @@ different expert/tensor-parallel layout (dist_checkpointing reshards on load).
 from __future__ import annotations
 
 import os
+import queue
 import random
+import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,20 +45,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from megatron_grove.checkpointing.manifest import (
+    MANIFEST_NAME,
+    verify_manifest,
+    write_manifest,
+)
 from megatron_grove.checkpointing.optimizer_state import (
     load_optimizer_state,
     optimizer_skeleton,
     saved_distributed_format,
     sharded_optimizer_state,
 )
+from megatron_grove.runtime.distributed import collective_failure, objects_from_all_ranks
 
 __all__ = ["CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint",
-           "latest_iteration", "checkpoint_dir", "resolve_checkpoint_folder",
+           "latest_iteration", "checkpoint_dir", "checkpoint_steps", "checkpoint_step",
+           "remove_checkpoints_after", "resolve_checkpoint_folder", "verify_checkpoint",
            "read_checkpoint_config", "checkpoint_tokenizer", "TOKENIZER_DIR"]
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 TOKENIZER_DIR = "tokenizer"
+_ITER_DIR = re.compile(r"iter_(\d{7,})")
+_INTEGRITY = "crc32-manifest"  # train_state["integrity"] of checkpoints that carry a manifest
 
 
 class CheckpointError(RuntimeError):
@@ -69,6 +88,15 @@ class TrainState:
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"iter_{step:07d}"
+
+
+def checkpoint_steps(root: str | Path) -> list[int]:
+    """Steps of the published ``iter_*`` folders under ``root``, ascending (no temporary ones)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir()
+                  if p.is_dir() and (m := _ITER_DIR.fullmatch(p.name)))
 
 
 def latest_iteration(root: str | Path) -> int | None:
@@ -138,11 +166,27 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _keep_checkpoint_writes_in_process() -> None:
+    """Megatron's ``torch_dist`` writer passes its write results through a queue it creates on
+    first use in a ``multiprocessing`` *Manager*: a spawned server process (it imports torch:
+    ~760 MB resident) that lives as long as the rank, and outlives it when the rank is killed
+    with SIGKILL (torchrun then signals only its live workers' process groups, not the dead
+    one's). Our saves are synchronous: the writer's threads run in this process and the queue
+    never crosses a process boundary, so a plain in-process queue serves and no helper process
+    is started. Megatron keeps the queue in a module global and uses one that is already set."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer, state: TrainState,
                     optimizer_format: str = "fully_reshardable") -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder. ``optimizer``
     None writes a model-only checkpoint (``state.scheduler`` should then be None).
-    ``optimizer_format``: the distributed optimizer's format (``checkpoint.optimizer_format``)."""
+    ``optimizer_format``: the distributed optimizer's format (``checkpoint.optimizer_format``).
+    The folder gets a ``manifest.json`` (size and CRC-32 of every file) before it is published."""
+    _keep_checkpoint_writes_in_process()
     root = Path(root)
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = checkpoint_dir(root, state.step)
@@ -154,7 +198,8 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer, state: 
     _barrier()
     sharded = _sharded_state(model, optimizer, is_loading=False, optimizer_format=optimizer_format)
     sharded["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples,
-                              "scheduler": state.scheduler, "config": state.config}
+                              "scheduler": state.scheduler, "config": state.config,
+                              "integrity": _INTEGRITY}
     if rank == 0:
         tmp.mkdir(parents=True)
     _barrier()
@@ -162,6 +207,7 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer, state: 
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     _barrier()
+    write_manifest(tmp)  # collective; ends once every rank's hashes reached rank 0
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
@@ -188,17 +234,110 @@ def resolve_checkpoint_folder(path: str | Path, step: int | None = None) -> Path
     return checkpoint_dir(path, step)
 
 
+def _unreadable(folder: Path, exc: BaseException) -> CheckpointError:
+    """A one-line CheckpointError for a checkpoint Megatron could not read."""
+    first = next(iter(str(exc).strip().splitlines()), "")
+    if first.startswith("CheckpointException ranks:"):  # torch's summary: show a rank's error
+        lines = [line for line in str(exc).splitlines() if line and not line.startswith(" ")]
+        first = lines[-1] if lines else first
+    return CheckpointError(f"{folder}: cannot be read ({type(exc).__name__}: {first[:300]}); "
+                           "the checkpoint is damaged or incomplete")
+
+
+def _reading(folder: Path, read):
+    """``read()`` with Megatron's and torch's checkpoint errors (torch's is a
+    BaseException) turned into a one-line :class:`CheckpointError`; failed collectives and
+    interrupts pass through."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return read()
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as exc:
+        if collective_failure(exc) is not None:
+            raise
+        raise _unreadable(folder, exc) from None
+
+
 def _common_state(folder: Path) -> dict[str, Any]:
     """The checkpoint's plain (non-sharded) state: ``train_state`` and the optimizer's."""
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(folder))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{folder}: no common state ({exc}); the checkpoint is partial or "
-                              "not ours") from None
+    if not (folder / "metadata.json").is_file():
+        raise CheckpointError(f"{folder}: no metadata.json; not a Megatron distributed "
+                              "checkpoint, or an incomplete one")
+    common = _reading(folder, lambda: dist_checkpointing.load_common_state_dict(str(folder)))
     if "train_state" not in common:
         raise CheckpointError(f"{folder}: no train_state in the checkpoint's common state; the "
                               "checkpoint is not ours")
     return common
+
+
+def verify_checkpoint(folder: str | Path) -> str | None:
+    """Collective: check the checkpoint folder ``folder`` (an ``iter_*`` folder) against its
+    manifest, each rank a share of the files. Raises :class:`CheckpointError` naming the first
+    damaged, truncated or missing file; returns None when every file matches, or a warning
+    for a checkpoint saved before manifests existed (which then loads unverified)."""
+    folder = Path(folder)
+    problems = verify_manifest(folder)
+    if not problems:
+        return None
+    if [(p.name, p.what) for p in problems] == [(MANIFEST_NAME, "missing")]:
+        if _common_state(folder)["train_state"].get("integrity") != _INTEGRITY:
+            return (f"{folder} has no {MANIFEST_NAME} (saved before checkpoints carried "
+                    "checksums): loading it unverified")
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise CheckpointError(f"{folder / problems[0].name}: {problems[0].what}{more}; the "
+                          "checkpoint is damaged or incomplete")
+
+
+def _check_model_shapes(folder: Path, model_sd: dict[str, Any]) -> None:
+    """Collective: every model tensor must exist in the checkpoint with the same global shape;
+    else the first mismatch (the same on every rank) is a CheckpointError naming both shapes."""
+    saved = _reading(folder, lambda: dist_checkpointing.load_tensors_metadata(str(folder)))
+    local = None
+    for tensor in nested_values(model_sd):
+        if not isinstance(tensor, ShardedTensor):
+            continue
+        if tensor.key not in saved:
+            local = (f"{folder}: model tensor {tensor.key} {tuple(tensor.global_shape)} is not in "
+                     "the checkpoint; it was saved from another model (compare the model.* and "
+                     "moe.* keys with the checkpoint's config)")
+        elif tuple(saved[tensor.key].global_shape) != tuple(tensor.global_shape):
+            local = (f"{folder}: {tensor.key} has shape {tuple(saved[tensor.key].global_shape)} "
+                     f"in the checkpoint and {tuple(tensor.global_shape)} in this run's model; "
+                     "the checkpoint is of another model size (compare the model.* and moe.* "
+                     "keys with the checkpoint's config)")
+        if local:
+            break
+    first = next((m for m in objects_from_all_ranks(local) if m), None)
+    if first:
+        raise CheckpointError(first)
+
+
+def checkpoint_step(folder: str | Path) -> int:
+    """The training step stored in the checkpoint folder ``folder`` (0: model-only)."""
+    train = _common_state(Path(folder))["train_state"]
+    return train["step"] if train["scheduler"] is not None else 0
+
+
+def remove_checkpoints_after(root: str | Path, step: int) -> list[int]:
+    """Delete the ``iter_*`` folders under ``root`` newer than ``step`` (rank 0 only; the
+    others must not touch ``root`` meanwhile) and point ``latest_checkpointed_iteration.txt``
+    at the newest one left (removed when none is). Returns the steps removed."""
+    root = Path(root)
+    removed = [s for s in checkpoint_steps(root) if s > step]
+    if removed:  # the pointer first: a crash in between leaves no pointer at a missing folder
+        left = [s for s in checkpoint_steps(root) if s <= step]
+        pointer = root / LATEST_FILE
+        if left:
+            tmp = root / f".{LATEST_FILE}.tmp"
+            tmp.write_text(str(left[-1]))
+            os.replace(tmp, pointer)
+        else:
+            pointer.unlink(missing_ok=True)
+    for s in removed:
+        shutil.rmtree(checkpoint_dir(root, s))
+    return removed
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
@@ -235,13 +374,18 @@ def _check_same_layout(folder: Path, config: dict[str, Any]) -> None:
 
 
 def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
-                    step: int | None = None) -> TrainState:
+                    step: int | None = None, verify: bool = True) -> TrainState:
     """Collective: load model, optimizer, RNG and train state from the latest (or ``step``)
     checkpoint under ``root``. Works under a different TP/EP layout than the one saved; the RNG
     states are restored only when the world size is unchanged. A model-only checkpoint (e.g.
     converted from Hugging Face, or ``optimizer`` None) loads the model only and returns step 0
-    with ``scheduler`` None: training starts from those weights."""
+    with ``scheduler`` None: training starts from those weights. ``verify=False`` skips the
+    manifest check (for a folder the caller has just verified)."""
     folder = resolve_checkpoint_folder(root, step)
+    if verify:
+        warning = verify_checkpoint(folder)
+        if warning and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     saved = _common_state(folder)
     train = saved["train_state"]
     if train["scheduler"] is None:
@@ -251,8 +395,9 @@ def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
         _check_same_layout(folder, train["config"])
     sharded = _sharded_state(model, optimizer, is_loading=True,
                              optimizer_format=optimizer_format or "fully_reshardable")
+    _check_model_shapes(folder, sharded["model"])
     skeleton = optimizer_skeleton(sharded.get("optimizer"))
-    loaded = dist_checkpointing.load(sharded, str(folder))
+    loaded = _reading(folder, lambda: dist_checkpointing.load(sharded, str(folder)))
     module = model.module if hasattr(model, "module") else model
     module.load_state_dict(loaded["model"])
     if optimizer is None:
@@ -262,7 +407,6 @@ def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
     rng_file = folder / "rng" / f"rank_{rank:05d}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rng_file.is_file() and len(list((folder / "rng").glob("rank_*.pt"))) == world:
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(_reading(folder, lambda: torch.load(rng_file, weights_only=False)))
     return TrainState(step=train["step"], consumed_samples=train["consumed_samples"],
                       scheduler=train["scheduler"], config=train["config"])
-

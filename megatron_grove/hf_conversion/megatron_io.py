@@ -10,20 +10,26 @@ layout a later run uses is only its ``parallel`` config.
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_grove.checkpointing import (
+    CheckpointError,
     TrainState,
+    checkpoint_tokenizer,
+    load_checkpoint,
     read_checkpoint_config,
     resolve_checkpoint_folder,
     save_checkpoint,
+    verify_checkpoint,
 )
 from megatron_grove.config import GroveConfig, config_from_dict, config_to_dict
+from megatron_grove.data.tokenizer import load_tokenizer
 from megatron_grove.hf_conversion.hf_config import HFFormatError
 from megatron_grove.megatron_config import TORCH_DTYPES, to_transformer_config
 from megatron_grove.model import build_gpt_model
@@ -106,12 +112,22 @@ def save_megatron_checkpoint(output: str | Path, cfg: GroveConfig,
 def load_megatron_model(path: str | Path, dtype: torch.dtype | None = None,
                         device: torch.device | str = "cpu") -> tuple[GroveConfig, GPTModel]:
     """Build the model stored at ``path`` (root or ``iter_*`` folder) at the current parallel
-    layout and load its weights (Megatron reshards from the saved layout)."""
+    layout and load its weights (Megatron reshards from the saved layout), after checking the
+    files against the checkpoint's manifest. A checkpoint trained with ``model.vocab_size``
+    unset gets the vocabulary size of the tokenizer it carries."""
     folder = resolve_checkpoint_folder(path)
+    warning = verify_checkpoint(folder)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     cfg = config_from_dict(read_checkpoint_config(folder))
+    if cfg.model.vocab_size is None:
+        tokenizer = checkpoint_tokenizer(folder)
+        if tokenizer is None:
+            raise CheckpointError(f"{folder}: model.vocab_size is unset in its config and it "
+                                  "carries no tokenizer/ to take it from")
+        cfg.model.vocab_size = load_tokenizer(tokenizer).vocab_size
     model = build_model(cfg, dtype=dtype, device=device)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
-    model.load_state_dict(loaded["model"])
+    load_checkpoint(folder, model, None, verify=False)
     return cfg, model
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_grove.hf_conversion.hf_config import HFFormatError
@@ -49,6 +49,14 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise HFFormatError(f"{file}: not valid JSON ({exc})") from None
 
 
+def _open_shard(file: Path):
+    """``safe_open`` a shard; a damaged or truncated one is a one-line HFFormatError."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as exc:
+        raise HFFormatError(f"{file}: damaged or truncated safetensors file ({exc})") from None
+
+
 class HFTensors(Mapping[str, torch.Tensor]):
     """The tensors of a HF checkpoint folder as a read-only mapping (loaded on access).
 
@@ -74,8 +82,7 @@ class HFTensors(Mapping[str, torch.Tensor]):
             raise HFFormatError(f"{path}: shard file(s) {', '.join(missing)} named in {INDEX_FILE} "
                                 "are missing: the checkpoint is partial")
         self._stack = ExitStack()
-        self._handles = {f: self._stack.enter_context(safe_open(str(path / f), framework="pt"))
-                         for f in files}
+        self._handles = {f: self._stack.enter_context(_open_shard(path / f)) for f in files}
         self._where: dict[str, str] = {}
         for f, handle in self._handles.items():
             for name in handle.keys():

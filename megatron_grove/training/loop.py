@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from tqdm import tqdm
 
-from megatron_grove.checkpointing import (
-    CheckpointError,
-    TrainState,
-    latest_iteration,
-    load_checkpoint,
-    save_checkpoint,
-)
-from megatron_grove.config import GroveConfig, config_to_dict, routing_differences, validate_layout
+from megatron_grove.config import GroveConfig, validate_layout
 from megatron_grove.data.tokenizer import load_tokenizer
 from megatron_grove.megatron_config import (
     TORCH_DTYPES,
@@ -52,6 +46,10 @@ from megatron_grove.runtime.acceleration import resolve_acceleration
 from megatron_grove.training.data import build_training_data, micro_batches
 from megatron_grove.training.flops import peak_tflops, throughput_record
 from megatron_grove.training.metrics import MetricsWriter
+from megatron_grove.training.nonfinite import SkipCounter, step_health
+from megatron_grove.training.preemption import Preempted, StopSignals
+from megatron_grove.training.preflight import preflight
+from megatron_grove.training.resume import choose_start, latest_checkpoint, load_start, save_step
 from megatron_grove.training.validation import (
     validation_due,
     validation_line,
@@ -59,8 +57,7 @@ from megatron_grove.training.validation import (
     validation_record,
 )
 
-__all__ = ["TrainingSetup", "setup_training", "train", "resolve_checkpoint_load",
-           "freeze_untrainable"]
+__all__ = ["TrainingSetup", "TrainSummary", "setup_training", "train", "freeze_untrainable"]
 
 
 def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -160,68 +157,69 @@ def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
                                                              cfg.parallel.tensor_model_parallel_size))
 
 
-def resolve_checkpoint_load(cfg: GroveConfig) -> str | None:
-    """``checkpoint.load: auto`` = resume from ``checkpoint.save`` when it holds a complete
-    checkpoint, else start fresh (so one command both starts and restarts a job)."""
-    load, save = cfg.checkpoint.load, cfg.checkpoint.save
-    if load != "auto":
-        return load
-    return save if save and latest_iteration(save) is not None else None
+@dataclass
+class TrainSummary:
+    """What :func:`train` did: steps run by this call, first and last finite losses, steps
+    skipped as non-finite, the step of its last checkpoint (None: it saved none) and the
+    record of its last validation (None: none ran)."""
+
+    steps: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    skipped: int = 0
+    last_saved: int | None = None
+    last_validation: dict[str, Any] | None = None
+
+    def count(self, loss: float) -> None:
+        self.steps += 1
+        if math.isfinite(loss):
+            self.first_loss = loss if self.first_loss is None else self.first_loss
+            self.last_loss = loss
 
 
-def check_resume_routing(load: str, state: TrainState, cfg: GroveConfig, is_first: bool) -> None:
-    """The routing choices (score function, norm_topk_prob, bias in selection) decide what the
-    loaded weights compute: a resumed run must keep the checkpoint's; a run that only starts
-    from a model-only checkpoint may change them, and says so."""
-    differences = routing_differences(state.config, cfg)
-    if not differences:
-        return
-    if state.scheduler is not None:
-        raise CheckpointError(
-            f"checkpoint.load={load}: this run routes differently from the run it resumes: "
-            f"{', '.join(differences)}; set those keys to the checkpoint's values (start from a "
-            "model-only checkpoint, e.g. tools/convert_checkpoint.py's output, to change them)")
-    if is_first:
-        print(f"note: starting from the model-only checkpoint {load} with other routing than it "
-              f"was saved with: {', '.join(differences)}", flush=True)
-
-
-def train(cfg: GroveConfig) -> list[dict[str, Any]]:
-    """Run the configured training; return the per-step metric records (all ranks)."""
+def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
+    """Run the configured training (collective); ``stop``: the process's stop-signal handlers
+    (installed by the caller), which end the run after the step every rank has seen a signal
+    by. Raises, alike on every rank:
+    :class:`~megatron_grove.training.preflight.PreflightError` (before anything is built),
+    :class:`CheckpointError`, :class:`NonFiniteError` (too many non-finite steps in a row) and
+    :class:`Preempted` (a stop signal; after its checkpoint)."""
     p, t = cfg.parallel, cfg.train
     runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
                                   p.pipeline_model_parallel_size, seed=t.seed,
                                   device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
+    is_first = runtime.rank == 0
+    preflight(cfg, runtime.rank)
+    start_point = choose_start(cfg)
+    for note in start_point.notes if is_first else []:
+        print(note, file=sys.stderr, flush=True)
     setup = setup_training(cfg, runtime)
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
     dataset, dp_rank, dp_size = setup.dataset, setup.dp_rank, setup.dp_size
-    device, is_first = runtime.device, runtime.rank == 0
+    device = runtime.device
 
-    start = 0
-    load = resolve_checkpoint_load(cfg)
-    if load:
-        state = load_checkpoint(load, model, optimizer)
-        check_resume_routing(load, state, cfg, is_first)
-        if state.scheduler is not None:  # None: model-only checkpoint, training starts there
-            scheduler.load_state_dict(state.scheduler)
-        start = state.step
-        if is_first:
-            print(f"resumed from checkpoint step {start} in {Path(load).resolve()}", flush=True)
+    start, last_saved = load_start(start_point, model, optimizer, scheduler, cfg, is_first)
+    if start_point.folder and is_first:
+        print(f"resumed from checkpoint step {start} in {start_point.folder.resolve()}",
+              flush=True)
     if start >= t.iters and is_first:
         print(f"checkpoint is at step {start} >= train.iters={t.iters}: nothing to train")
-
     if is_first:
         print("\n".join(setup.data_summary), flush=True)
+
     metrics = MetricsWriter(cfg.logging.dir, enabled=is_first,
                             tensorboard=cfg.logging.tensorboard, resume_step=start)
+    if metrics.set_aside:
+        print(f"logging.dir: this run starts at step 1; the earlier {metrics.path.name} was "
+              f"moved to {metrics.set_aside}", flush=True)
     peak = peak_tflops(cfg.logging.peak_tflops, device)
     mask = causal_attention_mask(cfg.model.seq_length, device)
     forward_step = functools.partial(_forward_step, mask, device)
     forward_backward = get_forward_backward_func()
     bar = tqdm(total=t.iters, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not (is_first and cfg.logging.progress_bar))
-    records: list[dict[str, Any]] = []
-    last_saved = start
+    summary = TrainSummary()
+    skips = SkipCounter(t.max_skipped_steps)
     for step in range(start + 1, t.iters + 1):
         began = time.perf_counter()
         batches = micro_batches(dataset, step, t.global_batch_size, t.micro_batch_size,
@@ -233,17 +231,23 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
                                   model=[model], num_microbatches=len(batches),
                                   seq_length=cfg.model.seq_length,
                                   micro_batch_size=t.micro_batch_size, forward_only=False)
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        expert_load = update_expert_bias([model], cfg.moe.bias_update_rule,
-                                         cfg.moe.bias_update_rate)
-        loss = _dp_mean(torch.stack([d["lm loss"] for d in losses]).mean())
+        local_loss = torch.stack([d["lm loss"] for d in losses]).mean()
+        health = step_health(local_loss, model, stop and stop.received)  # all ranks agree
+        grad_norm = None
+        if health.finite:
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            expert_load = update_expert_bias([model], cfg.moe.bias_update_rule,
+                                             cfg.moe.bias_update_rate)
+        else:  # skipped: no weight, Adam, LR or expert-bias update; loads still counted
+            expert_load = update_expert_bias([model], "none", 0.0)
+        loss = _dp_mean(local_loss)
         elapsed = time.perf_counter() - began
         counters = collect_moe_counters(model, t.global_batch_size * cfg.model.seq_length)
         record = {
             "step": step, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "step_time_s": elapsed,
+            "step_time_s": elapsed, "skipped": not health.finite,
             **throughput_record(cfg, setup.padded_vocab_size, counters, elapsed,
                                 runtime.world_size, peak),
             "expert_load": [[int(x) for x in layer.tolist()] for layer in expert_load],
@@ -252,29 +256,36 @@ def train(cfg: GroveConfig) -> list[dict[str, Any]]:
         if validation_due(cfg, step, setup.valid_dataset is not None):
             record.update(validation_record(_dp_mean(validation_loss(
                 cfg, model, setup.valid_dataset, forward_step, dp_rank, dp_size))))
+            summary.last_validation = record
             if is_first:
                 bar.write(validation_line(step, t.iters, record))
-        records.append(record)
-        if step % cfg.logging.log_interval == 0 or step == t.iters or "val_loss" in record:
+        summary.count(loss)
+        if (step % cfg.logging.log_interval == 0 or step == t.iters or not health.finite
+                or "val_loss" in record):
             metrics.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
                         tok_s=f"{record['tokens_per_s']:.0f}",
                         tflops=f"{record['tflops_per_device']:.3g}",
                         **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
         bar.update(1)
-        stopping = step == t.iters or step == t.exit_at_iter
+        note = skips.after_step(step, health, latest_checkpoint(cfg, last_saved))
+        if note and is_first:
+            tqdm.write(note, file=sys.stderr)
+        stopping = step == t.iters or step == t.exit_at_iter or bool(health.stop_requested)
         interval = cfg.checkpoint.save_interval
-        if cfg.checkpoint.save and (stopping or (interval and step % interval == 0)):
-            save_checkpoint(cfg.checkpoint.save, model, optimizer,
-                            TrainState(step=step, consumed_samples=step * t.global_batch_size,
-                                       scheduler=scheduler.state_dict(),
-                                       config=config_to_dict(cfg)),
-                            optimizer_format=cfg.checkpoint.optimizer_format)
+        if (cfg.checkpoint.save and health.finite
+                and (stopping or (interval and step % interval == 0))):
+            save_step(cfg, model, optimizer, scheduler, step, latest_checkpoint(cfg, last_saved))
             last_saved = step
+        if health.stop_requested:
+            raise Preempted(health.stop_requested, step,
+                            latest_checkpoint(cfg, last_saved) if cfg.checkpoint.save else None)
         if stopping:
             break
     bar.close()
     metrics.close()
-    if is_first and cfg.checkpoint.save and last_saved > start:
+    summary.skipped = skips.total
+    summary.last_saved = last_saved if last_saved != start else None
+    if is_first and summary.last_saved is not None:
         print(f"saved checkpoint step {last_saved} to {Path(cfg.checkpoint.save).resolve()}")
-    return records
+    return summary

@@ -1,0 +1,226 @@
+"""What the safety of long runs costs, measured on real runs.
+
+* :func:`run_checksum_benchmark`: one training state (model + Adam state after one step) of a
+  config saved ``repeats`` times by ``nproc`` spawned processes; per save the time of the whole
+  save, of its manifest (hashing every file, as inside the save), of checking the manifest
+  and of the load itself (each the slowest rank's).
+* :func:`measure_rss`: a real ``torchrun`` of ``launch/pretrain_grove.py``; the resident set
+  of every worker sampled every ``interval_s`` with the step the run had reached.
+* :func:`measure_signal_to_exit`: the same run sent a signal after some steps: the seconds
+  from the signal to the workers' and to the launcher's exit, and the step saved.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+__all__ = ["ChecksumBenchmark", "run_checksum_benchmark", "format_checksum_table",
+           "measure_rss", "measure_signal_to_exit"]
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "launch" / "pretrain_grove.py"
+
+
+@dataclass
+class ChecksumBenchmark:
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    nproc: int = 2  # processes (EP = nproc unless the overrides set it)
+    repeats: int = 3
+    folder: str | None = None  # where to save (default: a temporary folder)
+
+
+def _slowest(seconds: float) -> float:
+    import torch.distributed as dist
+
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
+
+
+def _timed(fn) -> float:
+    import torch.distributed as dist
+
+    dist.barrier()
+    began = time.perf_counter()
+    fn()
+    return _slowest(time.perf_counter() - began)
+
+
+def _checksum_worker(rank: int, bench: ChecksumBenchmark, init_file: str, folder: str,
+                     queue) -> None:
+    from megatron_grove.checkpointing import (
+        TrainState,
+        checkpoint_dir,
+        load_checkpoint,
+        save_checkpoint,
+        verify_checkpoint,
+    )
+    from megatron_grove.checkpointing.manifest import write_manifest
+    from megatron_grove.config import config_to_dict, load_config
+    from megatron_grove.runtime import destroy_parallel, initialize_parallel
+    from megatron_grove.training import setup_training
+
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // bench.nproc))
+        cfg = load_config(bench.config, [f"parallel.expert_model_parallel_size={bench.nproc}",
+                                         *bench.overrides])
+        p = cfg.parallel
+        runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
+                                      device="cpu", init_method=f"file://{init_file}", rank=rank,
+                                      world_size=bench.nproc, timeout_s=3600)
+        setup = setup_training(cfg, runtime)
+        model, optimizer = setup.model, setup.optimizer
+        model.zero_grad_buffer()
+        optimizer.step()  # Adam state exists, as in a real checkpoint
+        rows = []
+        for step in range(1, bench.repeats + 1):
+            state = TrainState(step=step, consumed_samples=0,
+                               scheduler=setup.scheduler.state_dict(), config=config_to_dict(cfg))
+            target = checkpoint_dir(folder, step)
+            save_s = _timed(lambda: save_checkpoint(folder, model, optimizer, state))
+            manifest_s = _timed(lambda: write_manifest(target))
+            verify_s = _timed(lambda: verify_checkpoint(target))
+            load_s = _timed(lambda: load_checkpoint(target, model, optimizer, verify=False))
+            size = sum(f.stat().st_size for f in Path(target).rglob("*") if f.is_file())
+            rows.append({"save_s": save_s, "manifest_s": manifest_s, "verify_s": verify_s,
+                         "load_s": load_s, "bytes": size})
+        if rank == 0:
+            queue.put(("ok", rows))
+        destroy_parallel()
+    except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
+        import traceback
+        queue.put(("error", f"rank {rank}: {exc}\n{traceback.format_exc()}"))
+
+
+def run_checksum_benchmark(bench: ChecksumBenchmark) -> dict:
+    """Spawn ``bench.nproc`` CPU processes, save/verify/load, return the medians."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = bench.folder or os.path.join(tmp, "ckpt")
+        procs = [ctx.Process(target=_checksum_worker,
+                             args=(r, bench, os.path.join(tmp, "init"), folder, queue))
+                 for r in range(bench.nproc)]
+        for p in procs:
+            p.start()
+        status, payload = queue.get()
+        for p in procs:
+            p.join(timeout=120 if status == "ok" else 5)
+            if p.is_alive():
+                p.kill()
+    if status != "ok":
+        raise RuntimeError(payload)
+    median = {key: statistics.median(row[key] for row in payload)
+              for key in ("save_s", "manifest_s", "verify_s", "load_s")}
+    return {"benchmark": asdict(bench), "runs": payload, "bytes": payload[0]["bytes"], **median,
+            "manifest_pct_of_save": 100 * median["manifest_s"] / median["save_s"],
+            "verify_pct_of_load": 100 * median["verify_s"] / median["load_s"]}
+
+
+def format_checksum_table(summary: dict) -> str:
+    rows = [("checkpoint size", f"{summary['bytes'] / 2**20:.1f} MiB "
+                                f"({summary['benchmark']['nproc']} processes)"),
+            ("save, manifest included (median)", f"{summary['save_s']:.3f} s"),
+            ("  of which the manifest (hashing)",
+             f"{summary['manifest_s']:.3f} s ({summary['manifest_pct_of_save']:.1f} %)"),
+            ("load (median)", f"{summary['load_s']:.3f} s"),
+            ("checking the manifest before it",
+             f"{summary['verify_s']:.3f} s ({summary['verify_pct_of_load']:.1f} % of the load)")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _workers(launcher: subprocess.Popen) -> list[int]:
+    tasks = Path(f"/proc/{launcher.pid}/task")
+    return sorted(int(c) for task in tasks.iterdir()
+                  for c in (task / "children").read_text().split())
+
+
+def _last_step(metrics: Path) -> int:
+    """The step of the last complete line of ``metrics`` (0 if none), read from its end."""
+    if not metrics.is_file():
+        return 0
+    with open(metrics, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (1 << 20)))
+        lines = f.read().split(b"\n")
+    for line in reversed(lines[:-1]):
+        try:
+            return int(line.split(b'"step": ', 1)[1].split(b",", 1)[0])
+        except (IndexError, ValueError):
+            continue
+    return 0
+
+
+def _torchrun(config: str, overrides: list[str], nproc: int, log_dir: str, **popen):
+    port = 20000 + os.getpid() % 20000
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", str(LAUNCHER),
+           "--config", config, "logging.progress_bar=false", f"logging.dir={log_dir}",
+           *overrides]
+    return subprocess.Popen(cmd, **popen)
+
+
+def measure_rss(config: str, overrides: list[str], nproc: int, interval_s: float,
+                log_dir: str) -> list[dict]:
+    """Run the config under torchrun; every ``interval_s`` one sample ``{"t_s", "step",
+    "rss_mib": [per worker]}`` until the run ends."""
+    samples = []
+    launcher = _torchrun(config, overrides, nproc, log_dir, stdout=subprocess.DEVNULL)
+    began = time.monotonic()
+    while launcher.poll() is None:
+        workers = _workers(launcher)
+        rss = [_rss_mib(pid) for pid in workers]
+        if rss and None not in rss:
+            samples.append({"t_s": time.monotonic() - began,
+                            "step": _last_step(Path(log_dir) / "metrics.jsonl"), "rss_mib": rss})
+        time.sleep(interval_s)
+    if launcher.returncode != 0:
+        raise RuntimeError(f"the run failed (exit code {launcher.returncode})")
+    return samples
+
+
+def measure_signal_to_exit(config: str, overrides: list[str], nproc: int, after_steps: int,
+                           sig: int, log_dir: str) -> dict:
+    """Send ``sig`` to the launcher once the run logged ``after_steps`` steps; the seconds until
+    every worker and the launcher exited, and the step the run stopped after."""
+    launcher = _torchrun(config, overrides, nproc, log_dir, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    metrics = Path(log_dir) / "metrics.jsonl"
+    while _last_step(metrics) < after_steps:
+        if launcher.poll() is not None:
+            raise RuntimeError(f"the run ended before step {after_steps}")
+        time.sleep(0.05)
+    workers = _workers(launcher)
+    at_step = _last_step(metrics)
+    sent = time.monotonic()
+    launcher.send_signal(sig)
+    while any(Path(f"/proc/{pid}").exists() and _rss_mib(pid) is not None for pid in workers):
+        time.sleep(0.01)
+    workers_s = time.monotonic() - sent
+    launcher.wait()
+    return {"signal": signal.Signals(sig).name, "signalled_after_step": at_step,
+            "stopped_after_step": _last_step(metrics), "workers_exit_s": workers_s,
+            "launcher_exit_s": time.monotonic() - sent, "launcher_exit_code": launcher.returncode}

@@ -1,0 +1,106 @@
+"""Pre-flight checks: what a run needs from the machine, checked before anything is built.
+
+Run on every rank right after the process group starts (:func:`preflight`, collective): a run
+that cannot write its checkpoints or metrics, whose data files are missing or inconsistent,
+or whose tokenizer cannot be read stops within seconds, before step 1, with one line naming
+the key (:class:`PreflightError`, a :class:`~megatron_grove.config.ConfigError`: exit code 2),
+instead of at the first save hours later. The device is checked earlier, when it is chosen
+(:func:`megatron_grove.runtime.resolve_device`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from megatron_grove.config import ConfigError, GroveConfig
+from megatron_grove.data.blends import megatron_blend
+from megatron_grove.runtime.distributed import objects_from_all_ranks
+
+__all__ = ["PreflightError", "preflight", "writable_dir_problem", "dataset_problem"]
+
+
+class PreflightError(ConfigError):
+    """Something the run needs is missing or unusable (one line, names the key)."""
+
+
+def writable_dir_problem(key: str, path: str | Path, rank: int) -> str | None:
+    """Create ``path`` (with parents) and write and remove a probe file there; the problem in
+    one line, or None."""
+    path = Path(path)
+    probe = path / f".write-test-rank{rank}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        return f"{key}={path}: cannot write there ({exc.strerror or exc}); choose a writable folder"
+    return None
+
+
+def dataset_problem(prefix: str, key: str = "data.path") -> str | None:
+    """``data.path``: ``PREFIX.idx`` and ``PREFIX.bin`` exist, the index reads, holds documents,
+    and the ``.bin`` has exactly the bytes the index points to."""
+    from megatron.core.datasets.indexed_dataset import (
+        DType,
+        IndexedDataset,
+        get_bin_path,
+        get_idx_path,
+    )
+
+    key = f"{key}={prefix}"
+    for path in (get_idx_path(prefix), get_bin_path(prefix)):
+        if not os.path.isfile(path):
+            return (f"{key}: {path} does not exist; give the prefix of a .bin/.idx pair written "
+                    "by tools/preprocess_data.py")
+    actual = os.path.getsize(get_bin_path(prefix))
+    if actual == 0:
+        return f"{key}: the dataset holds no tokens ({get_bin_path(prefix)} is empty); " \
+               "preprocess a non-empty input"
+    try:
+        index = IndexedDataset(prefix).index
+        count = len(index.sequence_lengths)
+        expected = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1])
+                    * DType.size(index.dtype)) if count else 0
+    except Exception as exc:  # Megatron asserts and numpy errors on a damaged index
+        return f"{key}: cannot read {get_idx_path(prefix)} ({type(exc).__name__}: {exc})"
+    if count == 0:
+        return f"{key}: the dataset holds no documents; preprocess a non-empty input"
+    if actual != expected:
+        return (f"{key}: {get_bin_path(prefix)} has {actual} bytes but its index points to "
+                f"{expected}; the .bin is {'truncated' if actual < expected else 'too long'} "
+                "or belongs to another .idx: preprocess it again")
+    return None
+
+
+def _tokenizer_problem(name: str | None) -> str | None:
+    from megatron_grove.data.tokenizer import load_tokenizer
+
+    try:
+        load_tokenizer(name)
+    except Exception as exc:  # missing file, bad JSON, no end-of-document token, ...
+        return f"data.tokenizer={name}: cannot load a tokenizer ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _local_problem(cfg: GroveConfig, rank: int) -> str | None:
+    """The first problem this rank sees, or None."""
+    if cfg.checkpoint.save and (p := writable_dir_problem("checkpoint.save",
+                                                          cfg.checkpoint.save, rank)):
+        return p
+    if rank == 0 and (p := writable_dir_problem("logging.dir", cfg.logging.dir, rank)):
+        return p  # only rank 0 writes metrics
+    for key, source in (("data.path", cfg.data.path), ("data.valid_path", cfg.data.valid_path)):
+        for prefix in megatron_blend(source)[0] if source else []:
+            if p := dataset_problem(prefix, key):
+                return p
+    return _tokenizer_problem(cfg.data.tokenizer)
+
+
+def preflight(cfg: GroveConfig, rank: int) -> None:
+    """Collective: raise :class:`PreflightError` on every rank when any rank found a problem
+    (the lowest rank's; prefixed with that rank unless it is rank 0)."""
+    failed = [(r, p) for r, p in enumerate(objects_from_all_ranks(_local_problem(cfg, rank))) if p]
+    if failed:
+        first_rank, problem = failed[0]
+        raise PreflightError(problem if first_rank == 0 else f"rank {first_rank}: {problem}")
