@@ -23,6 +23,8 @@ main keys:
   needs parallel.sequence_parallel=true) / runtime.dtype (fp32|bf16)
   moe.num_experts / moe.router_topk / moe.num_expert_groups / moe.adjugate_ffn_hidden_size
   moe.adjugate_scale / moe.router_score_function / moe.bias_update_rule / moe.bias_update_rate
+  moe.token_dispatcher_type: auto (default: grove_alltoall with expert groups, once per
+  destination EP rank; alltoall without) | grove_alltoall | alltoall | allgather
   data.path (Megatron .bin/.idx prefix from tools/preprocess_data.py; default: embedded corpus)
   checkpoint.save / checkpoint.load (a folder, or auto: checkpoint.save if it holds a
   checkpoint) / checkpoint.save_interval / logging.dir / runtime.dist_timeout_s

@@ -74,7 +74,9 @@ class MoEConfig:
     adjugate_scale: float = 0.05  # lam; must be <= G/E unless allow_large_adjugate_scale
     allow_large_adjugate_scale: bool = False
     router_score_function: Literal["softmax", "sigmoid"] = "softmax"
-    token_dispatcher_type: Literal["alltoall", "allgather", "grove_alltoall"] = "alltoall"
+    # auto: grove_alltoall with groups (each token crosses the EP all-to-all once per destination
+    # rank, adjugates beside their group), Megatron's alltoall without; see `dispatcher`
+    token_dispatcher_type: Literal["auto", "alltoall", "allgather", "grove_alltoall"] = "auto"
     bias_update_rule: Literal["paper", "megatron", "none"] = "paper"
     bias_update_rate: float = 1e-3
     aux_loss_coeff: float = 0.0
@@ -85,6 +87,16 @@ class MoEConfig:
     def experts_per_group(self) -> int:
         """n = E / G experts per group (0 without groups)."""
         return self.num_experts // self.num_expert_groups if self.num_expert_groups else 0
+
+    @property
+    def dispatcher(self) -> str:
+        """The dispatch strategy that runs: ``token_dispatcher_type``, with ``auto`` resolved to
+        ``grove_alltoall`` when there are expert groups (the fewest copies per token: once per
+        destination EP rank instead of once per expert and group hit) and to ``alltoall``
+        otherwise (a plain MoE is Megatron's layer on Megatron's all-to-all)."""
+        if self.token_dispatcher_type != "auto":
+            return self.token_dispatcher_type
+        return "grove_alltoall" if self.num_expert_groups else "alltoall"
 
 
 @dataclass
