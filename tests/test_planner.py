@@ -74,3 +74,25 @@ def test_dry_run_checks_the_layout_against_the_world_size():
                       "--world-size", "12")
     assert proc.returncode == 2
     assert "parallel.expert_model_parallel_size=8: must divide the data-parallel size 12" in proc.stderr
+
+
+def test_dry_run_projects_the_all_to_all_at_scale():
+    """The 33B recipe at EP 16 (2 nodes of 8 GPUs): flat and hierarchical rows of the three
+    dispatch strategies, from the recipe's micro-batches (512 / DP 64), 8192 tokens each and
+    full recompute (3 passes); bad link settings are refused with one line."""
+    plan = dry_run("grovemoe_33b_a3b.yaml", "--world-size", "64",
+                   "parallel.expert_model_parallel_size=16")
+    proj = plan["dispatch_projection"]
+    assert (proj["nodes_per_ep_group"], proj["tokens_per_microbatch"], proj["microbatches"],
+            proj["passes"], proj["moe_layers"]) == (2, 8192, 8, 3, 48)
+    rows = {(r["strategy"], r["route"]): r for r in proj["rows"]}
+    assert len(rows) == 6
+    grove, virtual = rows["grove_alltoall", "flat"], rows["alltoall, virtual adjugates", "flat"]
+    assert round(grove["copies_per_token"], 2) == 6.60
+    assert round(grove["rdma_copies_per_token"], 2) == 3.30  # half the ranks are remote
+    assert grove["layer_ms"] < virtual["layer_ms"] / 2
+    proc = run_script("launch/pretrain_grove.py", "--config",
+                      str(ROOT / "configs" / "grovemoe_33b_a3b.yaml"), "--dry-run",
+                      "--gpus-per-node", "6")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("must be a multiple of 6")
