@@ -132,6 +132,7 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
             router_probs[variant])
         meters[variant] = _DispatchMeter(layer)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for it in range(args.warmup + args.iters):
         for variant in VARIANTS:  # interleaved: a, b, c, a, b, c, ...
             layer, meter = layers[variant], meters[variant]
@@ -142,15 +143,17 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
             dist.barrier()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             y, _ = layer(inp)
             y.backward(torch.ones_like(y))
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            elapsed = torch.tensor([time.perf_counter() - began], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            spent = torch.tensor([time.perf_counter() - began, time.process_time() - cpu_began],
+                                 dtype=torch.float64)
+            dist.all_reduce(spent, op=dist.ReduceOp.MAX)
             if it >= args.warmup:
-                times[variant].append(float(elapsed))
+                times[variant].append(float(spent[0]))
+                cpu_times[variant].append(float(spent[1]))
     result = {}
     for variant in VARIANTS:
         adjugate_rows = getattr(layers[variant], "grove_counters", {}).get("adjugate_rows", 0)
@@ -161,7 +164,7 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
         result[variant] = {"copies": float(totals[0]) / tokens,
                            "bytes": float(totals[1]) / tokens,
                            "adjugate_evals": float(totals[2]) / tokens,
-                           "times": times[variant]}
+                           "times": times[variant], "cpu_times": cpu_times[variant]}
     destroy_parallel()
     return {"per_variant": result, "device": str(device)} if rank == 0 else None
 
@@ -175,6 +178,7 @@ def run_dispatch_benchmark(args: DispatchBenchmark) -> dict:
     out = run_on_ranks(_worker, args.ep, args)
     per, device = out["per_variant"], out["device"]
     median = {v: statistics.median(per[v]["times"]) for v in VARIANTS}
+    cpu = {v: statistics.median(per[v]["cpu_times"]) for v in VARIANTS}
     return {
         "config": {k: v for k, v in asdict(args).items()
                    if k in ("ep", "experts", "topk", "groups", "tokens", "hidden", "ffn",
@@ -189,6 +193,10 @@ def run_dispatch_benchmark(args: DispatchBenchmark) -> dict:
         "time_ratio_group_aware_vs_virtual":
             median["group_aware"] / median["alltoall_virtual_adjugates"],
         "time_ratio_group_aware_vs_alltoall": median["group_aware"] / median["alltoall"],
+        # CPU seconds (slowest rank, median): less sensitive to a loaded machine than wall time
+        "cpu_time_s": cpu,
+        "cpu_ratio_group_aware_vs_virtual": cpu["group_aware"] / cpu["alltoall_virtual_adjugates"],
+        "cpu_ratio_group_aware_vs_alltoall": cpu["group_aware"] / cpu["alltoall"],
     }
 
 
@@ -197,16 +205,19 @@ def format_dispatch_table(summary: dict) -> str:
     lines = [f"EP={c['ep']} E={c['experts']} k={c['topk']} G={c['groups']} "
              f"tokens/rank={c['tokens']} H={c['hidden']} on {summary['device']}",
              f"{'dispatcher':<28} {'copies/token':>12} {'bytes/token':>12} "
-             f"{'adjugate evals':>14} {'fwd+bwd s (min..max)':>24}"]
+             f"{'adjugate evals':>14} {'fwd+bwd s (min..max)':>24} {'CPU s':>7}"]
     for v in VARIANTS:
         adj = summary["adjugate_evals_per_token"].get(v)
         low, high = summary["time_spread_s"][v]
         lines.append(f"{v:<28} {summary['copies_per_token'][v]:>12.3f} "
                      f"{summary['bytes_per_token'][v]:>12.0f} "
                      f"{'-' if adj is None else f'{adj:.3f}':>14} "
-                     f"{summary['time_s'][v]:>8.4f} ({low:.3f}..{high:.3f})")
+                     f"{summary['time_s'][v]:>8.4f} ({low:.3f}..{high:.3f}) "
+                     f"{summary['cpu_time_s'][v]:>7.4f}")
     lines.append(f"time ratio group_aware / virtual adjugates: "
-                 f"{summary['time_ratio_group_aware_vs_virtual']:.3f}; group_aware / alltoall: "
-                 f"{summary['time_ratio_group_aware_vs_alltoall']:.3f}; load average "
+                 f"{summary['time_ratio_group_aware_vs_virtual']:.3f} (CPU "
+                 f"{summary['cpu_ratio_group_aware_vs_virtual']:.3f}); group_aware / alltoall: "
+                 f"{summary['time_ratio_group_aware_vs_alltoall']:.3f} (CPU "
+                 f"{summary['cpu_ratio_group_aware_vs_alltoall']:.3f}); load average "
                  f"{summary['load_average'][0]:.1f} -> {summary['load_average'][1]:.1f}")
     return "\n".join(lines)

@@ -81,8 +81,9 @@ def world_size(cfg: GroveConfig) -> int:
 
 
 def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
-                device: torch.device) -> tuple[float, float]:
-    """One training step of ``setup`` on ``batches``: (slowest rank's seconds, mean loss)."""
+                device: torch.device) -> tuple[float, float, float]:
+    """One training step of ``setup`` on ``batches``: the slowest rank's wall-clock seconds
+    and CPU seconds (the process's, all threads), and the mean loss."""
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -93,7 +94,7 @@ def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
     dist.barrier()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     setup.model.zero_grad_buffer()
     setup.optimizer.zero_grad()
     reset_moe_counters(setup.model)
@@ -106,11 +107,12 @@ def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
     update_expert_bias([setup.model], cfg.moe.bias_update_rule, cfg.moe.bias_update_rate)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = torch.tensor([time.perf_counter() - began], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    spent = torch.tensor([time.perf_counter() - began, time.process_time() - cpu_began],
+                         dtype=torch.float64)
+    dist.all_reduce(spent, op=dist.ReduceOp.MAX)
     loss = torch.stack([d["lm loss"] for d in losses]).mean().detach().double().cpu()
     dist.all_reduce(loss)
-    return float(elapsed), float(loss) / dist.get_world_size()
+    return float(spent[0]), float(spent[1]), float(loss) / dist.get_world_size()
 
 
 def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
@@ -133,6 +135,7 @@ def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
     forward_step = functools.partial(_forward_step,
                                      causal_attention_mask(first.model.seq_length, device), device)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     losses: dict[str, list[float]] = {v: [] for v in VARIANTS}
     counters: dict[str, dict] = {}
     for step in range(1, bench.warmup + bench.steps + 1):
@@ -140,18 +143,20 @@ def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
         batches = micro_batches(setup.dataset, step, t.global_batch_size, t.micro_batch_size,
                                 setup.dp_rank, setup.dp_size)
         for variant in VARIANTS:  # interleaved: a, b, c, a, b, c, ...
-            elapsed, loss = _timed_step(setups[variant], configs[variant], batches,
-                                        forward_step, device)
+            elapsed, cpu, loss = _timed_step(setups[variant], configs[variant], batches,
+                                             forward_step, device)
             losses[variant].append(loss)
             if step > bench.warmup:
                 times[variant].append(elapsed)
+                cpu_times[variant].append(cpu)
             if step == bench.warmup + bench.steps:
                 counters[variant] = collect_moe_counters(
                     setups[variant].model, t.global_batch_size * first.model.seq_length)
     destroy_parallel()
     if rank:
         return None
-    return {"times": times, "losses": losses, "counters": counters, "device": str(device)}
+    return {"times": times, "cpu_times": cpu_times, "losses": losses, "counters": counters,
+            "device": str(device)}
 
 
 def _mean(values: list[float]) -> float:
@@ -167,6 +172,7 @@ def run_train_step_benchmark(bench: TrainStepBenchmark) -> dict:
     out = run_on_ranks(_worker, world_size(configs["group_aware"]), bench, configs)
     times, losses = out["times"], out["losses"]
     median = {v: statistics.median(times[v]) for v in VARIANTS}
+    cpu = {v: statistics.median(out["cpu_times"][v]) for v in VARIANTS}
     cfg = configs["group_aware"]
     return {
         "config": {"config": bench.config, "overrides": bench.overrides, "ep": bench.ep,
@@ -184,6 +190,10 @@ def run_train_step_benchmark(bench: TrainStepBenchmark) -> dict:
         "step_times_s": times,
         "ratio_group_aware_vs_virtual": median["group_aware"] / median["virtual"],
         "ratio_group_aware_vs_plain": median["group_aware"] / median["plain"],
+        # CPU seconds (slowest rank, median): less sensitive to a loaded machine than wall time
+        "step_cpu_s": cpu,
+        "cpu_ratio_group_aware_vs_virtual": cpu["group_aware"] / cpu["virtual"],
+        "cpu_ratio_group_aware_vs_plain": cpu["group_aware"] / cpu["plain"],
         "losses": losses,
         "loss_max_abs_diff_virtual_vs_group_aware": max(
             abs(a - b) for a, b in zip(losses["virtual"], losses["group_aware"])),
@@ -201,16 +211,19 @@ def format_train_step_table(summary: dict) -> str:
              f"FFN={c['ffn']} adjugate FFN={c['adjugate_ffn']} tokens/step="
              f"{c['tokens_per_step']} on {summary['device']}, {c['steps']} steps "
              f"(+{c['warmup']} warm-up) interleaved",
-             f"{'variant':<12} {'step s median':>13} {'min..max':>15} {'copies/token':>12} "
-             f"{'last loss':>10}"]
+             f"{'variant':<12} {'step s median':>13} {'min..max':>15} {'CPU s':>7} "
+             f"{'copies/token':>12} {'last loss':>10}"]
     for v in VARIANTS:
         low, high = summary["step_time_spread_s"][v]
         copies = summary["copies_per_token"].get(v)
         lines.append(f"{v:<12} {summary['step_time_s'][v]:>13.4f} {low:>7.3f}..{high:<7.3f} "
+                     f"{summary['step_cpu_s'][v]:>7.4f} "
                      f"{'-' if copies is None else f'{copies:.3f}':>12} "
                      f"{summary['losses'][v][-1]:>10.5f}")
-    lines.append(f"ratios: group_aware / virtual {summary['ratio_group_aware_vs_virtual']:.3f}, "
-                 f"group_aware / plain {summary['ratio_group_aware_vs_plain']:.3f}; losses "
+    lines.append(f"ratios: group_aware / virtual {summary['ratio_group_aware_vs_virtual']:.3f} "
+                 f"(CPU {summary['cpu_ratio_group_aware_vs_virtual']:.3f}), group_aware / plain "
+                 f"{summary['ratio_group_aware_vs_plain']:.3f} (CPU "
+                 f"{summary['cpu_ratio_group_aware_vs_plain']:.3f}); losses "
                  f"virtual vs group_aware differ by at most "
                  f"{summary['loss_max_abs_diff_virtual_vs_group_aware']:.2e}; load average "
                  f"{summary['load_average'][0]:.1f} -> {summary['load_average'][1]:.1f}")
