@@ -1,6 +1,6 @@
-"""BatchedSequentialMLP (the adjugate bank on the local spec): the same outputs and gradients as
-Megatron's SequentialMLP with the same weights, an expert without rows included; Megatron's
-loop wherever the batched product would compute something else."""
+"""BatchedSequentialMLP (the adjugate bank on the local spec, CPU): the same outputs and
+gradients as Megatron's SequentialMLP with the same weights, an expert without rows included;
+Megatron's loop wherever the grouped product would compute something else."""
 
 import functools
 
@@ -12,13 +12,13 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from helpers import in_world, transformer_config
 from megatron_grove.moe.batched_experts import BatchedSequentialMLP, batched_experts_builder
 
-H, F, EXPERTS = 16, 6, 4
+H, F, EXPERTS = 16, 8, 4
 
 
 def _config(**keys):
-    return transformer_config(model__num_layers=1, model__hidden_size=H,
-                              model__num_attention_heads=1, moe__num_experts=EXPERTS,
-                              moe__ffn_hidden_size=F, **keys)
+    return transformer_config(**{"model__num_layers": 1, "model__hidden_size": H,
+                                 "model__num_attention_heads": 1, "moe__num_experts": EXPERTS,
+                                 "moe__ffn_hidden_size": F, **keys})
 
 
 def _mlp_submodules():
@@ -52,7 +52,7 @@ def _compare(tokens_per_expert: list[int]) -> dict:
         results.append({"out": out.detach(), "x": xi.grad, "probs": pi.grad, "bias": bias,
                         **{f"{i}.{name}": p.grad for i, e in enumerate(bank.local_experts)
                            for name, p in e.named_parameters()}})
-    return {"loop": results[0], "batched": results[1], "batched_path": batched._batched()}
+    return {"loop": results[0], "batched": results[1], "batched_path": batched._batched(x)}
 
 
 def test_batched_bank_equals_megatrons_loop():
@@ -68,16 +68,33 @@ def test_batched_bank_equals_megatrons_loop():
                                        msg=f"{counts} {key}")
 
 
+def _sum_backward() -> bool:
+    """A ``sum`` hands the bank an expanded (stride-0) gradient."""
+    _, batched = _banks(_config())
+    x = torch.randn(5, H, requires_grad=True)
+    out, _ = batched(x, torch.tensor([2, 0, 3, 0]), torch.rand(5))
+    out.sum().backward()
+    return x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_batched_bank_takes_any_gradient_layout():
+    assert in_world(_sum_backward)
+
+
 def _paths() -> dict[str, bool]:
-    plain = _banks(_config())[1]._batched()
-    triton = _banks(_config(kernels__backend="triton"))[1]._batched()  # SwiGLU module
+    x = torch.zeros(3, H)
+    plain = _banks(_config())[1]._batched(x)
+    triton = _banks(_config(kernels__backend="triton"))[1]._batched(x)  # SwiGLU module
     one = BatchedSequentialMLP(1, _config(), _mlp_submodules(),
-                               pg_collection=get_default_pg_collection())._batched()
-    return {"plain": plain, "triton activation": triton, "one expert": one}
+                               pg_collection=get_default_pg_collection())._batched(x)
+    unaligned = _banks(_config(moe__ffn_hidden_size=6))[1]._batched(x)  # 24-byte rows
+    return {"plain": plain, "triton activation": triton, "one expert": one,
+            "unaligned": unaligned}
 
 
 def test_what_the_batched_product_does_not_reproduce_takes_megatrons_loop():
-    assert in_world(_paths) == {"plain": True, "triton activation": False, "one expert": False}
+    assert in_world(_paths) == {"plain": True, "triton activation": False, "one expert": False,
+                                "unaligned": False}
 
 
 def test_builder_swaps_only_sequential_mlp():
