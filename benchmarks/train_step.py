@@ -8,8 +8,9 @@ data with three MoE variants, on --ep processes.
 The three runs are built in every process (Megatron DDP, optimizer, LR schedule, the config's
 data) and stepped interleaved, a, b, c, a, b, c, ...; repetition i of each trains on step i's
 global batch. Printed: per variant the median step time (slowest rank) with its min..max
-spread, the ratios (c)/(b) and (c)/(a), the copies per token, the losses ((b) and (c) compute
-the same function, so theirs agree) and the machine's load average.
+spread and the median CPU seconds (slowest rank's process time, less disturbed by a loaded
+machine), the ratios (c)/(b) and (c)/(a) of both, the copies per token, the losses ((b) and (c)
+compute the same function, so theirs agree) and the machine's load average.
 
     python benchmarks/train_step.py --config configs/tiny_cpu.yaml --ep 2 --steps 7
     python benchmarks/train_step.py --config configs/tiny_cpu_33b_moe.yaml --ep 4 --json
