@@ -27,6 +27,8 @@ main keys:
   needs parallel.sequence_parallel=true) / runtime.dtype (fp32|bf16)
   moe.num_experts / moe.router_topk / moe.num_expert_groups / moe.adjugate_ffn_hidden_size
   moe.adjugate_scale / moe.router_score_function / moe.bias_update_rule / moe.bias_update_rate
+  moe.token_dispatcher_type: auto (default: grove_alltoall with expert groups, once per
+  destination EP rank; alltoall without) | grove_alltoall | alltoall | allgather
   moe.norm_topk_prob (false: unnormalised top-k weights) / moe.expert_bias_in_selection (false:
   the bias is kept but neither selects nor is updated); a resumed run must keep the routing
   keys of its checkpoint (one-line error otherwise)
@@ -50,6 +52,8 @@ outputs (in logging.dir): metrics.jsonl (one JSON object per step: loss, val_los
   validated, tokens_per_s, model_flops_per_token, tflops_per_device, mfu, MoE counters) and
   tensorboard/; the samples drawn from each dataset are printed at start
 layout check without GPUs:  python launch/pretrain_grove.py --config configs/grovemoe_33b_a3b.yaml --dry-run
+  [--world-size 64] [parallel.expert_model_parallel_size=16]: parameters, memory per rank and the
+  projected all-to-all time per MoE layer of each dispatcher, flat and hierarchical
 long runs (docs/fault_tolerance.md):
   checkpoints carry a manifest (size + CRC-32 of every file), verified on load: a damaged one
   stops with one line naming the file; a run whose checkpoint.save already holds checkpoints
@@ -91,27 +95,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: TP x PP x EP (one expert-parallel group)")
     parser.add_argument("--json", action="store_true",
                         help="with --dry-run: print the plan as one JSON object on the last line")
+    links = parser.add_argument_group(
+        "all-to-all projection (with --dry-run; defaults: DeepEP's published H800 figures)")
+    links.add_argument("--gpus-per-node", type=int, default=8, metavar="N",
+                       help="GPUs per node; an EP group of more ranks spans nodes (default 8)")
+    links.add_argument("--nvlink-gbps", type=float, default=153.0, metavar="GB/S",
+                       help="intranode bandwidth per GPU and direction (default 153)")
+    links.add_argument("--rdma-gbps", type=float, default=50.0, metavar="GB/S",
+                       help="internode bandwidth per GPU and direction (default 50)")
     return parser.parse_args(argv)
 
 
-def dry_run(cfg, as_json: bool, world_size: int | None) -> int:
+def dry_run(cfg, args: argparse.Namespace) -> int:
     """Plan the configured model in a private single-process world (any machine)."""
     import json
 
-    from megatron_grove.config import validate_layout
+    from megatron_grove.config import ConfigError, validate_layout
     from megatron_grove.planner import format_plan, plan_memory, plan_parameters
+    from megatron_grove.planner.dispatch_time import Links, format_projection, project_run
     from megatron_grove.runtime import single_process_world
 
     p = cfg.parallel
-    world = world_size or (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-                           * p.expert_model_parallel_size)
+    world = args.world_size or (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                                * p.expert_model_parallel_size)
     validate_layout(cfg, world)
+    links = Links(args.gpus_per_node, args.nvlink_gbps, args.rdma_gbps)
+    if cfg.moe.num_experts and links.problems(p.expert_model_parallel_size):
+        raise ConfigError(f"--gpus-per-node {args.gpus_per_node}, --nvlink-gbps "
+                          f"{args.nvlink_gbps:g}, --rdma-gbps {args.rdma_gbps:g}: "
+                          + "; ".join(links.problems(p.expert_model_parallel_size)))
     with single_process_world(device="cpu"):
         plan = plan_parameters(cfg)
     memory = plan_memory(cfg, plan, world)
+    projection = project_run(cfg, plan.moe_layers, world, links) if cfg.moe.num_experts else None
     print(format_plan(plan, memory))
-    if as_json:
-        print(json.dumps({**plan.as_dict(), "memory": memory.as_dict()}))
+    if projection is not None:
+        print(format_projection(projection))
+    if args.json:
+        print(json.dumps({**plan.as_dict(), "memory": memory.as_dict(),
+                          "dispatch_projection": projection}))
     return 0
 
 
@@ -173,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            return dry_run(cfg, args.json, args.world_size)
+            return dry_run(cfg, args)
         validate_layout(cfg, world_size)
         resolve_device(cfg.runtime.device)  # runtime.device=cuda on a machine without a GPU
         resolve_acceleration(cfg)  # kernels / TE / FP8 requests this machine cannot serve

@@ -81,7 +81,9 @@ class MoEConfig:
     # false: the expert bias is kept (checkpoints, exports) but selects nothing and is not
     # updated, e.g. a released GroveMoE checkpoint, whose code never reads its bias
     expert_bias_in_selection: bool = True
-    token_dispatcher_type: Literal["alltoall", "allgather", "grove_alltoall"] = "alltoall"
+    # auto: grove_alltoall with groups (each token crosses the EP all-to-all once per destination
+    # rank, adjugates beside their group), Megatron's alltoall without; see `dispatcher`
+    token_dispatcher_type: Literal["auto", "alltoall", "allgather", "grove_alltoall"] = "auto"
     bias_update_rule: Literal["paper", "megatron", "none"] = "paper"
     bias_update_rate: float = 1e-3
     aux_loss_coeff: float = 0.0
@@ -92,6 +94,16 @@ class MoEConfig:
     def experts_per_group(self) -> int:
         """n = E / G experts per group (0 without groups)."""
         return self.num_experts // self.num_expert_groups if self.num_expert_groups else 0
+
+    @property
+    def dispatcher(self) -> str:
+        """The dispatch strategy that runs: ``token_dispatcher_type``, with ``auto`` resolved to
+        ``grove_alltoall`` when there are expert groups (the fewest copies per token: once per
+        destination EP rank instead of once per expert and group hit) and to ``alltoall``
+        otherwise (a plain MoE is Megatron's layer on Megatron's all-to-all)."""
+        if self.token_dispatcher_type != "auto":
+            return self.token_dispatcher_type
+        return "grove_alltoall" if self.num_expert_groups else "alltoall"
 
 
 @dataclass

@@ -54,7 +54,8 @@ class GroveTransformerConfig(TransformerConfig):
     """'grove' (:class:`GroveTopKRouter`) or 'cmoe' (:class:`CMoERouter`, carved models)."""
 
     moe_grove_dispatcher: str = "alltoall"
-    """The Grove layers' dispatch strategy (``moe.token_dispatcher_type``), a key of
+    """The Grove layers' dispatch strategy (``moe.token_dispatcher_type``, ``auto`` resolved by
+    :attr:`megatron_grove.config.MoEConfig.dispatcher`), a key of
     :data:`megatron_grove.moe.dispatchers.GROVE_DISPATCHERS`: ``alltoall`` / ``allgather``
     (adjugates as extra experts of Megatron's dispatcher) or ``grove_alltoall`` (group-aware,
     one row per (token, EP rank)). Megatron's ``moe_token_dispatcher_type`` is its transport."""
@@ -111,8 +112,7 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_router_topk=e.router_topk,
         moe_router_score_function=e.router_score_function,
         moe_router_pre_softmax=e.router_type == "cmoe",  # CMoE: softmax over all, then top-k
-        moe_token_dispatcher_type=(
-            "alltoall" if e.token_dispatcher_type == "grove_alltoall" else e.token_dispatcher_type),
+        moe_token_dispatcher_type="alltoall" if e.dispatcher == "grove_alltoall" else e.dispatcher,
         moe_router_load_balancing_type="aux_loss" if e.aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=e.aux_loss_coeff,
         moe_router_enable_expert_bias=False,
@@ -126,7 +126,7 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_bias_update_rule=e.bias_update_rule,
         moe_expert_bias_in_selection=e.expert_bias_in_selection,
         moe_norm_topk_prob=e.norm_topk_prob,
-        moe_grove_dispatcher=e.token_dispatcher_type,
+        moe_grove_dispatcher=e.dispatcher,
         moe_router_type=e.router_type,
         moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size,
     )

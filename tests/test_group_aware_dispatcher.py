@@ -155,21 +155,27 @@ def test_expand_and_reduce_by_hand():
     weights = torch.tensor([[0.5, 0.0, 0.0, 0.25],
                             [0.0, 0.0, 0.0, 0.0],
                             [0.125, 0.25, 0.0, 0.5]])
-    ex = expand_to_local_experts(weights, experts_per_group=2)
-    assert ex.routed_rows.tolist() == [0, 2, 2, 0, 2]  # experts 0: rows 0, 2; 1: 2; 3: 0, 2
-    assert ex.routed_probs.tolist() == [0.5, 0.125, 0.25, 0.25, 0.5]
-    assert ex.tokens_per_expert.tolist() == [2, 1, 0, 2]
-    assert ex.adjugate_rows.tolist() == [0, 2, 0, 2]  # group 0: rows 0, 2; group 1: rows 0, 2
-    assert ex.adjugate_groups.tolist() == [0, 0, 1, 1]
-    assert ex.tokens_per_adjugate.tolist() == [2, 2]
     routed = torch.arange(5.0).unsqueeze(1)  # already weighted by the experts
-    adjugate = 10 * torch.arange(1.0, 5.0).unsqueeze(1)  # unweighted: the combine weighs them
-    for backend in ("torch", "triton"):
-        out = reduce_to_received_tokens(routed, adjugate, ex, weights, experts_per_group=2,
-                                        adjugate_scale=0.5, backend=backend)
-        # adjugate weights lam x group sums: row 0: 0.25, 0.125; row 2: 0.1875, 0.25
-        assert out.squeeze(1).tolist() == [0 + 3 + 0.25 * 10 + 0.125 * 30, 0.0,
-                                           1 + 2 + 4 + 0.1875 * 20 + 0.25 * 40], backend
+    adjugate = 10 * torch.arange(1.0, 5.0).unsqueeze(1)  # A_g(x) of the 4 (row, group) pairs
+    # adjugate weights lam x group sums: row 0: 0.25, 0.125; row 2: 0.1875, 0.25
+    expected = [0 + 3 + 0.25 * 10 + 0.125 * 30, 0.0, 1 + 2 + 4 + 0.1875 * 20 + 0.25 * 40]
+    for scale in (None, 0.5):  # adjugates weighed by the combine / by their bank's probs
+        ex = expand_to_local_experts(weights, experts_per_group=2, adjugate_scale=scale)
+        assert ex.adjugates_weighted == (scale is not None)
+        assert ex.routed_rows.tolist() == [0, 2, 2, 0, 2]  # experts 0: rows 0, 2; 1: 2; 3: 0, 2
+        assert ex.routed_probs.tolist() == [0.5, 0.125, 0.25, 0.25, 0.5]
+        assert ex.tokens_per_expert.tolist() == [2, 1, 0, 2]
+        assert ex.adjugate_rows.tolist() == [0, 2, 0, 2]  # group 0: rows 0, 2; group 1: 0, 2
+        assert ex.adjugate_groups.tolist() == [0, 0, 1, 1]
+        assert ex.tokens_per_adjugate.tolist() == [2, 2]
+        assert ex.adjugate_probs.tolist() == ([1.0] * 4 if scale is None
+                                              else [0.25, 0.1875, 0.125, 0.25])
+        bank_output = adjugate * ex.adjugate_probs.unsqueeze(1)  # what the adjugate bank returns
+        for backend in ("torch", "triton"):
+            out = reduce_to_received_tokens(routed, bank_output, ex, weights,
+                                            experts_per_group=2, adjugate_scale=0.5,
+                                            backend=backend)
+            assert out.squeeze(1).tolist() == expected, (scale, backend)
 
 
 # --------------------------------------------------------------------------------------

@@ -55,15 +55,16 @@ def test_memory_plan_of_the_8_node_recipe():
     assert mem["optimizer_bytes"] == int(12 * (plan["dense_params"] / 64 + expert / 8))
     assert mem["total_bytes"] < 80 * 2**30  # fits an 80 GB GPU
     d = mem["dispatch"]
-    assert round(d["copies_per_token"], 2) == 15.78  # k + groups hit (adjugates as virtual experts)
+    assert round(d["copies_per_token"], 2) == 5.34  # the recipe's grove_alltoall: once per rank
     assert d["collectives_per_layer"] == 6  # full recompute reruns the forward all-to-alls
     assert d["tokens_per_rank"] == 512 // 64 * 8192
     plain = dry_run("grovemoe_33b_a3b.yaml", "--world-size", "64",
                     "parallel.use_distributed_optimizer=false", "parallel.recompute_granularity=none",
-                    "moe.token_dispatcher_type=grove_alltoall")
+                    "moe.token_dispatcher_type=alltoall")
     assert plain["memory"]["optimizer_bytes"] == 12 * plan["params_per_rank"]
     assert plain["memory"]["activation_bytes"] > 4 * mem["activation_bytes"]
-    assert round(plain["memory"]["dispatch"]["copies_per_token"], 2) == 5.34  # once per rank, EP=8
+    # k + groups hit (adjugates as virtual experts of Megatron's all-to-all)
+    assert round(plain["memory"]["dispatch"]["copies_per_token"], 2) == 15.78
     assert plain["memory"]["dispatch"]["collectives_per_layer"] == 4
 
 
@@ -73,3 +74,25 @@ def test_dry_run_checks_the_layout_against_the_world_size():
                       "--world-size", "12")
     assert proc.returncode == 2
     assert "parallel.expert_model_parallel_size=8: must divide the data-parallel size 12" in proc.stderr
+
+
+def test_dry_run_projects_the_all_to_all_at_scale():
+    """The 33B recipe at EP 16 (2 nodes of 8 GPUs): flat and hierarchical rows of the three
+    dispatch strategies, from the recipe's micro-batches (512 / DP 64), 8192 tokens each and
+    full recompute (3 passes); bad link settings are refused with one line."""
+    plan = dry_run("grovemoe_33b_a3b.yaml", "--world-size", "64",
+                   "parallel.expert_model_parallel_size=16")
+    proj = plan["dispatch_projection"]
+    assert (proj["nodes_per_ep_group"], proj["tokens_per_microbatch"], proj["microbatches"],
+            proj["passes"], proj["moe_layers"]) == (2, 8192, 8, 3, 48)
+    rows = {(r["strategy"], r["route"]): r for r in proj["rows"]}
+    assert len(rows) == 6
+    grove, virtual = rows["grove_alltoall", "flat"], rows["alltoall, virtual adjugates", "flat"]
+    assert round(grove["copies_per_token"], 2) == 6.60
+    assert round(grove["rdma_copies_per_token"], 2) == 3.30  # half the ranks are remote
+    assert grove["layer_ms"] < virtual["layer_ms"] / 2
+    proc = run_script("launch/pretrain_grove.py", "--config",
+                      str(ROOT / "configs" / "grovemoe_33b_a3b.yaml"), "--dry-run",
+                      "--gpus-per-node", "6")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("must be a multiple of 6")

@@ -65,7 +65,7 @@ def test_expert_parallel_matches_data_parallel(straight_ep2, tmp_path):
 def test_triton_kernels_train_like_torch_kernels(straight_ep2, tmp_path):
     """kernels.backend=triton (SwiGLU kernel in every MLP; permute, unpermute and Grove combine
     kernels in the group-aware dispatch; Triton's interpreter on CPU, set in conftest.py): the
-    first 3 steps' losses equal the torch-backend run's (virtual-expert dispatch, same model)."""
+    first 3 steps' losses equal the torch-backend run's (the default dispatcher, same model)."""
     torchrun("parallel.expert_model_parallel_size=2", "moe.token_dispatcher_type=grove_alltoall",
              "train.exit_at_iter=3", "kernels.backend=triton", f"logging.dir={tmp_path}")
     with_triton, with_torch = losses(tmp_path), losses(straight_ep2)

@@ -8,22 +8,23 @@
 
 Each process (gloo on CPU, NCCL with one GPU each) routes ``tokens`` tokens uniformly at random
 (top-k of random scores, the same for all three layers: the router is bypassed) and times
-forward + backward of each layer (median over ``iters``, slowest rank). A *copy* is one token
-row the dispatcher sends to another rank or keeps locally for an expert (what enters the
-dispatch all-to-all); bytes are those of the rows and their routing weights in the dispatch
-direction (the combine sends the rows back).
+forward + backward of each layer (slowest rank), the repetitions interleaved (a, b, c, a, b, c,
+...) so that a change in the machine's load hits the three alike; median over ``iters`` and its
+spread (min, max). A *copy* is one token row the dispatcher sends to another rank or keeps
+locally for an expert (what enters the dispatch all-to-all); bytes are those of the rows and
+their routing weights in the dispatch direction (the combine sends the rows back).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.multiprocessing as mp
+
+from megatron_grove.benchmarking.processes import cpu_threads_per_rank, run_on_ranks
 
 __all__ = ["VARIANTS", "DispatchBenchmark", "run_dispatch_benchmark", "format_dispatch_table"]
 
@@ -110,94 +111,92 @@ def _uniform_routing(args: DispatchBenchmark, rank: int, device: torch.device):
     return probs.to(device), routing_map.to(device), x.to(device)
 
 
-def _worker(rank: int, args: DispatchBenchmark, init_file: str, queue) -> None:
+def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None:
     import torch.distributed as dist
 
     from megatron_grove.moe.counters import reset_moe_counters
     from megatron_grove.runtime import destroy_parallel, initialize_parallel
 
-    try:
-        os.environ["LOCAL_RANK"] = str(rank)
-        runtime = initialize_parallel(expert_parallel=args.ep, device=args.device,
-                                      init_method=f"file://{init_file}", rank=rank,
-                                      world_size=args.ep, timeout_s=600)
-        device = runtime.device
-        if device.type == "cpu":  # share the cores between the processes
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ep))
-        probs, routing_map, x = _uniform_routing(args, rank, device)
-        result = {}
-        for variant in VARIANTS:
-            layer = _build_layer(args, variant, device)
-            router_probs = probs.clone().requires_grad_()
-            layer.route = lambda hidden_states, padding_mask=None: (router_probs, routing_map)
-            meter = _DispatchMeter(layer)
-            times = []
-            for it in range(args.warmup + args.iters):
-                if it == args.warmup:
-                    meter.rows = meter.bytes = 0
-                    reset_moe_counters(layer)
-                inp = x.clone().requires_grad_()
-                dist.barrier()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                began = time.perf_counter()
-                y, _ = layer(inp)
-                y.backward(torch.ones_like(y))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = torch.tensor([time.perf_counter() - began], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                if it >= args.warmup:
-                    times.append(float(elapsed))
-            adjugate_rows = getattr(layer, "grove_counters", {}).get("adjugate_rows", 0)
-            totals = torch.tensor([meter.rows, meter.bytes, adjugate_rows], dtype=torch.float64)
-            dist.all_reduce(totals)
-            tokens = args.tokens * args.ep * args.iters
-            result[variant] = {"copies": float(totals[0]) / tokens,
-                               "bytes": float(totals[1]) / tokens,
-                               "adjugate_evals": float(totals[2]) / tokens,
-                               "time_s": statistics.median(times)}
-            del layer
-        if rank == 0:
-            queue.put(("ok", result, str(device)))
-        destroy_parallel()
-    except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
-        import traceback
-        queue.put(("error", f"rank {rank}: {exc}\n{traceback.format_exc()}", None))
+    runtime = initialize_parallel(expert_parallel=args.ep, device=args.device,
+                                  init_method=init_method, rank=rank, world_size=args.ep,
+                                  timeout_s=600)
+    device = runtime.device
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads_per_rank(args.ep))
+    probs, routing_map, x = _uniform_routing(args, rank, device)
+    layers, meters, router_probs = {}, {}, {}
+    for variant in VARIANTS:
+        layers[variant] = layer = _build_layer(args, variant, device)
+        router_probs[variant] = probs.clone().requires_grad_()
+        layer.route = (lambda p: lambda hidden_states, padding_mask=None: (p, routing_map))(
+            router_probs[variant])
+        meters[variant] = _DispatchMeter(layer)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for it in range(args.warmup + args.iters):
+        for variant in VARIANTS:  # interleaved: a, b, c, a, b, c, ...
+            layer, meter = layers[variant], meters[variant]
+            if it == args.warmup:
+                meter.rows = meter.bytes = 0
+                reset_moe_counters(layer)
+            inp = x.clone().requires_grad_()
+            dist.barrier()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            began, cpu_began = time.perf_counter(), time.process_time()
+            y, _ = layer(inp)
+            y.backward(torch.ones_like(y))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            spent = torch.tensor([time.perf_counter() - began, time.process_time() - cpu_began],
+                                 dtype=torch.float64)
+            dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+            if it >= args.warmup:
+                times[variant].append(float(spent[0]))
+                cpu_times[variant].append(float(spent[1]))
+    result = {}
+    for variant in VARIANTS:
+        adjugate_rows = getattr(layers[variant], "grove_counters", {}).get("adjugate_rows", 0)
+        meter = meters[variant]
+        totals = torch.tensor([meter.rows, meter.bytes, adjugate_rows], dtype=torch.float64)
+        dist.all_reduce(totals)
+        tokens = args.tokens * args.ep * args.iters
+        result[variant] = {"copies": float(totals[0]) / tokens,
+                           "bytes": float(totals[1]) / tokens,
+                           "adjugate_evals": float(totals[2]) / tokens,
+                           "times": times[variant], "cpu_times": cpu_times[variant]}
+    destroy_parallel()
+    return {"per_variant": result, "device": str(device)} if rank == 0 else None
 
 
 def run_dispatch_benchmark(args: DispatchBenchmark) -> dict:
-    """Spawn ``args.ep`` processes, run the three layers, return the summary."""
+    """Spawn ``args.ep`` processes, run the three layers (repetitions interleaved), return the
+    summary: medians, their spread (min, max) and ratios."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.device_count() >= args.ep else "cpu"
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, args, os.path.join(tmp, "init"), queue))
-                 for r in range(args.ep)]
-        for p in procs:
-            p.start()
-        status, payload, device = queue.get()
-        for p in procs:
-            p.join(timeout=60 if status == "ok" else 5)
-            if p.is_alive():
-                p.kill()
-    if status != "ok":
-        raise RuntimeError(payload)
-    per = payload
+    load_before = os.getloadavg()[0]
+    out = run_on_ranks(_worker, args.ep, args)
+    per, device = out["per_variant"], out["device"]
+    median = {v: statistics.median(per[v]["times"]) for v in VARIANTS}
+    cpu = {v: statistics.median(per[v]["cpu_times"]) for v in VARIANTS}
     return {
         "config": {k: v for k, v in asdict(args).items()
                    if k in ("ep", "experts", "topk", "groups", "tokens", "hidden", "ffn",
                             "adjugate_ffn", "iters")},
         "device": f"{device} x {args.ep} ({'nccl' if device.startswith('cuda') else 'gloo'})",
+        "load_average": [load_before, os.getloadavg()[0]],
         "copies_per_token": {v: per[v]["copies"] for v in VARIANTS},
         "bytes_per_token": {v: per[v]["bytes"] for v in VARIANTS},
         "adjugate_evals_per_token": {v: per[v]["adjugate_evals"] for v in VARIANTS[1:]},
-        "time_s": {v: per[v]["time_s"] for v in VARIANTS},
+        "time_s": median,
+        "time_spread_s": {v: [min(per[v]["times"]), max(per[v]["times"])] for v in VARIANTS},
         "time_ratio_group_aware_vs_virtual":
-            per["group_aware"]["time_s"] / per["alltoall_virtual_adjugates"]["time_s"],
-        "time_ratio_group_aware_vs_alltoall":
-            per["group_aware"]["time_s"] / per["alltoall"]["time_s"],
+            median["group_aware"] / median["alltoall_virtual_adjugates"],
+        "time_ratio_group_aware_vs_alltoall": median["group_aware"] / median["alltoall"],
+        # CPU seconds (slowest rank, median): less sensitive to a loaded machine than wall time
+        "cpu_time_s": cpu,
+        "cpu_ratio_group_aware_vs_virtual": cpu["group_aware"] / cpu["alltoall_virtual_adjugates"],
+        "cpu_ratio_group_aware_vs_alltoall": cpu["group_aware"] / cpu["alltoall"],
     }
 
 
@@ -206,12 +205,19 @@ def format_dispatch_table(summary: dict) -> str:
     lines = [f"EP={c['ep']} E={c['experts']} k={c['topk']} G={c['groups']} "
              f"tokens/rank={c['tokens']} H={c['hidden']} on {summary['device']}",
              f"{'dispatcher':<28} {'copies/token':>12} {'bytes/token':>12} "
-             f"{'adjugate evals':>14} {'fwd+bwd s':>10}"]
+             f"{'adjugate evals':>14} {'fwd+bwd s (min..max)':>24} {'CPU s':>7}"]
     for v in VARIANTS:
         adj = summary["adjugate_evals_per_token"].get(v)
+        low, high = summary["time_spread_s"][v]
         lines.append(f"{v:<28} {summary['copies_per_token'][v]:>12.3f} "
                      f"{summary['bytes_per_token'][v]:>12.0f} "
-                     f"{'-' if adj is None else f'{adj:.3f}':>14} {summary['time_s'][v]:>10.4f}")
+                     f"{'-' if adj is None else f'{adj:.3f}':>14} "
+                     f"{summary['time_s'][v]:>8.4f} ({low:.3f}..{high:.3f}) "
+                     f"{summary['cpu_time_s'][v]:>7.4f}")
     lines.append(f"time ratio group_aware / virtual adjugates: "
-                 f"{summary['time_ratio_group_aware_vs_virtual']:.3f}")
+                 f"{summary['time_ratio_group_aware_vs_virtual']:.3f} (CPU "
+                 f"{summary['cpu_ratio_group_aware_vs_virtual']:.3f}); group_aware / alltoall: "
+                 f"{summary['time_ratio_group_aware_vs_alltoall']:.3f} (CPU "
+                 f"{summary['cpu_ratio_group_aware_vs_alltoall']:.3f}); load average "
+                 f"{summary['load_average'][0]:.1f} -> {summary['load_average'][1]:.1f}")
     return "\n".join(lines)

@@ -44,7 +44,7 @@ def unpermute_reference(y: torch.Tensor, row_token: torch.Tensor, weights: Optio
     if weights is not None:
         y = y * weights.unsqueeze(-1).to(y.dtype)
     out = torch.zeros(num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
-    return out.index_add(0, row_token, y)
+    return out.index_add_(0, row_token, y)
 
 
 @jit

@@ -20,7 +20,9 @@ all-gather, or the group-aware all-to-all):
 
 Both expert banks come from the layer spec's experts builder, so Megatron's expert-parallel
 parameter flags, gradient reduction and sharded checkpoints (``experts.*`` and
-``adjugate_experts.*``, indexed by global expert / group) apply to both.
+``adjugate_experts.*``, indexed by global expert / group) apply to both. The adjugate bank's
+``SequentialMLP`` (local spec) is :class:`~megatron_grove.moe.batched_experts.BatchedSequentialMLP`:
+the same modules, its ``G/ep`` small experts computed as one batched product.
 
 Counters: ``grove_counters`` is a dict of Python ints, accumulated over forwards until the
 trainer zeroes them (:func:`megatron_grove.moe.counters.reset_moe_counters`):
@@ -50,6 +52,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_grove.megatron_config import GroveTransformerConfig
+from megatron_grove.moe.batched_experts import batched_experts_builder
 from megatron_grove.moe.dispatchers import build_grove_dispatcher
 from megatron_grove.moe.layout import ExpertLayout
 
@@ -101,7 +104,7 @@ class GroveMoELayer(MoELayer):
         # adjugates.
         self.token_dispatcher = build_grove_dispatcher(config, self.layout, self.ep_group.rank(),
                                                        pg_collection=pg_collection)
-        self.adjugate_experts = self.submodules.experts(
+        self.adjugate_experts = batched_experts_builder(self.submodules.experts)(
             self.layout.local_adjugates,
             _adjugate_experts_config(config),
             pg_collection=pg_collection,

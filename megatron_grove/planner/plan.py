@@ -211,7 +211,7 @@ def plan_memory(cfg: GroveConfig, plan: ParamPlan, world_size: int) -> MemoryPla
     activations = int(_activation_bytes(cfg, parts))
     tokens_per_rank = int(t.global_batch_size // dp * m.seq_length
                           / (tp if p.sequence_parallel else 1))
-    volume = dispatch_volume(e.token_dispatcher_type, e.num_experts, e.router_topk, ep,
+    volume = dispatch_volume(e.dispatcher, e.num_experts, e.router_topk, ep,
                              e.num_expert_groups, plan.moe_layers, tokens_per_rank,
                              m.hidden_size, d, recompute_forward=p.recompute_granularity == "full")
     params, grads = plan.param_bytes_per_rank, 4 * plan.params_per_rank
