@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
+
+from megatron_grove.benchmarking.processes import cpu_threads_per_rank, run_on_ranks
 
 __all__ = ["ChecksumBenchmark", "run_checksum_benchmark", "format_checksum_table",
            "measure_rss", "measure_signal_to_exit"]
@@ -57,8 +58,8 @@ def _timed(fn) -> float:
     return _slowest(time.perf_counter() - began)
 
 
-def _checksum_worker(rank: int, bench: ChecksumBenchmark, init_file: str, folder: str,
-                     queue) -> None:
+def _checksum_worker(rank: int, init_method: str, bench: ChecksumBenchmark,
+                     folder: str) -> list[dict]:
     from megatron_grove.checkpointing import (
         TrainState,
         checkpoint_dir,
@@ -71,56 +72,38 @@ def _checksum_worker(rank: int, bench: ChecksumBenchmark, init_file: str, folder
     from megatron_grove.runtime import destroy_parallel, initialize_parallel
     from megatron_grove.training import setup_training
 
-    try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // bench.nproc))
-        cfg = load_config(bench.config, [f"parallel.expert_model_parallel_size={bench.nproc}",
-                                         *bench.overrides])
-        p = cfg.parallel
-        runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
-                                      device="cpu", init_method=f"file://{init_file}", rank=rank,
-                                      world_size=bench.nproc, timeout_s=3600)
-        setup = setup_training(cfg, runtime)
-        model, optimizer = setup.model, setup.optimizer
-        model.zero_grad_buffer()
-        optimizer.step()  # Adam state exists, as in a real checkpoint
-        rows = []
-        for step in range(1, bench.repeats + 1):
-            state = TrainState(step=step, consumed_samples=0,
-                               scheduler=setup.scheduler.state_dict(), config=config_to_dict(cfg))
-            target = checkpoint_dir(folder, step)
-            save_s = _timed(lambda: save_checkpoint(folder, model, optimizer, state))
-            manifest_s = _timed(lambda: write_manifest(target))
-            verify_s = _timed(lambda: verify_checkpoint(target))
-            load_s = _timed(lambda: load_checkpoint(target, model, optimizer, verify=False))
-            size = sum(f.stat().st_size for f in Path(target).rglob("*") if f.is_file())
-            rows.append({"save_s": save_s, "manifest_s": manifest_s, "verify_s": verify_s,
-                         "load_s": load_s, "bytes": size})
-        if rank == 0:
-            queue.put(("ok", rows))
-        destroy_parallel()
-    except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
-        import traceback
-        queue.put(("error", f"rank {rank}: {exc}\n{traceback.format_exc()}"))
+    torch.set_num_threads(cpu_threads_per_rank(bench.nproc))
+    cfg = load_config(bench.config, [f"parallel.expert_model_parallel_size={bench.nproc}",
+                                     *bench.overrides])
+    p = cfg.parallel
+    runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
+                                  device="cpu", init_method=init_method, rank=rank,
+                                  world_size=bench.nproc, timeout_s=3600)
+    setup = setup_training(cfg, runtime)
+    model, optimizer = setup.model, setup.optimizer
+    model.zero_grad_buffer()
+    optimizer.step()  # Adam state exists, as in a real checkpoint
+    rows = []
+    for step in range(1, bench.repeats + 1):
+        state = TrainState(step=step, consumed_samples=0,
+                           scheduler=setup.scheduler.state_dict(), config=config_to_dict(cfg))
+        target = checkpoint_dir(folder, step)
+        save_s = _timed(lambda: save_checkpoint(folder, model, optimizer, state))
+        manifest_s = _timed(lambda: write_manifest(target))
+        verify_s = _timed(lambda: verify_checkpoint(target))
+        load_s = _timed(lambda: load_checkpoint(target, model, optimizer, verify=False))
+        size = sum(f.stat().st_size for f in Path(target).rglob("*") if f.is_file())
+        rows.append({"save_s": save_s, "manifest_s": manifest_s, "verify_s": verify_s,
+                     "load_s": load_s, "bytes": size})
+    destroy_parallel()
+    return rows
 
 
 def run_checksum_benchmark(bench: ChecksumBenchmark) -> dict:
     """Spawn ``bench.nproc`` CPU processes, save/verify/load, return the medians."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = bench.folder or os.path.join(tmp, "ckpt")
-        procs = [ctx.Process(target=_checksum_worker,
-                             args=(r, bench, os.path.join(tmp, "init"), folder, queue))
-                 for r in range(bench.nproc)]
-        for p in procs:
-            p.start()
-        status, payload = queue.get()
-        for p in procs:
-            p.join(timeout=120 if status == "ok" else 5)
-            if p.is_alive():
-                p.kill()
-    if status != "ok":
-        raise RuntimeError(payload)
+        payload = run_on_ranks(_checksum_worker, bench.nproc, bench,
+                               bench.folder or os.path.join(tmp, "ckpt"))
     median = {key: statistics.median(row[key] for row in payload)
               for key in ("save_s", "manifest_s", "verify_s", "load_s")}
     return {"benchmark": asdict(bench), "runs": payload, "bytes": payload[0]["bytes"], **median,
