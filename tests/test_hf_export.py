@@ -61,9 +61,9 @@ def load_with_transformers(folder):
     return model.eval()
 
 
-# the quick tier keeps one case per family and router; the rest run with the e2e tier
-SLOW = {"tiny_cpu-sigmoid-unnormalised-bias-not-selecting", "grovemoe_33b_a3b-sigmoid",
-        "grovemoe_33b_g16"}
+# the quick tier keeps the tiny family's cases (both routers); the rest run with the e2e tier
+SLOW = {"tiny_cpu-sigmoid-unnormalised-bias-not-selecting", "grovemoe_33b_a3b",
+        "grovemoe_33b_a3b-sigmoid", "grovemoe_33b_g16"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.e2e) if c in SLOW else c
@@ -103,8 +103,8 @@ def _export_and_our_greedy(cfg, folder, prompt, new_tokens):
                                 prompt, Sampling(max_new_tokens=new_tokens), cfg.model.seq_length)
 
 
-@pytest.mark.parametrize("score_function", ("softmax",
-                                            pytest.param("sigmoid", marks=pytest.mark.e2e)))
+@pytest.mark.e2e
+@pytest.mark.parametrize("score_function", ("softmax", "sigmoid"))
 def test_generate_with_kv_cache_equals_our_greedy_tokens(score_function, tmp_path):
     cfg = grove_family_config("tiny_cpu", f"moe.router_score_function={score_function}")
     prompt = tokens_for(cfg, 12, seed=1).tolist()
