@@ -424,7 +424,8 @@ def _validate(cfg: GroveConfig) -> None:
                  f"moe.router_type={e.router_type}: CMoE has no expert groups and no aux loss; set "
                  "moe.num_expert_groups=0 and moe.aux_loss_coeff=0")
         _require(e.norm_topk_prob and e.expert_bias_in_selection,
-                 f"moe.router_type={e.router_type}: CMoE weighs experts by 1 + s*u and selects with its bias; "
+                 f"moe.router_type={e.router_type}: CMoE weighs experts by 1 + s*u and selects "
+                 "with its bias; "
                  "moe.norm_topk_prob and moe.expert_bias_in_selection must stay true")
     _require(e.shared_expert_ffn_hidden_size is None or e.shared_expert_ffn_hidden_size >= 1,
              f"moe.shared_expert_ffn_hidden_size={e.shared_expert_ffn_hidden_size}: must be "

@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 import torch
-
 from scipy.optimize import linear_sum_assignment
 
 from megatron_grove.cmoe import (

@@ -1,6 +1,7 @@
 """The carved FFN as a Megatron MoELayer with a CMoE router (CMoELinearRouter or the paper's
-CMoERouter) + Megatron's shared expert (CPU, fp32, gloo): against the plain-torch reference (outputs and gradients), EP=1 vs EP=2, the
-all-experts-active invariant, the config wiring and the router's saved state."""
+CMoERouter) + Megatron's shared expert (CPU, fp32, gloo): against the plain-torch reference
+(outputs and gradients), EP=1 vs EP=2, the all-experts-active invariant, the config wiring
+and the router's saved state."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def build_layer(shared: int, experts: int, topk: int, m: int, ep: int,
     return build_moe_layer(transformer_config(
         model__num_layers=1, model__hidden_size=HIDDEN, model__num_attention_heads=1,
         model__ffn_hidden_size=D_FFN, moe__num_experts=experts - shared, moe__ffn_hidden_size=m,
-        moe__router_topk=topk, moe__router_type="cmoe" if router == "paper" else "cmoe_linear", moe__num_expert_groups=0,
+        moe__router_topk=topk, moe__num_expert_groups=0,
+        moe__router_type="cmoe" if router == "paper" else "cmoe_linear",
         moe__bias_update_rule="paper",
         moe__shared_expert_ffn_hidden_size=shared * m if shared else "null",
         parallel__expert_model_parallel_size=ep))
@@ -164,7 +166,8 @@ def _trainable_names(rank: int, trainable: str, router_type: str = "cmoe") -> li
     from megatron_grove.model import build_gpt_model
     from megatron_grove.training import freeze_untrainable
 
-    cfg = load_config(None, [f"moe.router_type={router_type}", "moe.num_experts=4", "moe.router_topk=2",
+    cfg = load_config(None, [f"moe.router_type={router_type}", "moe.num_experts=4",
+                             "moe.router_topk=2",
                              "moe.shared_expert_ffn_hidden_size=64", "moe.num_expert_groups=0",
                              "model.num_layers=1", "model.qk_layernorm=false"])
     model = build_gpt_model(to_transformer_config(cfg), 256, 16)

@@ -121,7 +121,8 @@ def load_megatron_state(path: str | Path) -> tuple[GroveConfig, dict[str, torch.
     router_type = config_from_dict(read_checkpoint_config(path)).moe.router_type
     if router_type.startswith("cmoe"):
         raise HFFormatError(
-            f"{path}: a CMoE checkpoint (moe.router_type={router_type}) has no Hugging Face counterpart "
+            f"{path}: a CMoE checkpoint (moe.router_type={router_type}) has no Hugging Face "
+            "counterpart "
             "to convert to; it loads as it is at any TP/EP layout (checkpoint.load=, "
             "tools/evaluate.py); tools/carve_cmoe.py writes its HF-style export at carving time")
     cfg, model = load_megatron_model(path)
