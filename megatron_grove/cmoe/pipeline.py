@@ -36,7 +36,7 @@ class CarveJob:
     spec: CarveSpec
     output: str
     calibration: Optional[str] = None  # text file; None: the embedded training corpus
-    calibration_tokens: int = 4096
+    calibration_tokens: int = 2048
     window: int = 512
     seq_length: int = 512  # model.seq_length of the written run config
     progress: bool = True
@@ -84,7 +84,8 @@ def carve_model_to(job: CarveJob) -> dict:
     the wall seconds of each phase: ``read_s`` (model and tokenizer), ``calibration_s``
     (tokenising, the calibration forward), ``clustering_s`` (shared neurons, balanced
     clustering and router fit of every layer), ``construction_s`` (their sum: the carving
-    itself) and ``writing_s`` (Megatron checkpoint, run config, HF-style export)."""
+    itself) and ``writing_s`` (Megatron checkpoint, run config, HF-style export); ``*_cpu_s``
+    the process CPU seconds of each (all threads), with the load average (shared machines)."""
     from transformers import AutoTokenizer
 
     from megatron_grove.checkpointing import TOKENIZER_DIR
@@ -107,20 +108,23 @@ def carve_model_to(job: CarveJob) -> dict:
     tmp = output.parent / f".{output.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir(parents=True)
     try:
-        marks = [time.perf_counter()]
+        marks, cpu = [time.perf_counter()], [time.process_time()]
         tokenizer_dir = tmp / "tokenizer"
         hf_config, hf_state = _read_dense(Path(job.model), tokenizer_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         marks.append(time.perf_counter())
+        cpu.append(time.process_time())
         text = (Path(job.calibration).read_text() if job.calibration
                 else default_calibration_text())
         windows = calibration_token_windows(tokenizer, text, job.calibration_tokens, job.window)
         inputs, hidden = calibration_activations(dense_model(hf_config, hf_state), windows)
         marks.append(time.perf_counter())
+        cpu.append(time.process_time())
         carved = carve_model(hf_state, hf_config["num_hidden_layers"], inputs, spec,
                              progress=job.progress, hidden=hidden)
         del inputs, hidden
         marks.append(time.perf_counter())
+        cpu.append(time.process_time())
         write_hf_export(tokenizer_dir, hf_config, hf_state, carved, spec, tmp / "hf")
         dense_cfg = grove_config_from_hf(hf_config, hf_state)
         # the tokenizer is the export's, at its place after the final rename
@@ -129,13 +133,18 @@ def carve_model_to(job: CarveJob) -> dict:
         write_megatron_checkpoint(cfg, dense_cfg, hf_state, carved, tmp / "megatron")
         write_run_config(cfg, tmp / "megatron")
         marks.append(time.perf_counter())
+        cpu.append(time.process_time())
         seconds = [round(b - a, 2) for a, b in zip(marks, marks[1:])]
+        cpu_seconds = [round(b - a, 2) for a, b in zip(cpu, cpu[1:])]
+        phases = ("read", "calibration", "clustering", "writing")
         record = {"spec": spec.name, "router": spec.router, "model": str(job.model),
                   "calibration_tokens": int(windows.numel()), "window": job.window,
                   "activation_topk": spec.active_neurons(hf_config["intermediate_size"]),
                   "neurons_per_expert": spec.neurons_per_expert(hf_config["intermediate_size"]),
-                  "read_s": seconds[0], "calibration_s": seconds[1], "clustering_s": seconds[2],
-                  "construction_s": round(marks[3] - marks[0], 2), "writing_s": seconds[3],
+                  **{f"{phase}_s": s for phase, s in zip(phases, seconds)},
+                  "construction_s": round(marks[3] - marks[0], 2),
+                  **{f"{phase}_cpu_s": s for phase, s in zip(phases, cpu_seconds)},
+                  "construction_cpu_s": round(cpu[3] - cpu[0], 2),
                   "threads": torch.get_num_threads(),
                   "load_average_1min": round(os.getloadavg()[0], 2)}
         (tmp / "carve.json").write_text(json.dumps(record, indent=2) + "\n")
