@@ -5,13 +5,16 @@
 
 Every FFN becomes S shared + (N - S) routed experts of ceil(d_ffn / N) neurons (zero neurons
 pad d_ffn up to a multiple of N, none is dropped), A routed experts active per token, routed by
-CMoE's training-free router (docs/design.md, "CMoE"). Writes into --output:
+a training-free router (docs/design.md, "CMoE"): by default a linear router fitted in closed
+form to the experts' activation mass on the calibration tokens (--router linear), or the
+paper's representative-neuron router (--router paper). Writes into --output:
 
   megatron/   a model-only Megatron checkpoint our trainer loads (checkpoint.load=...) and
               config.yaml, the run config to fine-tune it with launch/pretrain_grove.py
   hf/         a Hugging Face-style export: config.json (+ "cmoe" fields), safetensors (one
               model.safetensors, sharded past 5 GiB), tokenizer files
-  carve.json  the carving record: shape, calibration, construction time
+  carve.json  the carving record: shape, router, calibration, wall and CPU seconds of each
+              phase (read, calibration, clustering, writing)
 """
 
 from __future__ import annotations
@@ -45,13 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output directory (must not exist)")
     parser.add_argument("--calibration", default=None,
                         help="calibration text file (default: the embedded Shakespeare corpus)")
-    parser.add_argument("--calibration-tokens", type=int, default=4096,
-                        help="calibration tokens, in windows of --window tokens (default 4096)")
+    parser.add_argument("--calibration-tokens", type=int, default=2048,
+                        help="calibration tokens, in windows of --window tokens (default 2048)")
     parser.add_argument("--window", type=int, default=512,
                         help="calibration window length in tokens (default 512)")
     parser.add_argument("--activation-topk", type=int, default=None,
                         help="K_a: neurons each calibration token marks active "
                              "(default d_ffn // 10)")
+    parser.add_argument("--router", choices=["linear", "paper"], default="linear",
+                        help="training-free router: 'linear' (default; ridge fit of the "
+                             "experts' activation mass from the FFN input, E*H multiply-adds "
+                             "a token) or 'paper' (CMoE's representative neuron per expert)")
     parser.add_argument("--seq-length", type=int, default=512,
                         help="model.seq_length of the written run config (default 512)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -74,16 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_grove.cmoe.carve_model import CarveSpec
         from megatron_grove.cmoe.pipeline import CarveJob, carve_model_to
 
-        spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
+        spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk,
+                         args.router)
         record = carve_model_to(CarveJob(
             model=args.model, spec=spec, output=args.output, calibration=args.calibration,
             calibration_tokens=args.calibration_tokens, window=args.window,
             seq_length=args.seq_length, progress=not args.no_progress))
     except ValueError as exc:  # HFFormatError and ConfigError included
         return fail(PROG, str(exc))
-    print(f"carved {record['spec']} in {record['construction_s']:.1f} s (calibration "
-          f"{record['calibration_s']:.1f} s, {record['calibration_tokens']} tokens); wrote "
-          f"{args.output}/megatron (our trainer) and {args.output}/hf")
+    print(f"carved {record['spec']} ({record['router']} router) in "
+          f"{record['construction_s']:.1f} s (read {record['read_s']:.1f} s, calibration "
+          f"{record['calibration_s']:.1f} s on {record['calibration_tokens']} tokens, clustering "
+          f"{record['clustering_s']:.1f} s); wrote {args.output}/megatron (our trainer) and "
+          f"{args.output}/hf in {record['writing_s']:.1f} s")
     return 0
 
 
