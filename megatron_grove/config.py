@@ -419,9 +419,8 @@ def _validate(cfg: GroveConfig) -> None:
     elif e.token_dispatcher_type == "grove_alltoall":
         raise ConfigError("moe.token_dispatcher_type=grove_alltoall needs moe.num_expert_groups > 0")
     if e.router_type == "cmoe":
-        _require(e.num_expert_groups == 0 and e.aux_loss_coeff == 0,
-                 "moe.router_type=cmoe: CMoE has no expert groups and no aux loss; set "
-                 "moe.num_expert_groups=0 and moe.aux_loss_coeff=0")
+        _require(e.aux_loss_coeff == 0,
+                 "moe.router_type=cmoe: CMoE has no aux loss; set moe.aux_loss_coeff=0")
         _require(e.norm_topk_prob and e.expert_bias_in_selection,
                  "moe.router_type=cmoe: CMoE weighs experts by 1 + s*u and selects with its bias; "
                  "moe.norm_topk_prob and moe.expert_bias_in_selection must stay true")
