@@ -85,7 +85,8 @@ class MoEConfig:
     bias_update_rule: Literal["paper", "megatron", "none"] = "paper"
     bias_update_rate: float = 1e-3
     aux_loss_coeff: float = 0.0
-    router_type: Literal["grove", "cmoe"] = "grove"  # cmoe: carved models (tools/carve_cmoe.py)
+    # cmoe / cmoe_linear: carved models (tools/carve_cmoe.py --router paper / linear)
+    router_type: Literal["grove", "cmoe", "cmoe_linear"] = "grove"
     shared_expert_ffn_hidden_size: Optional[int] = None  # Megatron's shared expert; None = none
 
     @property
@@ -418,11 +419,13 @@ def _validate(cfg: GroveConfig) -> None:
                  f"{G / E:g}; lower it or set moe.allow_large_adjugate_scale=true")
     elif e.token_dispatcher_type == "grove_alltoall":
         raise ConfigError("moe.token_dispatcher_type=grove_alltoall needs moe.num_expert_groups > 0")
-    if e.router_type == "cmoe":
+    if e.router_type in ("cmoe", "cmoe_linear"):
         _require(e.aux_loss_coeff == 0,
-                 "moe.router_type=cmoe: CMoE has no aux loss; set moe.aux_loss_coeff=0")
+                 f"moe.router_type={e.router_type}: CMoE has no aux loss; set "
+                 "moe.aux_loss_coeff=0")
         _require(e.norm_topk_prob and e.expert_bias_in_selection,
-                 "moe.router_type=cmoe: CMoE weighs experts by 1 + s*u and selects with its bias; "
+                 f"moe.router_type={e.router_type}: CMoE weighs experts by 1 + s*u and selects "
+                 "with its bias; "
                  "moe.norm_topk_prob and moe.expert_bias_in_selection must stay true")
     _require(e.shared_expert_ffn_hidden_size is None or e.shared_expert_ffn_hidden_size >= 1,
              f"moe.shared_expert_ffn_hidden_size={e.shared_expert_ffn_hidden_size}: must be "

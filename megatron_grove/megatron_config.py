@@ -51,7 +51,8 @@ class GroveTransformerConfig(TransformerConfig):
     the softmax over all experts at the selection, or the plain sigmoids."""
 
     moe_router_type: str = "grove"
-    """'grove' (:class:`GroveTopKRouter`) or 'cmoe' (:class:`CMoERouter`, carved models)."""
+    """'grove' (:class:`GroveTopKRouter`), 'cmoe' (:class:`CMoERouter`) or 'cmoe_linear'
+    (:class:`CMoELinearRouter`): the last two for carved models."""
 
     moe_grove_dispatcher: str = "alltoall"
     """The Grove layers' dispatch strategy (``moe.token_dispatcher_type``), a key of
@@ -110,7 +111,8 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_ffn_hidden_size=e.ffn_hidden_size if e.num_experts else None,
         moe_router_topk=e.router_topk,
         moe_router_score_function=e.router_score_function,
-        moe_router_pre_softmax=e.router_type == "cmoe",  # CMoE: softmax over all, then top-k
+        # CMoE: softmax over all, then top-k
+        moe_router_pre_softmax=e.router_type.startswith("cmoe"),
         moe_token_dispatcher_type=(
             "alltoall" if e.token_dispatcher_type == "grove_alltoall" else e.token_dispatcher_type),
         moe_router_load_balancing_type="aux_loss" if e.aux_loss_coeff > 0 else "none",

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import helpers
 from helpers import run_distributed, run_script
@@ -35,10 +36,12 @@ def _run_tool(*args: str) -> subprocess.CompletedProcess:
     return run_script("tools/carve_cmoe.py", *args, timeout=600)
 
 
-def _carve(model: Path, out: Path, active: int) -> subprocess.CompletedProcess:
+def _carve(model: Path, out: Path, active: int, router: str = "linear"
+           ) -> subprocess.CompletedProcess:
     return _run_tool("--model", str(model), "--shared", "1", "--active", str(active),
                      "--experts", "8", "--output", str(out), "--calibration-tokens", "256",
-                     "--window", "64", "--seq-length", str(SEQ), "--no-progress")
+                     "--window", "64", "--seq-length", str(SEQ), "--router", router,
+                     "--no-progress")
 
 
 def _megatron_logits(rank: int, checkpoint: str, ids: torch.Tensor) -> dict:
@@ -54,7 +57,8 @@ def _megatron_logits(rank: int, checkpoint: str, ids: torch.Tensor) -> dict:
     with torch.no_grad():
         logits = model(ids, torch.arange(SEQ)[None], causal_attention_mask(SEQ, ids.device))
     router = model.decoder.layers[0].mlp.router
-    return {"logits": logits[..., :4096], "scale": router.expert_scale.detach().clone(),
+    return {"logits": logits[..., :4096], "router": type(router).__name__,
+            "scale": router.expert_scale.detach().clone(),
             "bias": router.expert_bias.clone(), "topk": router.topk}
 
 
@@ -72,6 +76,7 @@ def test_all_experts_active_reproduces_the_dense_model(tiny_llama, tmp_path):
                           args=(str(tmp_path / "all" / "megatron"), ids))[0]
     torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)
     assert got["topk"] == 7 and torch.equal(got["scale"], torch.zeros(7))
+    assert got["router"] == "CMoELinearRouter"  # the default router
 
     assert _carve(tiny_llama, tmp_path / "sparse", active=2).returncode == 0
     sparse = run_distributed(_megatron_logits, world_size=1,
@@ -81,26 +86,41 @@ def test_all_experts_active_reproduces_the_dense_model(tiny_llama, tmp_path):
     # tools/evaluate.py: the carved checkpoint with every expert active has the dense PPL
     np.save(tmp_path / "tokens.npy", torch.randint(0, 4096, (4 * SEQ + 1,)).numpy())
     ppl = {}
+    assert _carve(tiny_llama, tmp_path / "paper_all", active=7, router="paper").returncode == 0
+    assert _carve(tiny_llama, tmp_path / "paper", active=2, router="paper").returncode == 0
     for name, checkpoint in [("dense", tiny_llama), ("all", tmp_path / "all" / "megatron"),
-                             ("sparse", tmp_path / "sparse" / "megatron")]:
+                             ("sparse", tmp_path / "sparse" / "megatron"),
+                             ("paper_all", tmp_path / "paper_all" / "megatron"),
+                             ("paper", tmp_path / "paper" / "megatron")]:
         done = run_script("tools/evaluate.py", "--checkpoint", str(checkpoint), "--tokens",
                           str(tmp_path / "tokens.npy"), "--seq-length", str(SEQ), "--json",
                           timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         ppl[name] = json.loads(done.stdout.strip().splitlines()[-1])["ppl"]
-    all_error, sparse_error = (abs(ppl[k] / ppl["dense"] - 1) for k in ("all", "sparse"))
-    assert all_error < 1e-4 and sparse_error > 10 * all_error, ppl
+    error = {k: abs(ppl[k] / ppl["dense"] - 1) for k in ppl}
+    assert error["all"] < 1e-4 and error["sparse"] > 10 * error["all"], ppl
+    assert error["paper_all"] < 1e-4 and error["paper"] > 10 * error["paper_all"], ppl
+    assert ppl["paper"] != ppl["sparse"]  # the two routers select differently
 
     record = json.loads((tmp_path / "sparse" / "carve.json").read_text())
     assert record["spec"] == "S1A2E8" and record["neurons_per_expert"] == 6  # ceil(44 / 8)
     export = json.loads((tmp_path / "sparse" / "hf" / "config.json").read_text())
-    assert export["cmoe"]["num_routed_experts"] == 7
+    assert export["cmoe"]["num_routed_experts"] == 7 and export["cmoe"]["router"] == "linear"
+    paper_export = json.loads((tmp_path / "paper" / "hf" / "config.json").read_text())
+    assert paper_export["cmoe"]["router"] == "paper"
     from safetensors.torch import load_file
 
     tensors = load_file(str(tmp_path / "sparse" / "hf" / "model.safetensors"))
+    assert tensors["model.layers.1.mlp.router.weight"].shape == (7, 32)
+    assert tensors["model.layers.1.mlp.router.score_bias"].shape == (7,)
+    paper_tensors = load_file(str(tmp_path / "paper" / "hf" / "model.safetensors"))
+    assert paper_tensors["model.layers.1.mlp.router.up_rows"].shape == (7, 32)
+    assert "model.layers.1.mlp.router.score_bias" not in paper_tensors
     assert tensors["model.layers.1.mlp.experts.6.gate_proj.weight"].shape == (6, 32)
     assert tensors["model.layers.1.mlp.shared_expert.down_proj.weight"].shape == (32, 6)
     assert (tmp_path / "sparse" / "hf" / "tokenizer.json").is_file()
+    config = yaml.safe_load((tmp_path / "sparse" / "megatron" / "config.yaml").read_text())
+    assert config["moe"]["router_type"] == "cmoe_linear"
 
     # the converter has no HF class for a (fine-tuned) CMoE checkpoint: one line, exit 2
     done = run_script("tools/convert_checkpoint.py", "--source-format", "megatron",

@@ -70,7 +70,7 @@ def test_all_experts_active_is_the_dense_model_and_the_carving_trains(tiny_llama
             record["adjugate_neurons"], record["adjugate_scale"]) == (6, 9, 3, 0.5)
     assert min(record[k] for k in ("calibration_s", "clustering_s", "writing_s")) >= 0
     run_config = (tmp_path / "sparse" / "megatron" / "config.yaml").read_text()
-    assert "num_expert_groups: 2" in run_config and "router_type: cmoe" in run_config
+    assert "num_expert_groups: 2" in run_config and "router_type: cmoe_linear" in run_config
 
     log_dir = tmp_path / "train"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from megatron_grove.cmoe import (
     activation_markers,
@@ -15,7 +17,8 @@ from megatron_grove.cmoe import (
     ffn_hidden,
     representative_neurons,
 )
-from megatron_grove.cmoe.reference import carved_ffn_forward, swiglu
+from megatron_grove.cmoe.reference import carved_ffn_forward, cmoe_router_probs, swiglu
+from megatron_grove.cmoe.router_init import expert_activation_scores, linear_router
 
 
 def _dense(d_h: int, hidden: int, seed: int = 0):
@@ -46,6 +49,24 @@ def test_balanced_assignment_is_the_brute_force_optimum():
         assert float(cost[torch.arange(6), got].sum()) == pytest.approx(best, abs=1e-6)
 
 
+def test_balanced_assignment_matches_scipy_on_the_replicated_cost():
+    g = torch.Generator().manual_seed(5)
+    for case in range(60):
+        clusters, size = 2 + case % 7, 1 + case % 5
+        cost = torch.rand(clusters * size, clusters, generator=g)
+        if case % 3 == 0:
+            cost = (4 * cost).round()  # many ties
+        rows, cols = linear_sum_assignment(cost.repeat_interleave(size, 1).double().numpy())
+        best = float(cost.double().numpy()[rows, cols // size].sum())
+        for init in (None, torch.arange(clusters).repeat(size)):  # greedy or a warm start
+            got = balanced_assignment(cost, size, init=init)
+            assert torch.bincount(got, minlength=clusters).tolist() == [size] * clusters
+            assert float(cost.double()[torch.arange(clusters * size), got].sum()) == (
+                pytest.approx(best, abs=1e-9))
+    with pytest.raises(ValueError, match="not balanced"):
+        balanced_assignment(torch.rand(4, 2), 2, init=torch.tensor([0, 0, 0, 1]))
+
+
 def test_balanced_clusters_recover_planted_co_activation_groups():
     g = torch.Generator().manual_seed(0)
     groups = torch.arange(12) % 4  # neuron j belongs to planted group j % 4
@@ -70,10 +91,13 @@ def test_representative_is_the_member_closest_to_the_cluster_mean():
         assert int(reps[c]) == min(members, key=lambda j: (dist[j], j))
 
 
+@pytest.mark.parametrize("router", ["linear", "paper"])
 @pytest.mark.parametrize("d_h,shared,experts", [(64, 1, 4), (50, 3, 8), (37, 2, 8)])
-def test_every_expert_active_equals_the_dense_ffn(d_h, shared, experts):
+def test_every_expert_active_equals_the_dense_ffn(d_h, shared, experts, router):
     w_g, w_u, w_d, x = _dense(d_h, 16)
-    carved = carve_ffn(w_g, w_u, w_d, x, shared, experts, activation_topk=max(1, d_h // 4))
+    carved = carve_ffn(w_g, w_u, w_d, x, shared, experts, activation_topk=max(1, d_h // 4),
+                       router=router)
+    assert carved.router == router
     m = -(-d_h // experts)
     assert carved.expert_gate.shape == (experts - shared, m, 16)
     assert carved.shared_gate.shape == (shared * m, 16)
@@ -89,27 +113,74 @@ def test_every_expert_active_equals_the_dense_ffn(d_h, shared, experts):
 
 def test_shared_experts_hold_the_most_active_neurons_and_router_rows_are_unit():
     w_g, w_u, w_d, x = _dense(48, 16, seed=2)
-    carved = carve_ffn(w_g, w_u, w_d, x, 2, 6, activation_topk=12)
+    carved = carve_ffn(w_g, w_u, w_d, x, 2, 6, activation_topk=12, router="paper")
     rates = activation_markers(ffn_hidden(x, w_g, w_u), 12).float().mean(0)
     expected = sorted(sorted(range(48), key=lambda j: (-float(rates[j]), j))[:16])
     assert carved.neuron_order[:16].tolist() == expected
     torch.testing.assert_close(carved.shared_down, w_d[:, expected])
-    torch.testing.assert_close(carved.router_gate.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(carved.router_weight.norm(dim=1), torch.ones(4))
     torch.testing.assert_close(carved.router_up.norm(dim=1), torch.ones(4))
-    rows = {tuple(r.tolist()) for r in carved.router_gate}
-    assert all(any(torch.allclose(w_g[j] / w_g[j].norm(), carved.router_gate[e])
+    rows = {tuple(r.tolist()) for r in carved.router_weight}
+    assert all(any(torch.allclose(w_g[j] / w_g[j].norm(), carved.router_weight[e])
                    for j in carved.neuron_order[16 + 8 * e:16 + 8 * (e + 1)].tolist())
                for e in range(4)) and len(rows) == 4  # each from a neuron of its own expert
 
 
-def test_scale_and_bias_follow_the_definition():
+@pytest.mark.parametrize("router", ["linear", "paper"])
+def test_scale_and_bias_follow_the_definition(router):
     w_g, w_u, w_d, x = _dense(32, 8, seed=4)
-    carved = carve_ffn(w_g, w_u, w_d, x[:8], 1, 4, activation_topk=8)
+    carved = carve_ffn(w_g, w_u, w_d, x, 1, 4, activation_topk=8, router=router)
     u = torch.tensor([0.5, -1.0, 2.0])
     big_bias = torch.tensor([0.0, 0.0, 10.0])  # forces expert 2 into every selection
     out = carved_ffn_forward(carved, x[:8], topk=1, scale=u, bias=big_bias)
-    probs = torch.softmax((torch.nn.functional.silu(x[:8] @ carved.router_gate.T)
-                           * (x[:8] @ carved.router_up.T)).abs(), -1)
+    if router == "paper":
+        logits = (torch.nn.functional.silu(x[:8] @ carved.router_weight.T)
+                  * (x[:8] @ carved.router_up.T)).abs()
+    else:
+        logits = x[:8] @ carved.router_weight.T + carved.router_bias
+    probs = torch.softmax(logits, -1)
+    torch.testing.assert_close(cmoe_router_probs(x[:8], carved), probs)
     shared = swiglu(x[:8], carved.shared_gate, carved.shared_up, carved.shared_down)
     expert2 = swiglu(x[:8], carved.expert_gate[2], carved.expert_up[2], carved.expert_down[2])
     torch.testing.assert_close(out, shared + (1 + probs[:, 2:3] * 2.0) * expert2)
+
+
+def test_linear_router_is_the_least_squares_fit_of_centred_targets():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(200, 6, generator=g) + 0.5
+    a, c = torch.randn(3, 6, generator=g), torch.randn(3, generator=g)
+    weight, bias = linear_router(x, x @ a.T + c, alpha=1e-12)
+    # each token's targets are centred over the experts: the fit is a, c minus their means
+    torch.testing.assert_close(weight, a - a.mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bias, c - c.mean(), rtol=1e-4, atol=1e-4)
+    # with noise: the normal equations of the penalised problem hold
+    y = x @ a.T + c + 0.3 * torch.randn(200, 3, generator=g)
+    weight, bias = linear_router(x, y, alpha=0.1)
+    xc = (x - x.mean(0)).double()
+    yc = (y - y.mean(1, keepdim=True)).double()
+    yc = yc - yc.mean(0)
+    gram = xc.T @ xc
+    lhs = (gram + 0.1 * gram.diagonal().mean() * torch.eye(6, dtype=gram.dtype)) @ weight.T.double()
+    torch.testing.assert_close(lhs, xc.T @ yc, rtol=1e-4, atol=1e-3)
+
+
+def test_expert_activation_scores_sum_each_experts_magnitudes():
+    h = torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.5, 0.0, -0.5, 1.0]])
+    members = torch.tensor([[3, 0], [1, 2]])
+    assert expert_activation_scores(h, members).tolist() == [[5.0, 5.0], [1.5, 0.5]]
+
+
+@pytest.mark.parametrize("router", ["linear", "paper"])
+def test_carving_is_deterministic(router):
+    w_g, w_u, w_d, x = _dense(37, 16, seed=7)
+    hidden = ffn_hidden(x, w_g, w_u)
+    runs = [carve_ffn(w_g, w_u, w_d, x, 2, 8, activation_topk=9, router=router),
+            carve_ffn(w_g.clone(), w_u.clone(), w_d.clone(), x.clone(), 2, 8,
+                      activation_topk=9, router=router),
+            carve_ffn(w_g, w_u, w_d, x, 2, 8, activation_topk=9, router=router, hidden=hidden)]
+    for other in runs[1:]:
+        for field in dataclasses.fields(runs[0]):
+            a, b = getattr(runs[0], field.name), getattr(other, field.name)
+            assert (a is None and b is None) or torch.equal(a, b), field.name
+    with pytest.raises(ValueError, match="router 'oracle'"):
+        carve_ffn(w_g, w_u, w_d, x, 2, 8, activation_topk=9, router="oracle")

@@ -1,11 +1,12 @@
 """Carving a dense SwiGLU FFN into a Grove layer (cmoe/grove_carving.py, cmoe/grove_model.py):
 every neuron used once, balanced groups and experts, adjugates from each group's most active
-neurons, determinism; as our GroveMoELayer (CMoE router + groups + shared expert, CPU, fp32,
+neurons, determinism, the linear router's targets; as our GroveMoELayer (CMoE router + groups + shared expert, CPU, fp32,
 gloo): every expert active == the dense FFN, and a sparse selection == the Grove formula
 computed token by token in plain torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -13,7 +14,11 @@ import torch
 
 from helpers import run_distributed, transformer_config
 from megatron_grove.cmoe.calibration import activation_markers, activation_rates, ffn_hidden
-from megatron_grove.cmoe.grove_carving import GroveCarveSpec, carve_grove_ffn
+from megatron_grove.cmoe.grove_carving import (
+    GroveCarveSpec,
+    carve_grove_ffn,
+    grove_selection_gain,
+)
 from megatron_grove.cmoe.grove_model import carved_grove_ffn_to_megatron
 from megatron_grove.cmoe.reference import cmoe_router_probs, swiglu
 from megatron_grove.moe import build_moe_layer
@@ -21,6 +26,7 @@ from megatron_grove.moe import build_moe_layer
 HIDDEN, D_FFN, TOKENS = 16, 46, 40  # 46 % 8 != 0; the groups need zero padding too
 SPEC = GroveCarveSpec(shared=2, experts=8, groups=3, per_group=2, adjugate=3, active=6,
                       activation_topk=9)
+PAPER = dataclasses.replace(SPEC, router="paper")
 
 
 @functools.cache
@@ -73,11 +79,35 @@ def test_adjugates_hold_each_groups_most_active_neurons():
         assert min(rates[carved.adjugate_neurons[j]]) >= max(rates[experts[j]])
 
 
-def test_carving_is_deterministic():
+@pytest.mark.parametrize("spec", [SPEC, PAPER], ids=["linear", "paper"])
+def test_carving_is_deterministic(spec):
     w_g, w_u, w_d, x = dense_case()
-    first, second = (carve_grove_ffn(w_g, w_u, w_d, x, SPEC) for _ in range(2))
+    first, second = (carve_grove_ffn(w_g, w_u, w_d, x, spec) for _ in range(2))
     a, b = carved_grove_ffn_to_megatron(first, ""), carved_grove_ffn_to_megatron(second, "")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ("router.up_weight" in a) == (spec.router == "paper")
+    assert ("router.score_bias" in a) == (spec.router == "linear")
+
+
+def test_linear_router_targets_what_selecting_an_expert_adds():
+    """The fit's target for expert e is its own activation mass plus 1/n of its group's
+    adjugate mass: the rise of the token's total activated mass when e joins the selection."""
+    w_g, w_u, _, x = dense_case()
+    carved = carved_case()
+    hidden = ffn_hidden(x, *(torch.cat([w, w.new_zeros(SPEC.padded_neurons(D_FFN) - D_FFN,
+                                                       HIDDEN)]) for w in (w_g, w_u)))
+    members = carved.routed.neuron_order[12:].reshape(6, 5)
+    gain = grove_selection_gain(hidden, members, carved.adjugate_neurons)
+
+    def mass(selected: list[int]) -> torch.Tensor:  # Grove weights with rho = 1, lam = 1/n
+        weight = torch.zeros(hidden.shape[1])
+        for e in selected:
+            weight[members[e]] = 1.0
+            weight[carved.adjugate_neurons[e // 2]] += 0.5
+        return (hidden.abs() * weight).sum(dim=1)
+
+    for e in range(6):
+        torch.testing.assert_close(mass([e, (e + 2) % 6]) - mass([(e + 2) % 6]), gain[:, e])
 
 
 def build_layer(spec: GroveCarveSpec, topk: int):
@@ -86,7 +116,7 @@ def build_layer(spec: GroveCarveSpec, topk: int):
         model__num_layers=1, model__hidden_size=HIDDEN, model__num_attention_heads=1,
         model__ffn_hidden_size=D_FFN, moe__num_experts=spec.routed,
         moe__ffn_hidden_size=spec.neurons_per_expert(D_FFN), moe__router_topk=topk,
-        moe__router_type="cmoe", moe__num_expert_groups=spec.groups,
+        moe__router_type=spec.router_type, moe__num_expert_groups=spec.groups,
         moe__adjugate_ffn_hidden_size=spec.adjugate, moe__adjugate_scale=spec.adjugate_scale,
         moe__bias_update_rule="paper",
         moe__shared_expert_ffn_hidden_size=spec.shared_neurons(D_FFN) or "null"))
@@ -110,7 +140,7 @@ def grove_reference(spec: GroveCarveSpec, topk: int) -> torch.Tensor:
     """Token by token: Shared + sum_{e in top-k} E_e + lam * sum_j k_j A_j (rho = 1)."""
     carved, x = carved_case(spec), dense_case()[3]
     r = carved.routed
-    probs = cmoe_router_probs(x, r.router_gate, r.router_up)
+    probs = cmoe_router_probs(x, r)
     rows = []
     for t in range(TOKENS):
         xt = x[t:t + 1]
@@ -126,17 +156,19 @@ def grove_reference(spec: GroveCarveSpec, topk: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def test_every_expert_active_is_the_dense_ffn():
+@pytest.mark.parametrize("spec", [SPEC, PAPER], ids=["linear", "paper"])
+def test_every_expert_active_is_the_dense_ffn(spec):
     w_g, w_u, w_d, x = dense_case()
-    got = run_layer(SPEC, topk=SPEC.routed)
+    got = run_layer(spec, topk=spec.routed)
     torch.testing.assert_close(got["y"], swiglu(x, w_g, w_u, w_d), rtol=1e-5, atol=1e-5)
     assert got["adjugate_rows"] == TOKENS * SPEC.groups
 
 
-@pytest.mark.parametrize("topk", [1, 3])
-def test_sparse_selection_is_the_grove_formula(topk):
+@pytest.mark.parametrize("spec,topk", [(SPEC, 1), (SPEC, 3), (PAPER, 3)],
+                         ids=["linear-1", "linear-3", "paper-3"])
+def test_sparse_selection_is_the_grove_formula(spec, topk):
     w_g, w_u, w_d, x = dense_case()
-    got = run_layer(SPEC, topk=topk)
-    torch.testing.assert_close(got["y"], grove_reference(SPEC, topk), rtol=1e-5, atol=1e-5)
+    got = run_layer(spec, topk=topk)
+    torch.testing.assert_close(got["y"], grove_reference(spec, topk), rtol=1e-5, atol=1e-5)
     assert (got["y"] - swiglu(x, w_g, w_u, w_d)).abs().max() > 1e-3
     assert TOKENS <= got["adjugate_rows"] <= TOKENS * topk

@@ -5,7 +5,9 @@
 
 Every FFN becomes S shared + (N - S) routed experts of ceil(d_ffn / N) neurons (zero neurons
 pad d_ffn up to a multiple of N, none is dropped), A routed experts active per token, routed by
-CMoE's training-free router (docs/design.md, "CMoE"). Writes into --output:
+a training-free router (docs/design.md, "CMoE"): by default a linear router fitted in closed
+form to the experts' activation mass on the calibration tokens (--router linear), or the
+paper's representative-neuron router (--router paper). Writes into --output:
 
   megatron/   a model-only Megatron checkpoint our trainer loads (checkpoint.load=...) and
               config.yaml, the run config to fine-tune it with launch/pretrain_grove.py
@@ -52,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--activation-topk", type=int, default=None,
                         help="K_a: neurons each calibration token marks active "
                              "(default d_ffn // 10)")
+    parser.add_argument("--router", choices=["linear", "paper"], default="linear",
+                        help="training-free router: 'linear' (default; ridge fit of the "
+                             "experts' activation mass from the FFN input, E*H multiply-adds "
+                             "a token) or 'paper' (CMoE's representative neuron per expert)")
     parser.add_argument("--seq-length", type=int, default=512,
                         help="model.seq_length of the written run config (default 512)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -74,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_grove.cmoe.carve_model import CarveSpec
         from megatron_grove.cmoe.pipeline import CarveJob, carve_model_to
 
-        spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk)
+        spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk,
+                         args.router)
         record = carve_model_to(CarveJob(
             model=args.model, spec=spec, output=args.output, calibration=args.calibration,
             calibration_tokens=args.calibration_tokens, window=args.window,

@@ -6,8 +6,8 @@
 Every FFN becomes a shared expert of the S*m most active neurons (m = ceil(d_ffn / N), as
 tools/carve_cmoe.py's S shared experts) and G groups of neurons clustered by co-activation; in
 each group the a most active neurons form the group's adjugate expert and the others n routed
-experts; k routed experts are active per token, routed by the CMoE router (adjugate scale
-lam = 1/n; with every expert active the carved model is the dense model; docs/design.md,
+experts; k routed experts are active per token, routed by a CMoE router (--router; adjugate
+scale lam = 1/n; with every expert active the carved model is the dense model; docs/design.md,
 "Carving into Grove"). Zero neurons pad d_ffn up to what the shape needs; none is dropped.
 Writes into --output:
 
@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a: neurons of each group's adjugate expert")
     parser.add_argument("--active", type=int, required=True,
                         help="k: routed experts active per token")
+    parser.add_argument("--router", choices=("linear", "paper"), default="linear",
+                        help="training-free router: linear (default; ridge fit of what selecting "
+                             "each expert adds: its activation mass + 1/n of its group's "
+                             "adjugate's) or paper (CMoE's representative neurons)")
     parser.add_argument("--output", required=True, help="output directory (must not exist)")
     parser.add_argument("--calibration", default=None,
                         help="calibration text file (default: the embedded Shakespeare corpus)")
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_grove.cmoe.grove_pipeline import GroveCarveJob, carve_grove_model_to
 
         spec = GroveCarveSpec(args.shared, args.experts, args.groups, args.experts_per_group,
-                              args.adjugate_size, args.active, args.activation_topk)
+                              args.adjugate_size, args.active, args.activation_topk,
+                              args.router)
         record = carve_grove_model_to(GroveCarveJob(
             model=args.model, spec=spec, output=args.output, calibration=args.calibration,
             calibration_tokens=args.calibration_tokens, window=args.window,

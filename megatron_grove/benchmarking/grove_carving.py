@@ -22,11 +22,13 @@ __all__ = ["parse_grove_spec", "measure_checkpoint", "carve_grove_and_measure",
 
 def parse_grove_spec(name: str) -> GroveCarveSpec:
     """``"S3E8-G5n2a32k6"`` -> :class:`GroveCarveSpec` (shared 3 of 8 slots, 5 groups of 2
-    experts, 32-neuron adjugates, top-6)."""
-    match = re.fullmatch(r"S(\d+)E(\d+)-G(\d+)n(\d+)a(\d+)k(\d+)", name)
+    experts, 32-neuron adjugates, top-6, linear router); a ``-paper`` suffix: the paper's
+    router."""
+    match = re.fullmatch(r"S(\d+)E(\d+)-G(\d+)n(\d+)a(\d+)k(\d+)(-paper)?", name)
     if match is None:
-        raise ValueError(f"{name!r}: expected SxEy-GgNnAaKk, e.g. S3E8-G5n2a32k6")
-    return GroveCarveSpec(*map(int, match.groups()))
+        raise ValueError(f"{name!r}: expected SxEy-GgNnAaKk[-paper], e.g. S3E8-G5n2a32k6")
+    return GroveCarveSpec(*map(int, match.groups()[:6]),
+                          router="paper" if match.group(7) else "linear")
 
 
 def measure_checkpoint(checkpoint: str, tokens: torch.Tensor, seq_length: int) -> dict:

@@ -4,7 +4,7 @@
 each decoder layer's FFN input (``[T, H]`` per layer, after the pre-FFN norm);
 :func:`carve_model` carves every layer's FFN from them (:func:`~megatron_grove.cmoe.carve_ffn`)
 with a progress bar. :func:`carved_run_config` is the :class:`GroveConfig` of the carved model
-in our Megatron builder (``moe.router_type: cmoe``).
+in our Megatron builder (``moe.router_type: cmoe_linear``, or ``cmoe`` for the paper's router).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from megatron_grove.cmoe.carve import CarvedFFN, carve_ffn
+from megatron_grove.cmoe.carve import ROUTERS, CarvedFFN, carve_ffn
 from megatron_grove.config import GroveConfig, MoEConfig, config_from_dict, config_to_dict
 
 __all__ = ["CarveSpec", "calibration_inputs", "carve_model", "carved_run_config"]
@@ -29,14 +29,22 @@ class CarveSpec:
     active: int
     experts: int
     activation_topk: int | None = None  # K_a; None = d_ffn // 10 (the paper: 1000 of 11008)
+    router: str = "linear"  # one of megatron_grove.cmoe.carve.ROUTERS
 
     def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"--router {self.router}: allowed {', '.join(ROUTERS)}")
         if not 0 <= self.shared < self.experts:
             raise ValueError(f"--shared {self.shared}: allowed 0..{self.experts - 1} "
                              f"(fewer than --experts {self.experts})")
         if not 1 <= self.active <= self.experts - self.shared:
             raise ValueError(f"--active {self.active}: allowed 1..{self.experts - self.shared} "
                              f"(the routed experts, --experts minus --shared)")
+
+    @property
+    def router_type(self) -> str:
+        """``moe.router_type`` of the carved model: ``cmoe_linear`` or ``cmoe`` (paper)."""
+        return "cmoe" if self.router == "paper" else "cmoe_linear"
 
     @property
     def name(self) -> str:
@@ -80,7 +88,8 @@ def carve_model(hf_state: dict[str, torch.Tensor], num_layers: int,
         w_gate = hf_state[mlp + "gate_proj.weight"]
         carved.append(carve_ffn(w_gate, hf_state[mlp + "up_proj.weight"],
                                 hf_state[mlp + "down_proj.weight"], inputs[i],
-                                spec.shared, spec.experts, spec.active_neurons(w_gate.shape[0])))
+                                spec.shared, spec.experts, spec.active_neurons(w_gate.shape[0]),
+                                router=spec.router))
     return carved
 
 
@@ -92,7 +101,7 @@ def carved_run_config(dense: GroveConfig, spec: CarveSpec, seq_length: int,
     m = spec.neurons_per_expert(cfg.model.ffn_hidden_size)
     cfg.model.seq_length = seq_length
     cfg.moe = MoEConfig(num_experts=spec.experts - spec.shared, router_topk=spec.active,
-                        ffn_hidden_size=m, router_type="cmoe", num_expert_groups=0,
+                        ffn_hidden_size=m, router_type=spec.router_type, num_expert_groups=0,
                         shared_expert_ffn_hidden_size=spec.shared * m if spec.shared else None,
                         router_score_function="softmax", bias_update_rule="paper")
     cfg.parallel.expert_model_parallel_size = 1

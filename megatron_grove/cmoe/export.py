@@ -17,6 +17,12 @@ from megatron_grove.config import GroveConfig, config_to_dict
 
 __all__ = ["write_megatron_checkpoint", "write_run_config", "write_hf_export"]
 
+_ROUTER_SCORES = {  # config.json cmoe.router_scores: how the export's router tensors route
+    "linear": "softmax over weight x + score_bias, top-k of scores + expert_bias, weight "
+              "1 + score * expert_scale",
+    "paper": "softmax over |silu(gate_rows x) * (up_rows x)|, top-k of scores + expert_bias, "
+             "weight 1 + score * expert_scale"}
+
 
 def write_megatron_checkpoint(cfg: GroveConfig, dense_cfg: GroveConfig, hf_state: dict,
                               carved: list, folder: Path,
@@ -56,6 +62,5 @@ def write_hf_export(hf_dir: Path, hf_config: dict, hf_state: dict, carved: list[
         "num_shared_experts": spec.shared, "num_routed_experts": spec.experts - spec.shared,
         "num_experts_per_tok": spec.active, "expert_intermediate_size": m,
         "dense_intermediate_size": hf_config["intermediate_size"],
-        "router": "softmax over |silu(gate_rows x) * (up_rows x)|, top-k of scores + "
-                  "expert_bias, weight 1 + score * expert_scale"})
+        "router": spec.router, "router_scores": _ROUTER_SCORES[spec.router]})
     write_hf_checkpoint(folder, config, tensors, tokenizer_dir=hf_dir)

@@ -17,7 +17,9 @@ group ``j`` is global expert ``j*n + e`` (the Grove layer's contiguous groups).
 Our Grove layer computes ``Shared(x) + sum_{i in S} rho_i E_i(x) + lam * sum_{j hit}
 (sum_{i in S ∩ G_j} rho_i) A_j(x)``. The carving sets ``lam = G/E = 1/n`` (the paper's bound)
 and keeps the adjugate's down projection unscaled, and the CMoE router weighs a selected expert
-by exactly 1 at carving. **Invariant**: with every routed expert selected, each group's
+by exactly 1 at carving. The router is the CMoE carving's (``linear`` by default: a ridge fit
+of what selecting each expert adds, :func:`grove_selection_gain`; ``paper``: representative
+neurons). **Invariant**: with every routed expert selected, each group's
 adjugate gets weight ``lam * n = 1``, so the layer is the dense FFN. With ``k_j`` of group
 ``j``'s experts selected, the adjugate neurons contribute ``k_j / n`` of their dense value.
 
@@ -31,11 +33,16 @@ from dataclasses import dataclass
 import torch
 
 from megatron_grove.cmoe.calibration import activation_markers, activation_rates, ffn_hidden
-from megatron_grove.cmoe.carve import CarvedFFN, pad_neurons
+from megatron_grove.cmoe.carve import ROUTERS, CarvedFFN, pad_neurons
 from megatron_grove.cmoe.clustering import balanced_clusters
-from megatron_grove.cmoe.router_init import representative_neurons, router_rows
+from megatron_grove.cmoe.router_init import (
+    expert_activation_scores,
+    linear_router,
+    representative_neurons,
+    router_rows,
+)
 
-__all__ = ["GroveCarveSpec", "CarvedGroveFFN", "carve_grove_ffn"]
+__all__ = ["GroveCarveSpec", "CarvedGroveFFN", "carve_grove_ffn", "grove_selection_gain"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,11 @@ class GroveCarveSpec:
     adjugate: int
     active: int
     activation_topk: int | None = None  # K_a; None = d_ffn // 10 (as CMoE)
+    router: str = "linear"  # one of megatron_grove.cmoe.carve.ROUTERS
 
     def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"--router {self.router}: allowed {', '.join(ROUTERS)}")
         if not 0 <= self.shared < self.experts:
             raise ValueError(f"--shared {self.shared}: allowed 0..{self.experts - 1} "
                              f"(fewer than --experts {self.experts})")
@@ -73,7 +83,12 @@ class GroveCarveSpec:
     @property
     def name(self) -> str:
         return (f"S{self.shared}E{self.experts}-G{self.groups}n{self.per_group}"
-                f"a{self.adjugate}k{self.active}")
+                f"a{self.adjugate}k{self.active}" + ("-paper" if self.router == "paper" else ""))
+
+    @property
+    def router_type(self) -> str:
+        """``moe.router_type`` of the carved model: ``cmoe_linear`` or ``cmoe`` (paper)."""
+        return "cmoe" if self.router == "paper" else "cmoe_linear"
 
     @property
     def adjugate_scale(self) -> float:
@@ -129,10 +144,11 @@ def carve_grove_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tens
     ``[H, d_h]``; ``calibration_inputs`` ``[T, H]`` (this FFN's inputs on calibration text)."""
     d_h = w_gate.shape[0]
     n, a = spec.per_group, spec.adjugate
+    x = calibration_inputs.float()
     w_gate, w_up, w_down = pad_neurons(w_gate.float(), w_up.float(), w_down.float(),
                                        spec.padded_neurons(d_h))
-    markers = activation_markers(ffn_hidden(calibration_inputs.float(), w_gate, w_up),
-                                 min(spec.active_neurons(d_h), d_h))
+    hidden = ffn_hidden(x, w_gate, w_up)
+    markers = activation_markers(hidden, min(spec.active_neurons(d_h), d_h))
     rates = activation_rates(markers)
     ranked = _by_rate(rates, torch.arange(w_gate.shape[0]))
     num_shared = spec.shared_neurons(d_h)
@@ -145,19 +161,39 @@ def carve_grove_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tens
         adjugates.append(group[:a].sort().values)
         rest = group[a:].sort().values
         experts = balanced_clusters(markers[:, rest], n)
-        reps.append(rest[representative_neurons(markers[:, rest], experts, n,
-                                                eligible=rest < d_h)])
+        if spec.router == "paper":
+            reps.append(rest[representative_neurons(markers[:, rest], experts, n,
+                                                    eligible=rest < d_h)])
         members += [rest[experts == e] for e in range(n)]
     members = torch.stack(members)  # [E, m_r]
     adjugate = torch.stack(adjugates)  # [G, a]
-    router_gate, router_up = router_rows(w_gate, w_up, torch.cat(reps))
+    if spec.router == "paper":
+        router_weight, router_up = router_rows(w_gate, w_up, torch.cat(reps))
+        router_bias = None
+    else:
+        router_weight, router_bias = linear_router(x, grove_selection_gain(hidden, members,
+                                                                          adjugate))
+        router_up = None
     routed = CarvedFFN(
         shared_gate=w_gate[shared], shared_up=w_up[shared], shared_down=w_down[:, shared],
         expert_gate=w_gate[members], expert_up=w_up[members],
         expert_down=w_down[:, members].permute(1, 0, 2).contiguous(),
-        router_gate=router_gate, router_up=router_up,
+        router_weight=router_weight, router_up=router_up, router_bias=router_bias,
         neuron_order=torch.cat([shared, members.flatten()]))
     return CarvedGroveFFN(
         routed=routed, adjugate_gate=w_gate[adjugate], adjugate_up=w_up[adjugate],
         adjugate_down=w_down[:, adjugate].permute(1, 0, 2).contiguous(),
         adjugate_scale=spec.adjugate_scale, adjugate_neurons=adjugate)
+
+
+def grove_selection_gain(hidden: torch.Tensor, members: torch.Tensor, adjugates: torch.Tensor
+                         ) -> torch.Tensor:
+    """The linear router's targets ``[T, E]``: what selecting routed expert ``e`` adds to a
+    token, in activation mass: its own ``sum_{j in e} |h_j|`` plus ``1/n`` of its group's
+    adjugate mass (each selected expert of a group raises the adjugate's weight by
+    ``lam = 1/n``). ``hidden`` ``[T, d]``, ``members`` ``[E, m_r]`` (group-major), ``adjugates``
+    ``[G, a]``."""
+    per_group = members.shape[0] // adjugates.shape[0]
+    adjugate_mass = expert_activation_scores(hidden, adjugates)  # [T, G]
+    return (expert_activation_scores(hidden, members)
+            + adjugate_mass.repeat_interleave(per_group, dim=1) / per_group)

@@ -1,6 +1,7 @@
 """Carving a whole dense model into a Grove MoE: every layer's FFN
 (:func:`~megatron_grove.cmoe.grove_carving.carve_grove_ffn`), its Megatron tensors and the run
-config our trainer loads it with (``moe.router_type: cmoe`` with ``moe.num_expert_groups: G``).
+config our trainer loads it with (``moe.router_type: cmoe_linear`` or ``cmoe``, with
+``moe.num_expert_groups: G``).
 
 Megatron names under ``decoder.layers.{i}.mlp.``: the CMoE carving's (router, routed experts,
 shared expert; :mod:`megatron_grove.cmoe.weights`) plus, per group ``g``,
@@ -59,7 +60,8 @@ def grove_run_config(dense: GroveConfig, spec: GroveCarveSpec, seq_length: int,
     shared = spec.shared_neurons(d_ffn)
     cfg.model.seq_length = seq_length
     cfg.moe = MoEConfig(num_experts=spec.routed, router_topk=spec.active,
-                        ffn_hidden_size=spec.neurons_per_expert(d_ffn), router_type="cmoe",
+                        ffn_hidden_size=spec.neurons_per_expert(d_ffn),
+                        router_type=spec.router_type,
                         num_expert_groups=spec.groups, adjugate_ffn_hidden_size=spec.adjugate,
                         adjugate_scale=spec.adjugate_scale,
                         shared_expert_ffn_hidden_size=shared or None,

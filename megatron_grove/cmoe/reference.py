@@ -1,8 +1,9 @@
 """Plain-torch forward of a carved FFN (the definition the Megatron layer is tested against).
 
-For one token ``x`` ``[H]``: router scores ``s_e = |silu(g_e . x) * (u_e . x)|`` (``g_e``,
-``u_e`` the router rows), weights ``p = softmax(s)`` over the ``E`` routed experts; the
-selection is the top-``k`` of ``p + b`` (balancing bias ``b``, selection only); the output is
+For one token ``x`` ``[H]``: router logits ``l_e = w_e . x + c_e`` (linear router: rows
+``w_e``, bias ``c_e``) or ``l_e = |silu(g_e . x) * (u_e . x)|`` (paper router: rows ``g_e``,
+``u_e``), weights ``p = softmax(l)`` over the ``E`` routed experts; the selection is the
+top-``k`` of ``p + b`` (balancing bias ``b``, selection only); the output is
 
     y = Shared(x) + sum_{e in selection} (1 + p_e * u_e) * Expert_e(x)
 
@@ -25,10 +26,13 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
     return ffn_hidden(x, w_gate, w_up) @ w_down.T
 
 
-def cmoe_router_probs(x: torch.Tensor, router_gate: torch.Tensor, router_up: torch.Tensor
-                      ) -> torch.Tensor:
-    """``x`` ``[T, H]`` -> ``softmax_e |silu(g_e . x) * (u_e . x)|`` ``[T, E]``."""
-    return torch.softmax(ffn_hidden(x, router_gate, router_up).abs(), dim=-1)
+def cmoe_router_probs(x: torch.Tensor, carved: CarvedFFN) -> torch.Tensor:
+    """``x`` ``[T, H]`` -> ``softmax_e l_e`` ``[T, E]`` of ``carved``'s router."""
+    if carved.router == "paper":
+        logits = ffn_hidden(x, carved.router_weight, carved.router_up).abs()
+    else:
+        logits = x @ carved.router_weight.T + carved.router_bias
+    return torch.softmax(logits, dim=-1)
 
 
 def carved_ffn_forward(carved: CarvedFFN, x: torch.Tensor, topk: int,
@@ -39,7 +43,7 @@ def carved_ffn_forward(carved: CarvedFFN, x: torch.Tensor, topk: int,
     num_routed = carved.num_routed
     scale = torch.zeros(num_routed) if scale is None else scale
     bias = torch.zeros(num_routed) if bias is None else bias
-    probs = cmoe_router_probs(x, carved.router_gate, carved.router_up)
+    probs = cmoe_router_probs(x, carved)
     out = swiglu(x, carved.shared_gate, carved.shared_up, carved.shared_down)
     rows = []
     for t in range(x.shape[0]):

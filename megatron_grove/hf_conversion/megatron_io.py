@@ -118,9 +118,11 @@ def load_megatron_model(path: str | Path, dtype: torch.dtype | None = None,
 def load_megatron_state(path: str | Path) -> tuple[GroveConfig, dict[str, torch.Tensor]]:
     """The config and global state dict of the checkpoint at ``path`` (any saved layout).
     Call it in :func:`~megatron_grove.runtime.single_process_world`."""
-    if config_from_dict(read_checkpoint_config(path)).moe.router_type == "cmoe":
+    router_type = config_from_dict(read_checkpoint_config(path)).moe.router_type
+    if router_type.startswith("cmoe"):
         raise HFFormatError(
-            f"{path}: a CMoE checkpoint (moe.router_type=cmoe) has no Hugging Face counterpart "
+            f"{path}: a CMoE checkpoint (moe.router_type={router_type}) has no Hugging Face "
+            "counterpart "
             "to convert to; it loads as it is at any TP/EP layout (checkpoint.load=, "
             "tools/evaluate.py); tools/carve_cmoe.py writes its HF-style export at carving time")
     cfg, model = load_megatron_model(path)

@@ -2,7 +2,8 @@
 into Megatron's decoder spec (:func:`moe_layer_builder`).
 
 Every MoE layer routes with :class:`~megatron_grove.moe.router.GroveTopKRouter`
-(:class:`~megatron_grove.cmoe.router.CMoERouter` when ``moe_router_type == 'cmoe'``) and is a
+(:class:`~megatron_grove.cmoe.router.CMoERouter` / ``CMoELinearRouter`` when
+``moe_router_type`` is ``'cmoe'`` / ``'cmoe_linear'``) and is a
 :class:`~megatron_grove.moe.layer.GroveMoELayer` when ``moe_num_expert_groups > 0`` (Megatron's
 ``MoELayer`` otherwise). With ``grove_kernels_backend == "triton"`` its experts (and shared
 experts) get the :class:`~megatron_grove.kernels.swiglu.SwiGLU` activation module. The experts
@@ -51,10 +52,10 @@ def build_moe_layer(config: GroveTransformerConfig, submodules: Optional[MoESubm
     (output [S, B, H], None)``. ``submodules``: Megatron's MoE submodules from a layer spec
     (None: Megatron's MoE spec for ``config``); the router and activation are ours."""
     submodules = submodules or _stock_submodules(config)
-    if config.moe_router_type == "cmoe":
-        from megatron_grove.cmoe.router import CMoERouter  # cmoe.router imports this package
+    if config.moe_router_type in ("cmoe", "cmoe_linear"):
+        from megatron_grove.cmoe import router as cmoe  # cmoe.router imports this package
 
-        router = CMoERouter
+        router = cmoe.CMoERouter if config.moe_router_type == "cmoe" else cmoe.CMoELinearRouter
     else:
         router = GroveTopKRouter
     submodules = dataclasses.replace(submodules, router=router)

@@ -88,7 +88,7 @@ def forward_flops_per_token(cfg: GroveConfig, padded_vocab_size: int,
     if len(routed) != moe_layers or len(adjugate) != moe_layers:
         raise ValueError(f"expected one count per MoE layer ({moe_layers}), got "
                          f"{len(routed)} routed and {len(adjugate)} adjugate counts")
-    router_rows = 2 if e.router_type == "cmoe" else 1
+    router_rows = 2 if e.router_type == "cmoe" else 1  # paper CMoE: gate and up rows
     return ForwardFlops(
         attention=m.num_layers * (2 * h * (q + 2 * kv) + 2 * q * h + 2 * q * (s + 1)),
         dense_mlp=(m.num_layers - moe_layers) * 6 * h * m.ffn_hidden_size,
