@@ -71,7 +71,7 @@ def test_all_experts_active_reproduces_the_dense_model(tiny_llama, tmp_path):
         expected = dense(input_ids=ids).logits
     done = _carve(tiny_llama, tmp_path / "all", active=7)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "carved S1A7E8 in" in done.stdout
+    assert "carved S1A7E8 (linear router) in" in done.stdout
     got = run_distributed(_megatron_logits, world_size=1,
                           args=(str(tmp_path / "all" / "megatron"), ids))[0]
     torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)
@@ -104,6 +104,11 @@ def test_all_experts_active_reproduces_the_dense_model(tiny_llama, tmp_path):
 
     record = json.loads((tmp_path / "sparse" / "carve.json").read_text())
     assert record["spec"] == "S1A2E8" and record["neurons_per_expert"] == 6  # ceil(44 / 8)
+    assert record["router"] == "linear" and record["calibration_tokens"] == 256
+    phases = ("read", "calibration", "clustering", "writing")
+    assert all(record[f"{p}_s"] >= 0 and record[f"{p}_cpu_s"] >= 0 for p in phases)
+    assert record["construction_s"] == pytest.approx(
+        sum(record[f"{p}_s"] for p in phases[:3]), abs=0.02)
     export = json.loads((tmp_path / "sparse" / "hf" / "config.json").read_text())
     assert export["cmoe"]["num_routed_experts"] == 7 and export["cmoe"]["router"] == "linear"
     paper_export = json.loads((tmp_path / "paper" / "hf" / "config.json").read_text())

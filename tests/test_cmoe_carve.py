@@ -184,3 +184,23 @@ def test_carving_is_deterministic(router):
             assert (a is None and b is None) or torch.equal(a, b), field.name
     with pytest.raises(ValueError, match="router 'oracle'"):
         carve_ffn(w_g, w_u, w_d, x, 2, 8, activation_topk=9, router="oracle")
+
+
+def test_activation_oracle_keeps_the_experts_of_largest_activation_mass():
+    from megatron_grove.benchmarking.cmoe import ActivationOracleFFN
+
+    w_g, w_u, w_d, x = _dense(37, 16, seed=8)
+    carved = carve_ffn(w_g, w_u, w_d, x, 2, 8, activation_topk=9)
+    shared = (carved.shared_gate, carved.shared_up, carved.shared_down)
+    experts = (carved.expert_gate, carved.expert_up, carved.expert_down)
+    torch.testing.assert_close(ActivationOracleFFN(shared, experts, 6)(x[None])[0],
+                               swiglu(x, w_g, w_u, w_d), rtol=1e-5, atol=1e-5)
+    got = ActivationOracleFFN(shared, experts, 2)(x)
+    for t in range(x.shape[0]):
+        outputs = [swiglu(x[t:t + 1], carved.expert_gate[e], carved.expert_up[e],
+                          carved.expert_down[e])[0] for e in range(6)]
+        mass = [float(ffn_hidden(x[t:t + 1], carved.expert_gate[e], carved.expert_up[e]).abs()
+                      .sum()) for e in range(6)]
+        best = sorted(range(6), key=lambda e: -mass[e])[:2]
+        want = swiglu(x[t:t + 1], *shared)[0] + outputs[best[0]] + outputs[best[1]]
+        torch.testing.assert_close(got[t], want, rtol=1e-5, atol=1e-5)

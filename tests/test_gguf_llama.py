@@ -52,6 +52,31 @@ def test_reader_gives_the_logits_of_transformers_gguf_loader(smollm2):
                                    rtol=1e-5, atol=1e-4)
 
 
+def test_fast_reader_equals_transformers_gguf_loading():
+    """Our one-pass reader and tokenizer (what the carving tool reads a .gguf with) against
+    transformers' own GGUF loading of the same file: every tensor, the token ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_grove.cmoe.gguf import GGUFFile, gguf_tokenizer, read_gguf_llama
+
+    gguf_file = smollm2_gguf_path()
+    reader = GGUFFile(gguf_file)
+    config, state = read_gguf_llama(reader)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.symlink(gguf_file, Path(tmp) / gguf_file.name)
+        peer = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file.name,
+                                                    dtype=torch.float32).state_dict()
+        peer_tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_file.name)
+    assert config["num_hidden_layers"] == 30 and config["intermediate_size"] == 1536
+    assert set(state) == set(peer) - {"lm_head.weight"}  # tied embeddings
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, peer[name], rtol=0, atol=0, msg=name)
+    text = Path(heldout_text_path("othello")).read_text()[:20000]
+    tokenizer = gguf_tokenizer(reader)
+    assert tokenizer(text)["input_ids"] == peer_tokenizer(text)["input_ids"]
+    assert tokenizer.eos_token == peer_tokenizer.eos_token
+
+
 def test_dense_model_knows_things_and_reads_hamlet(smollm2):
     model, tokenizer = smollm2
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids

@@ -1,10 +1,13 @@
 """Carve every FFN of a dense Hugging Face Llama/Qwen-style model (CMoE, training-free).
 
-:func:`calibration_inputs` runs the dense model once over the calibration tokens and records
-each decoder layer's FFN input (``[T, H]`` per layer, after the pre-FFN norm);
-:func:`carve_model` carves every layer's FFN from them (:func:`~megatron_grove.cmoe.carve_ffn`)
-with a progress bar. :func:`carved_run_config` is the :class:`GroveConfig` of the carved model
-in our Megatron builder (``moe.router_type: cmoe_linear``, or ``cmoe`` for the paper's router).
+:func:`dense_model` builds the dense ``transformers`` model straight from a config and a state
+dict (no files); :func:`calibration_activations` runs it once over all calibration windows (one
+batch, no LM head) and records each decoder layer's FFN input ``x`` (``[T, H]``, after the
+pre-FFN norm) and hidden activations ``h = silu(x W_g^T) * (x W_u^T)`` (``[T, d_ffn]``, the
+down projection's input); :func:`carve_model` carves every layer's FFN from them
+(:func:`~megatron_grove.cmoe.carve_ffn`) with a progress bar. :func:`carved_run_config` is the
+:class:`GroveConfig` of the carved model in our Megatron builder (``moe.router_type:
+cmoe_linear``, or ``cmoe`` for the paper's router).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from tqdm import tqdm
 from megatron_grove.cmoe.carve import ROUTERS, CarvedFFN, carve_ffn
 from megatron_grove.config import GroveConfig, MoEConfig, config_from_dict, config_to_dict
 
-__all__ = ["CarveSpec", "calibration_inputs", "carve_model", "carved_run_config"]
+__all__ = ["CarveSpec", "dense_model", "calibration_activations", "carve_model",
+           "carved_run_config"]
 
 
 @dataclass(frozen=True)
@@ -59,29 +63,55 @@ class CarveSpec:
         return -(-d_ffn // self.experts)
 
 
+def dense_model(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The dense Hugging Face causal LM of ``hf_config`` (a ``config.json`` dict) holding
+    ``hf_state`` (fp32, eval mode), built without random initialisation or a file round trip."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "torch_dtype"})
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(hf_state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"dense model: tensors missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]} for a {hf_config.get('model_type')} config")
+    model.tie_weights()
+    return model.eval()
+
+
 @torch.no_grad()
-def calibration_inputs(hf_model: torch.nn.Module, token_ids: torch.Tensor) -> list[torch.Tensor]:
-    """``token_ids`` ``[B, S]`` through a dense HF causal LM -> each layer's FFN input
-    ``[B * S, H]`` (fp32), in layer order."""
+def calibration_activations(hf_model: torch.nn.Module, token_ids: torch.Tensor
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``token_ids`` ``[B, S]`` through a dense HF causal LM's decoder (one batch, no LM head)
+    -> (each layer's FFN input ``[B * S, H]``, each layer's hidden activations
+    ``[B * S, d_ffn]``), fp32, in layer order."""
     layers = hf_model.model.layers
-    captured: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [layer.mlp.register_forward_pre_hook(
-        lambda _module, args, i=i: captured[i].append(args[0].reshape(-1, args[0].shape[-1])))
-        for i, layer in enumerate(layers)]
+    inputs: list[torch.Tensor] = [None] * len(layers)
+    hidden: list[torch.Tensor] = [None] * len(layers)
+
+    def keep(store: list, i: int):
+        def hook(_module, args):
+            store[i] = args[0].reshape(-1, args[0].shape[-1]).float()
+        return hook
+
+    hooks = [hook for i, layer in enumerate(layers)
+             for hook in (layer.mlp.register_forward_pre_hook(keep(inputs, i)),
+                          layer.mlp.down_proj.register_forward_pre_hook(keep(hidden, i)))]
     try:
-        for row in token_ids:
-            hf_model(input_ids=row[None])
+        hf_model.model(input_ids=token_ids, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
-    return [torch.cat(chunks).float() for chunks in captured]
+    return inputs, hidden
 
 
 @torch.no_grad()
 def carve_model(hf_state: dict[str, torch.Tensor], num_layers: int,
-                inputs: list[torch.Tensor], spec: CarveSpec, progress: bool = True
-                ) -> list[CarvedFFN]:
-    """Carve ``model.layers.{i}.mlp`` of an HF state dict for every layer ``i``."""
+                inputs: list[torch.Tensor], spec: CarveSpec, progress: bool = True,
+                hidden: list[torch.Tensor] | None = None) -> list[CarvedFFN]:
+    """Carve ``model.layers.{i}.mlp`` of an HF state dict for every layer ``i`` from its
+    calibration ``inputs[i]`` (and ``hidden[i]``, computed from them when not given)."""
     carved = []
     for i in tqdm(range(num_layers), desc=f"carve {spec.name}", unit="layer", disable=not progress):
         mlp = f"model.layers.{i}.mlp."
@@ -89,7 +119,8 @@ def carve_model(hf_state: dict[str, torch.Tensor], num_layers: int,
         carved.append(carve_ffn(w_gate, hf_state[mlp + "up_proj.weight"],
                                 hf_state[mlp + "down_proj.weight"], inputs[i],
                                 spec.shared, spec.experts, spec.active_neurons(w_gate.shape[0]),
-                                router=spec.router))
+                                router=spec.router,
+                                hidden=None if hidden is None else hidden[i]))
     return carved
 
 

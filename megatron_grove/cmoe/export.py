@@ -48,10 +48,10 @@ def write_run_config(cfg: GroveConfig, folder: Path) -> None:
     (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def write_hf_export(hf_dir: Path, hf_config: dict, hf_state: dict, carved: list[CarvedFFN],
-                    spec: CarveSpec, folder: Path) -> None:
-    """The Hugging Face-style export: dense tensors as in ``hf_dir``, FFNs as CMoE experts,
-    ``hf_dir``'s tokenizer files."""
+def write_hf_export(tokenizer_dir: Path, hf_config: dict, hf_state: dict,
+                    carved: list[CarvedFFN], spec: CarveSpec, folder: Path) -> None:
+    """The Hugging Face-style export: dense tensors as in ``hf_state``, FFNs as CMoE experts,
+    the tokenizer files of ``tokenizer_dir``."""
     from megatron_grove.hf_conversion.safetensors_io import write_hf_checkpoint
 
     tensors = {k: v for k, v in hf_state.items() if ".mlp." not in k}
@@ -63,4 +63,4 @@ def write_hf_export(hf_dir: Path, hf_config: dict, hf_state: dict, carved: list[
         "num_experts_per_tok": spec.active, "expert_intermediate_size": m,
         "dense_intermediate_size": hf_config["intermediate_size"],
         "router": spec.router, "router_scores": _ROUTER_SCORES[spec.router]})
-    write_hf_checkpoint(folder, config, tensors, tokenizer_dir=hf_dir)
+    write_hf_checkpoint(folder, config, tensors, tokenizer_dir=tokenizer_dir)

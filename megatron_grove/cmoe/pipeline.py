@@ -1,4 +1,5 @@
-"""Carving a dense model end to end: read it (HF folder or ``.gguf``), calibrate on text, carve
+"""Carving a dense model end to end: read it (HF folder or ``.gguf``, never converted to disk),
+calibrate on text (one forward capturing every FFN's input and hidden activations), carve
 every FFN, write the Megatron checkpoint, its run config and the HF-style export into a new
 folder (built under a temporary name and renamed into place: a failed carving leaves nothing).
 
@@ -6,7 +7,7 @@ Output folder::
 
     megatron/   model-only Megatron checkpoint (checkpoint.load=...) + config.yaml (run config)
     hf/         HF-style export: config.json (+ "cmoe"), safetensors, tokenizer files
-    carve.json  the carving record: shape, calibration, timings
+    carve.json  the carving record: shape, router, calibration, timings of each phase
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class CarveJob:
     spec: CarveSpec
     output: str
     calibration: Optional[str] = None  # text file; None: the embedded training corpus
-    calibration_tokens: int = 4096
+    calibration_tokens: int = 2048
     window: int = 512
     seq_length: int = 512  # model.seq_length of the written run config
     progress: bool = True
@@ -58,63 +59,96 @@ def default_calibration_text() -> str:
     return "\n\n".join(Path(f).read_text() for f in embedded_train_files())
 
 
-def carve_model_to(job: CarveJob) -> dict:
-    """Run the carving (module docstring); return its record (also in ``carve.json``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from megatron_grove.checkpointing import TOKENIZER_DIR
-    from megatron_grove.cmoe.carve_model import calibration_inputs, carve_model, carved_run_config
-    from megatron_grove.cmoe.export import (
-        write_hf_export,
-        write_megatron_checkpoint,
-        write_run_config,
-    )
-    from megatron_grove.cmoe.gguf import gguf_to_hf_dir
-    from megatron_grove.hf_conversion.hf_config import grove_config_from_hf
+def _read_dense(model: Path, tokenizer_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(HF config dict, fp32 state dict) of a ``.gguf`` file or an HF folder; the tokenizer's
+    files go to ``tokenizer_dir``."""
     from megatron_grove.hf_conversion.safetensors_io import (
         HFTensors,
         copy_tokenizer_files,
         read_hf_config,
     )
 
+    if model.suffix == ".gguf":
+        from megatron_grove.cmoe.gguf import GGUFFile, gguf_tokenizer, read_gguf_llama
+
+        reader = GGUFFile(model)
+        gguf_tokenizer(reader).save_pretrained(str(tokenizer_dir))
+        return read_gguf_llama(reader)
+    copy_tokenizer_files(model, tokenizer_dir)
+    with HFTensors(model) as tensors:
+        return read_hf_config(model), {name: tensors[name].float() for name in tensors}
+
+
+def carve_model_to(job: CarveJob) -> dict:
+    """Run the carving (module docstring); return its record (also in ``carve.json``), with
+    the wall seconds of each phase: ``read_s`` (model and tokenizer), ``calibration_s``
+    (tokenising, the calibration forward), ``clustering_s`` (shared neurons, balanced
+    clustering and router fit of every layer), ``construction_s`` (their sum: the carving
+    itself) and ``writing_s`` (Megatron checkpoint, run config, HF-style export); ``*_cpu_s``
+    the process CPU seconds of each (all threads), with the load average (shared machines)."""
+    from transformers import AutoTokenizer
+
+    from megatron_grove.checkpointing import TOKENIZER_DIR
+    from megatron_grove.cmoe.carve_model import (
+        calibration_activations,
+        carve_model,
+        carved_run_config,
+        dense_model,
+    )
+    from megatron_grove.cmoe.export import (
+        write_hf_export,
+        write_megatron_checkpoint,
+        write_run_config,
+    )
+    from megatron_grove.hf_conversion.hf_config import grove_config_from_hf
+    from megatron_grove.hf_conversion.safetensors_io import copy_tokenizer_files
+
     spec = job.spec
     output = Path(job.output)
     tmp = output.parent / f".{output.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir(parents=True)
     try:
-        began = time.perf_counter()
-        hf_dir = Path(job.model)
-        if hf_dir.suffix == ".gguf":
-            hf_dir = gguf_to_hf_dir(hf_dir, tmp / "dense_from_gguf")
-        hf_config = read_hf_config(hf_dir)
-        with HFTensors(hf_dir) as tensors:
-            hf_state = {name: tensors[name].float() for name in tensors}
-        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        marks, cpu = [time.perf_counter()], [time.process_time()]
+        tokenizer_dir = tmp / "tokenizer"
+        hf_config, hf_state = _read_dense(Path(job.model), tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        marks.append(time.perf_counter())
+        cpu.append(time.process_time())
         text = (Path(job.calibration).read_text() if job.calibration
                 else default_calibration_text())
         windows = calibration_token_windows(tokenizer, text, job.calibration_tokens, job.window)
-        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-        inputs = calibration_inputs(model, windows)
-        del model
-        calibrated = time.perf_counter()
+        inputs, hidden = calibration_activations(dense_model(hf_config, hf_state), windows)
+        marks.append(time.perf_counter())
+        cpu.append(time.process_time())
         carved = carve_model(hf_state, hf_config["num_hidden_layers"], inputs, spec,
-                             progress=job.progress)
-        carve_seconds = time.perf_counter() - began
-        write_hf_export(hf_dir, hf_config, hf_state, carved, spec, tmp / "hf")
+                             progress=job.progress, hidden=hidden)
+        del inputs, hidden
+        marks.append(time.perf_counter())
+        cpu.append(time.process_time())
+        write_hf_export(tokenizer_dir, hf_config, hf_state, carved, spec, tmp / "hf")
         dense_cfg = grove_config_from_hf(hf_config, hf_state)
         # the tokenizer is the export's, at its place after the final rename
         cfg = carved_run_config(dense_cfg, spec, job.seq_length, str((output / "hf").resolve()))
         copy_tokenizer_files(tmp / "hf", tmp / "megatron" / TOKENIZER_DIR)  # its own copy
         write_megatron_checkpoint(cfg, dense_cfg, hf_state, carved, tmp / "megatron")
         write_run_config(cfg, tmp / "megatron")
-        record = {"spec": spec.name, "model": str(job.model),
+        marks.append(time.perf_counter())
+        cpu.append(time.process_time())
+        seconds = [round(b - a, 2) for a, b in zip(marks, marks[1:])]
+        cpu_seconds = [round(b - a, 2) for a, b in zip(cpu, cpu[1:])]
+        phases = ("read", "calibration", "clustering", "writing")
+        record = {"spec": spec.name, "router": spec.router, "model": str(job.model),
                   "calibration_tokens": int(windows.numel()), "window": job.window,
                   "activation_topk": spec.active_neurons(hf_config["intermediate_size"]),
                   "neurons_per_expert": spec.neurons_per_expert(hf_config["intermediate_size"]),
-                  "calibration_s": round(calibrated - began, 2),
-                  "construction_s": round(carve_seconds, 2)}
+                  **{f"{phase}_s": s for phase, s in zip(phases, seconds)},
+                  "construction_s": round(marks[3] - marks[0], 2),
+                  **{f"{phase}_cpu_s": s for phase, s in zip(phases, cpu_seconds)},
+                  "construction_cpu_s": round(cpu[3] - cpu[0], 2),
+                  "threads": torch.get_num_threads(),
+                  "load_average_1min": round(os.getloadavg()[0], 2)}
         (tmp / "carve.json").write_text(json.dumps(record, indent=2) + "\n")
-        shutil.rmtree(tmp / "dense_from_gguf", ignore_errors=True)  # the .gguf's dense HF copy
+        shutil.rmtree(tokenizer_dir)
         os.rename(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -61,14 +61,14 @@ def linear_router(x: torch.Tensor, targets: torch.Tensor, alpha: float = RIDGE_A
 
     Targets are centred per token (over experts) and per expert (over tokens); with
     ``G = Xc^T Xc`` the centred inputs' Gram matrix, ``W = (G + alpha mean(diag G) I)^-1
-    Xc^T Yc`` and ``c = mean(Y) - mean(x) W`` (float64 throughout). Returns ``(W [E, H],
-    c [E])`` in fp32."""
+    Xc^T Yc`` and ``c = mean(Y) - mean(x) W`` (means and the solve in float64, the two
+    products over tokens in fp32). Returns ``(W [E, H], c [E])`` in fp32."""
     xs, ys = x.double(), targets.double()
     ys = ys - ys.mean(dim=1, keepdim=True)
     x_mean, y_mean = xs.mean(dim=0), ys.mean(dim=0)
-    xc, yc = xs - x_mean, ys - y_mean
-    gram = xc.T @ xc
+    xc, yc = (xs - x_mean).float(), (ys - y_mean).float()
+    gram, moment = (xc.T @ xc).double(), (xc.T @ yc).double()
     ridge = alpha * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     weight = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype),
-                                xc.T @ yc)  # [H, E]
+                                moment)  # [H, E]
     return weight.T.float().contiguous(), (y_mean - x_mean @ weight).float()

@@ -75,9 +75,15 @@ def embedded_train_documents() -> list[str]:
             for document in split_into_documents(Path(path).read_text(encoding="utf-8"))]
 
 
-def heldout_text_path() -> str:
-    """Path of the held-out evaluation text (Hamlet; not in the training slice)."""
-    return str(_corpus_dir() / "heldout" / "hamlet.txt")
+HELDOUT_TEXTS = ("hamlet", "othello")
+
+
+def heldout_text_path(name: str = "hamlet") -> str:
+    """Path of a held-out evaluation text (:data:`HELDOUT_TEXTS`; neither is in the training
+    slice): Hamlet, the default, or Othello, the CMoE benchmark's second text."""
+    if name not in HELDOUT_TEXTS:
+        raise ValueError(f"held-out text {name!r}: allowed {', '.join(HELDOUT_TEXTS)}")
+    return str(_corpus_dir() / "heldout" / f"{name}.txt")
 
 
 class EmptyDatasetError(ValueError):
