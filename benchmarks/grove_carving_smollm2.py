@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--text", default=heldout_text_path(),
                         help="held-out text file (default: the embedded Hamlet)")
+    parser.add_argument("--model", default=None,
+                        help="dense model to carve into Grove: HF folder or .gguf (default: the "
+                             "cached SmolLM2-135M-Instruct HF folder)")
+    parser.add_argument("--calibration-tokens", type=int, default=None,
+                        help="calibration tokens of the Grove carvings (default: the tool's)")
     parser.add_argument("--max-windows", type=int, default=None,
                         help="evaluate only the first N windows (default: the whole text)")
     args = parser.parse_args(argv)
@@ -56,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(record) + "\n")
 
     for spec in args.grove:
-        report(carve_grove_and_measure(hf_dir, spec, out, tokens, args.window))
+        report(carve_grove_and_measure(args.model or hf_dir, spec, out, tokens, args.window,
+                                       args.calibration_tokens))
     for spec in args.cmoe:
         report({**carve_and_measure(hf_dir, spec, out, tokens, args.window),
                 **cmoe_activated_neurons(spec, out / spec)})

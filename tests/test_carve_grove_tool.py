@@ -55,7 +55,7 @@ def _perplexity(checkpoint: Path, tokens: Path) -> float:
 def test_all_experts_active_is_the_dense_model_and_the_carving_trains(tiny_llama, tmp_path):
     done = _carve(tiny_llama, tmp_path / "all", active=4)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "carved S1E8-G2n2a3k4 in" in done.stdout
+    assert "carved S1E8-G2n2a3k4 (linear router) in" in done.stdout
     assert _carve(tiny_llama, tmp_path / "sparse", active=1).returncode == 0
     np.save(tmp_path / "tokens.npy", torch.randint(
         0, 4096, (4 * SEQ + 1,), generator=torch.Generator().manual_seed(0)).numpy())

@@ -1,8 +1,9 @@
 """Carving a dense SwiGLU FFN into a Grove layer (cmoe/grove_carving.py, cmoe/grove_model.py):
 every neuron used once, balanced groups and experts, adjugates from each group's most active
-neurons, determinism, the linear router's targets; as our GroveMoELayer (CMoE router + groups + shared expert, CPU, fp32,
-gloo): every expert active == the dense FFN, and a sparse selection == the Grove formula
-computed token by token in plain torch."""
+neurons, determinism (also from the calibration forward's activations), the linear router's
+targets; as our GroveMoELayer (CMoE router + groups + shared expert, CPU, fp32, gloo): every
+expert active == the dense FFN, and a sparse selection == the Grove formula computed token by
+token in plain torch."""
 
 from __future__ import annotations
 
@@ -83,8 +84,11 @@ def test_adjugates_hold_each_groups_most_active_neurons():
 def test_carving_is_deterministic(spec):
     w_g, w_u, w_d, x = dense_case()
     first, second = (carve_grove_ffn(w_g, w_u, w_d, x, spec) for _ in range(2))
+    given = carve_grove_ffn(w_g, w_u, w_d, x, spec, hidden=ffn_hidden(x, w_g, w_u))
     a, b = carved_grove_ffn_to_megatron(first, ""), carved_grove_ffn_to_megatron(second, "")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = carved_grove_ffn_to_megatron(given, "")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     assert ("router.up_weight" in a) == (spec.router == "paper")
     assert ("router.score_bias" in a) == (spec.router == "linear")
 

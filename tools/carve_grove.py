@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output directory (must not exist)")
     parser.add_argument("--calibration", default=None,
                         help="calibration text file (default: the embedded Shakespeare corpus)")
-    parser.add_argument("--calibration-tokens", type=int, default=4096,
-                        help="calibration tokens, in windows of --window tokens (default 4096)")
+    parser.add_argument("--calibration-tokens", type=int, default=2048,
+                        help="calibration tokens, in windows of --window tokens (default 2048)")
     parser.add_argument("--window", type=int, default=512,
                         help="calibration window length in tokens (default 512)")
     parser.add_argument("--activation-topk", type=int, default=None,
@@ -99,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             seq_length=args.seq_length, progress=not args.no_progress))
     except ValueError as exc:  # HFFormatError and ConfigError included
         return fail(PROG, str(exc))
-    print(f"carved {record['spec']} in {record['construction_s']:.1f} s (calibration "
-          f"{record['calibration_s']:.1f} s, {record['calibration_tokens']} tokens; clustering "
-          f"{record['clustering_s']:.1f} s); writing {record['writing_s']:.1f} s; wrote "
-          f"{args.output}/megatron")
+    print(f"carved {record['spec']} ({record['router']} router) in "
+          f"{record['construction_s']:.1f} s (read {record['read_s']:.1f} s, calibration "
+          f"{record['calibration_s']:.1f} s on {record['calibration_tokens']} tokens, clustering "
+          f"{record['clustering_s']:.1f} s); wrote {args.output}/megatron in "
+          f"{record['writing_s']:.1f} s")
     return 0
 
 

@@ -56,20 +56,22 @@ def measure_checkpoint(checkpoint: str, tokens: torch.Tensor, seq_length: int) -
             "adjugate_evals_per_token": round(adjugate, 4)}
 
 
-def carve_grove_and_measure(hf_dir: str, spec_name: str, out: Path, tokens: torch.Tensor,
-                            seq_length: int) -> dict:
-    """Carve ``hf_dir`` into Grove at ``spec_name`` under ``out/spec_name`` (kept if already
-    there) and measure it (:func:`measure_checkpoint`), with the carving's timings."""
+def carve_grove_and_measure(model: str, spec_name: str, out: Path, tokens: torch.Tensor,
+                            seq_length: int, calibration_tokens: int | None = None) -> dict:
+    """Carve ``model`` (HF folder or ``.gguf``) into Grove at ``spec_name`` under
+    ``out/spec_name`` (kept if already there) and measure it (:func:`measure_checkpoint`), with
+    the carving's timings. ``calibration_tokens``: None = the carving's default."""
     from megatron_grove.cmoe.grove_pipeline import GroveCarveJob, carve_grove_model_to
 
     target = out / spec_name
     if not target.exists():
-        carve_grove_model_to(GroveCarveJob(model=hf_dir, spec=parse_grove_spec(spec_name),
-                                           output=str(target), progress=False))
+        extra = {} if calibration_tokens is None else {"calibration_tokens": calibration_tokens}
+        carve_grove_model_to(GroveCarveJob(model=model, spec=parse_grove_spec(spec_name),
+                                           output=str(target), progress=False, **extra))
     record = json.loads((target / "carve.json").read_text())
     return {"model": spec_name, **measure_checkpoint(str(target / "megatron"), tokens, seq_length),
-            **{k: record[k] for k in ("calibration_s", "clustering_s", "writing_s",
-                                      "construction_s")}}
+            **{k: record[k] for k in ("calibration_tokens", "calibration_s", "clustering_s",
+                                      "writing_s", "construction_s") if k in record}}
 
 
 def cmoe_activated_neurons(spec_name: str, carving: Path) -> dict:

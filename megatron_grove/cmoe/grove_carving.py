@@ -139,18 +139,23 @@ def _by_rate(rates: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def carve_grove_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                    calibration_inputs: torch.Tensor, spec: GroveCarveSpec) -> CarvedGroveFFN:
-    """Carve one FFN (module docstring). ``w_gate``, ``w_up`` ``[d_h, H]``, ``w_down``
-    ``[H, d_h]``; ``calibration_inputs`` ``[T, H]`` (this FFN's inputs on calibration text)."""
+                    calibration_inputs: torch.Tensor, spec: GroveCarveSpec,
+                    hidden: torch.Tensor | None = None) -> CarvedGroveFFN:
+    """Carve one FFN (module docstring; deterministic). ``w_gate``, ``w_up`` ``[d_h, H]``,
+    ``w_down`` ``[H, d_h]``; ``calibration_inputs`` ``[T, H]`` (this FFN's inputs on
+    calibration text); ``hidden`` ``[T, d_h]`` their ``silu(x W_g^T) * (x W_u^T)`` if already
+    computed (the calibration forward), None computes it."""
     d_h = w_gate.shape[0]
     n, a = spec.per_group, spec.adjugate
     x = calibration_inputs.float()
     w_gate, w_up, w_down = pad_neurons(w_gate.float(), w_up.float(), w_down.float(),
                                        spec.padded_neurons(d_h))
-    hidden = ffn_hidden(x, w_gate, w_up)
+    padded = w_gate.shape[0]
+    hidden = ffn_hidden(x, w_gate, w_up) if hidden is None else torch.cat(
+        [hidden.float(), hidden.new_zeros(hidden.shape[0], padded - d_h).float()], 1)
     markers = activation_markers(hidden, min(spec.active_neurons(d_h), d_h))
     rates = activation_rates(markers)
-    ranked = _by_rate(rates, torch.arange(w_gate.shape[0]))
+    ranked = _by_rate(rates, torch.arange(padded))
     num_shared = spec.shared_neurons(d_h)
     shared = ranked[:num_shared].sort().values
     pool = ranked[num_shared:].sort().values

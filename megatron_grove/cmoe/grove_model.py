@@ -25,17 +25,19 @@ __all__ = ["carve_grove_model", "carved_grove_ffn_to_megatron", "grove_run_confi
 
 @torch.no_grad()
 def carve_grove_model(hf_state: dict[str, torch.Tensor], num_layers: int,
-                      inputs: list[torch.Tensor], spec: GroveCarveSpec, progress: bool = True
-                      ) -> list[CarvedGroveFFN]:
+                      inputs: list[torch.Tensor], spec: GroveCarveSpec, progress: bool = True,
+                      hidden: list[torch.Tensor] | None = None) -> list[CarvedGroveFFN]:
     """Carve ``model.layers.{i}.mlp`` of an HF state dict for every layer ``i`` (``inputs[i]``
-    ``[T, H]``: that FFN's calibration inputs)."""
+    ``[T, H]``: that FFN's calibration inputs; ``hidden[i]`` ``[T, d_ffn]`` its activations,
+    computed from them when not given)."""
     carved = []
     for i in tqdm(range(num_layers), desc=f"carve {spec.name}", unit="layer",
                   disable=not progress):
         mlp = f"model.layers.{i}.mlp."
         carved.append(carve_grove_ffn(hf_state[mlp + "gate_proj.weight"],
                                       hf_state[mlp + "up_proj.weight"],
-                                      hf_state[mlp + "down_proj.weight"], inputs[i], spec))
+                                      hf_state[mlp + "down_proj.weight"], inputs[i], spec,
+                                      hidden=None if hidden is None else hidden[i]))
     return carved
 
 
