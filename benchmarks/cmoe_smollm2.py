@@ -7,10 +7,12 @@ For every spec and router it carves the model from its .gguf (the carving record
 timings go with the results) and measures perplexity on each --texts (Hamlet and Othello, the
 embedded held-out plays) in windows of --window tokens (window k covers tokens [kL, kL+L]:
 inputs its first L, targets its last L, as tools/evaluate.py): the dense model through Hugging
-Face transformers, the carved one through our Megatron model loaded from the checkpoint the
-carving wrote, and with --oracle the activation-routing oracle on the first router's carving
-(a reference, not a servable model: every expert computed, the A of largest activation mass
-kept). One JSON line per (model, text) is appended to OUT/results.jsonl.
+Face transformers, the carved one through its HF-style export in the same transformers model
+(each FFN replaced by the exported experts and router; with --megatron also through our
+Megatron model loaded from the checkpoint the carving wrote), and with --oracle the
+activation-routing oracle on the first router's carving (a reference, not a servable model:
+every expert computed, the A of largest activation mass kept). One JSON line per (model, text,
+way) is appended to OUT/results.jsonl.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-windows", type=int, default=None,
                         help="evaluate only the first N windows of each text (default: all)")
     parser.add_argument("--dense", action="store_true", help="also measure the dense model")
+    parser.add_argument("--megatron", action="store_true",
+                        help="also measure each carving through our Megatron model of its "
+                             "checkpoint (slower on CPU; the same function as the export)")
     parser.add_argument("--checkpoints", nargs="*", default=[],
                         help="also measure these checkpoints of ours (e.g. fine-tuned ones)")
     args = parser.parse_args(argv)
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, router in enumerate(args.routers):
             for record in carve_and_measure(str(smollm2_gguf_path()), spec, router, out, texts,
                                             args.window, args.calibration_tokens,
-                                            oracle=args.oracle and i == 0):
+                                            oracle=args.oracle and i == 0,
+                                            megatron=args.megatron):
                 report(record)
     for checkpoint in args.checkpoints:
         for name, result in megatron_perplexity(checkpoint, texts, args.window).items():

@@ -186,17 +186,26 @@ def test_carving_is_deterministic(router):
         carve_ffn(w_g, w_u, w_d, x, 2, 8, activation_topk=9, router="oracle")
 
 
-def test_activation_oracle_keeps_the_experts_of_largest_activation_mass():
-    from megatron_grove.benchmarking.cmoe import ActivationOracleFFN
+@pytest.mark.parametrize("router", ["linear", "paper", "oracle"])
+def test_exported_carved_ffn_routes_like_the_reference(router):
+    from megatron_grove.benchmarking.cmoe import ExportedCarvedFFN
 
     w_g, w_u, w_d, x = _dense(37, 16, seed=8)
-    carved = carve_ffn(w_g, w_u, w_d, x, 2, 8, activation_topk=9)
+    carved = carve_ffn(w_g, w_u, w_d, x, 2, 8, activation_topk=9,
+                       router="paper" if router == "paper" else "linear")
     shared = (carved.shared_gate, carved.shared_up, carved.shared_down)
     experts = (carved.expert_gate, carved.expert_up, carved.expert_down)
-    torch.testing.assert_close(ActivationOracleFFN(shared, experts, 6)(x[None])[0],
+    rows = ({"gate_rows": carved.router_weight, "up_rows": carved.router_up}
+            if router == "paper" else
+            {"weight": carved.router_weight, "score_bias": carved.router_bias})
+    torch.testing.assert_close(ExportedCarvedFFN(shared, experts, 6, router, rows)(x[None])[0],
                                swiglu(x, w_g, w_u, w_d), rtol=1e-5, atol=1e-5)
-    got = ActivationOracleFFN(shared, experts, 2)(x)
-    for t in range(x.shape[0]):
+    got = ExportedCarvedFFN(shared, experts, 2, router, rows)(x)
+    if router != "oracle":  # the router's own selection: the reference forward
+        torch.testing.assert_close(got, carved_ffn_forward(carved, x, topk=2),
+                                   rtol=1e-5, atol=1e-5)
+        return
+    for t in range(x.shape[0]):  # the experts of largest activation mass
         outputs = [swiglu(x[t:t + 1], carved.expert_gate[e], carved.expert_up[e],
                           carved.expert_down[e])[0] for e in range(6)]
         mass = [float(ffn_hidden(x[t:t + 1], carved.expert_gate[e], carved.expert_up[e]).abs()
@@ -204,3 +213,34 @@ def test_activation_oracle_keeps_the_experts_of_largest_activation_mass():
         best = sorted(range(6), key=lambda e: -mass[e])[:2]
         want = swiglu(x[t:t + 1], *shared)[0] + outputs[best[0]] + outputs[best[1]]
         torch.testing.assert_close(got[t], want, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_captures_every_ffns_input_and_activations(tmp_path):
+    """The dense model built in memory from (config, state) is the saved one; one batched
+    forward captures each layer's FFN input and h = silu(x W_g^T) * (x W_u^T)."""
+    from helpers import tiny_llama
+    from megatron_grove.cmoe.carve_model import calibration_activations, dense_model
+    from megatron_grove.hf_conversion.safetensors_io import HFTensors, read_hf_config
+
+    saved = tiny_llama(tmp_path, intermediate_size=44)
+    with HFTensors(tmp_path) as tensors:
+        state = {name: tensors[name].float() for name in tensors}
+    model = dense_model(read_hf_config(tmp_path), state)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, saved(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+    seen = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+             for layer in saved.model.layers]
+    with torch.no_grad():
+        saved(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    inputs, hidden = calibration_activations(model, ids)
+    assert len(inputs) == len(hidden) == 2
+    for i, layer in enumerate(saved.model.layers):
+        x = seen[i].reshape(-1, 64)
+        torch.testing.assert_close(inputs[i], x)
+        torch.testing.assert_close(hidden[i], ffn_hidden(x, layer.mlp.gate_proj.weight,
+                                                         layer.mlp.up_proj.weight))
