@@ -4,11 +4,11 @@ per token: perplexity on held-out text, neurons activated, carving times.
     python benchmarks/grove_carving_smollm2.py --grove S3E8-G5n2a32k6 --cmoe S3A3E8 \
         --max-windows 20 --out runs/grove_bench [--checkpoints FINETUNED ...]
 
-Grove specs are SxEy-GgNnAaKk (tools/carve_grove.py's --shared, --experts, --groups,
---experts-per-group, --adjugate-size, --active), CMoE specs SxAyEz. Every model is carved
-into OUT/SPEC (kept if there) and scored through our Megatron model with the window
-convention of tools/evaluate.py; activated neurons come from the Grove layers' counters. One
-JSON line per model is appended to OUT/results.jsonl.
+Grove specs are SxEy-GgNnAaKk[-paper] (tools/carve_grove.py's --shared, --experts, --groups,
+--experts-per-group, --adjugate-size, --active; linear router unless -paper), CMoE specs SxAyEz
+(linear router). Every model is carved into OUT (kept if there) and scored through our
+Megatron model with the window convention of tools/evaluate.py; activated neurons come from the
+Grove layers' counters. One JSON line per model is appended to OUT/results.jsonl.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from megatron_grove.benchmarking.grove_carving import (
     measure_checkpoint,
 )
 from megatron_grove.cmoe.gguf import smollm2_hf_dir
+from megatron_grove.cmoe.pipeline import CarveJob
 from megatron_grove.data import heldout_text_path
 
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="dense model to carve into Grove: HF folder or .gguf (default: the "
                              "cached SmolLM2-135M-Instruct HF folder)")
     parser.add_argument("--calibration-tokens", type=int, default=None,
-                        help="calibration tokens of the Grove carvings (default: the tool's)")
+                        help="calibration tokens of every carving (default: the tools')")
     parser.add_argument("--max-windows", type=int, default=None,
                         help="evaluate only the first N windows (default: the whole text)")
     args = parser.parse_args(argv)
@@ -63,9 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.grove:
         report(carve_grove_and_measure(args.model or hf_dir, spec, out, tokens, args.window,
                                        args.calibration_tokens))
-    for spec in args.cmoe:
-        report({**carve_and_measure(hf_dir, spec, out, tokens, args.window),
-                **cmoe_activated_neurons(spec, out / spec)})
+    calibration_tokens = args.calibration_tokens or CarveJob.calibration_tokens
+    for spec in args.cmoe:  # through our Megatron model, as the Grove carvings
+        records = carve_and_measure(args.model or hf_dir, spec, "linear", out,
+                                    {Path(args.text).stem: tokens}, args.window,
+                                    calibration_tokens, megatron=True)
+        activated = cmoe_activated_neurons(spec, out / f"{spec}_linear_{calibration_tokens}")
+        for record in records:
+            if record["via"] == "megatron":
+                report({**record, **activated})
     for checkpoint in args.checkpoints:
         report({"model": checkpoint, **measure_checkpoint(checkpoint, tokens, args.window)})
     return 0
