@@ -456,9 +456,9 @@ def _validate(cfg: GroveConfig) -> None:
     elif e.token_dispatcher_type == "grove_alltoall":
         raise ConfigError("moe.token_dispatcher_type=grove_alltoall needs moe.num_expert_groups > 0")
     if e.router_type in ("cmoe", "cmoe_linear"):
-        _require(e.num_expert_groups == 0 and e.aux_loss_coeff == 0,
-                 f"moe.router_type={e.router_type}: CMoE has no expert groups and no aux loss; set "
-                 "moe.num_expert_groups=0 and moe.aux_loss_coeff=0")
+        _require(e.aux_loss_coeff == 0,
+                 f"moe.router_type={e.router_type}: CMoE has no aux loss; set "
+                 "moe.aux_loss_coeff=0")
         _require(e.norm_topk_prob and e.expert_bias_in_selection,
                  f"moe.router_type={e.router_type}: CMoE weighs experts by 1 + s*u and selects "
                  "with its bias; "

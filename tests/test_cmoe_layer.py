@@ -157,7 +157,7 @@ def test_config_selects_cmoe_and_rejects_what_cmoe_lacks():
     assert tconfig.moe_router_type == "cmoe"
     assert tconfig.moe_shared_expert_intermediate_size == 96
     with pytest.raises(ConfigError, match="moe.router_type=cmoe"):
-        load_config(None, ["moe.router_type=cmoe", "moe.num_expert_groups=4"])
+        load_config(None, ["moe.router_type=cmoe", "moe.aux_loss_coeff=0.01"])
     with pytest.raises(ConfigError, match="moe.router_type=cmoe_linear"):
         load_config(None, ["moe.router_type=cmoe_linear", "moe.aux_loss_coeff=0.01"])
 

@@ -6,6 +6,7 @@ CMoE experts and router, ``config.json`` with a ``cmoe`` section, the tokenizer)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -24,10 +25,12 @@ _ROUTER_SCORES = {  # config.json cmoe.router_scores: how the export's router te
 
 
 def write_megatron_checkpoint(cfg: GroveConfig, dense_cfg: GroveConfig, hf_state: dict,
-                              carved: list[CarvedFFN], folder: Path) -> None:
+                              carved: list, folder: Path,
+                              to_megatron: Callable = carved_ffn_to_megatron) -> None:
     """The carved model (config ``cfg``) as a model-only Megatron checkpoint in ``folder``: the
     dense tensors through the HF -> Megatron mapping of the dense model ``dense_cfg``, every FFN
-    replaced by its carved experts and router."""
+    replaced by ``to_megatron(carved[i], prefix)`` (default: CMoE's experts and router; a Grove
+    carving passes :func:`~megatron_grove.cmoe.grove_model.carved_grove_ffn_to_megatron`)."""
     from megatron_grove.hf_conversion.megatron_io import save_megatron_checkpoint
     from megatron_grove.hf_conversion.tensor_mapping import hf_to_megatron
     from megatron_grove.runtime import single_process_world
@@ -35,7 +38,7 @@ def write_megatron_checkpoint(cfg: GroveConfig, dense_cfg: GroveConfig, hf_state
     state = {name: tensor for name, tensor in hf_to_megatron(hf_state, dense_cfg).items()
              if ".mlp." not in name}
     for i, ffn in enumerate(carved):
-        state.update(carved_ffn_to_megatron(ffn, f"decoder.layers.{i}.mlp."))
+        state.update(to_megatron(ffn, f"decoder.layers.{i}.mlp."))
     with single_process_world():
         save_megatron_checkpoint(folder, cfg, state)
 

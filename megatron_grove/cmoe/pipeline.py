@@ -25,7 +25,8 @@ import torch
 
 from megatron_grove.cmoe.carve_model import CarveSpec
 
-__all__ = ["CarveJob", "calibration_token_windows", "default_calibration_text", "carve_model_to"]
+__all__ = ["CarveJob", "calibration_token_windows", "default_calibration_text", "read_dense",
+           "carve_model_to"]
 
 
 @dataclass
@@ -59,7 +60,7 @@ def default_calibration_text() -> str:
     return "\n\n".join(Path(f).read_text() for f in embedded_train_files())
 
 
-def _read_dense(model: Path, tokenizer_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_dense(model: Path, tokenizer_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(HF config dict, fp32 state dict) of a ``.gguf`` file or an HF folder; the tokenizer's
     files go to ``tokenizer_dir``."""
     from megatron_grove.hf_conversion.safetensors_io import (
@@ -110,7 +111,7 @@ def carve_model_to(job: CarveJob) -> dict:
     try:
         marks, cpu = [time.perf_counter()], [time.process_time()]
         tokenizer_dir = tmp / "tokenizer"
-        hf_config, hf_state = _read_dense(Path(job.model), tokenizer_dir)
+        hf_config, hf_state = read_dense(Path(job.model), tokenizer_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         marks.append(time.perf_counter())
         cpu.append(time.process_time())

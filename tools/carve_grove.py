@@ -1,0 +1,111 @@
+"""Carve a dense Llama/Qwen-style model into a Grove MoE (training-free).
+
+    python tools/carve_grove.py --model SmolLM2.gguf --shared 3 --experts 8 --groups 5 \
+        --experts-per-group 2 --adjugate-size 32 --active 6 --output checkpoints/smollm2_grove
+
+Every FFN becomes a shared expert of the S*m most active neurons (m = ceil(d_ffn / N), as
+tools/carve_cmoe.py's S shared experts) and G groups of neurons clustered by co-activation; in
+each group the a most active neurons form the group's adjugate expert and the others n routed
+experts; k routed experts are active per token, routed by a CMoE router (--router; adjugate
+scale lam = 1/n; with every expert active the carved model is the dense model; docs/design.md,
+"Carving into Grove"). Zero neurons pad d_ffn up to what the shape needs; none is dropped.
+Writes into --output:
+
+  megatron/   a model-only Megatron checkpoint our trainer loads (checkpoint.load=...), its
+              tokenizer, and config.yaml, the run config to fine-tune it with
+              launch/pretrain_grove.py
+  carve.json  the carving record: shape, calibration, timings
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROG = "carve_grove.py"
+EPILOG = """\
+examples:
+  python tools/carve_grove.py --model DIR_OR.gguf --shared 3 --experts 8 --groups 5 \\
+      --experts-per-group 2 --adjugate-size 32 --active 6 --output OUT
+  torchrun --nproc-per-node 2 launch/pretrain_grove.py --config OUT/megatron/config.yaml \\
+      checkpoint.load=OUT/megatron checkpoint.save=OUT/finetuned train.trainable=router
+activated FFN neurons per token: S*m + k*m_r + a * (groups hit); m_r (carve.json
+"neurons_per_expert") = ceil((ceil((N - S) * m / G) - a) / n)
+exit codes: 0 ok, 2 bad input (one line on stderr saying what was wrong)
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="dense model: a Hugging Face directory (config.json + safetensors) "
+                             "or a .gguf file (Llama architecture)")
+    parser.add_argument("--shared", type=int, required=True,
+                        help="S: the shared expert holds S * ceil(d_ffn / N) neurons")
+    parser.add_argument("--experts", type=int, required=True,
+                        help="N: CMoE-sized expert slots in total (sets m = ceil(d_ffn / N))")
+    parser.add_argument("--groups", type=int, required=True, help="G: expert groups")
+    parser.add_argument("--experts-per-group", type=int, required=True,
+                        help="n: routed experts per group (E = G * n routed experts)")
+    parser.add_argument("--adjugate-size", type=int, required=True,
+                        help="a: neurons of each group's adjugate expert")
+    parser.add_argument("--active", type=int, required=True,
+                        help="k: routed experts active per token")
+    parser.add_argument("--router", choices=("linear", "paper"), default="linear",
+                        help="training-free router: linear (default; ridge fit of what selecting "
+                             "each expert adds: its activation mass + 1/n of its group's "
+                             "adjugate's) or paper (CMoE's representative neurons)")
+    parser.add_argument("--output", required=True, help="output directory (must not exist)")
+    parser.add_argument("--calibration", default=None,
+                        help="calibration text file (default: the embedded Shakespeare corpus)")
+    parser.add_argument("--calibration-tokens", type=int, default=2048,
+                        help="calibration tokens, in windows of --window tokens (default 2048)")
+    parser.add_argument("--window", type=int, default=512,
+                        help="calibration window length in tokens (default 512)")
+    parser.add_argument("--activation-topk", type=int, default=None,
+                        help="K_a: neurons each calibration token marks active "
+                             "(default d_ffn // 10)")
+    parser.add_argument("--seq-length", type=int, default=512,
+                        help="model.seq_length of the written run config (default 512)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_grove.cli import fail
+
+    args = parse_args(argv)
+    if Path(args.output).exists():
+        return fail(PROG, f"--output {args.output} exists; choose a new directory")
+    model = Path(args.model)
+    if not (model.is_file() and model.suffix == ".gguf") and not (model / "config.json").is_file():
+        return fail(PROG, f"--model {model}: neither a .gguf file nor a Hugging Face directory "
+                     "with config.json")
+    if args.calibration and not Path(args.calibration).is_file():
+        return fail(PROG, f"--calibration {args.calibration}: no such file")
+    try:
+        from megatron_grove.cmoe.grove_carving import GroveCarveSpec
+        from megatron_grove.cmoe.grove_pipeline import GroveCarveJob, carve_grove_model_to
+
+        spec = GroveCarveSpec(args.shared, args.experts, args.groups, args.experts_per_group,
+                              args.adjugate_size, args.active, args.activation_topk,
+                              args.router)
+        record = carve_grove_model_to(GroveCarveJob(
+            model=args.model, spec=spec, output=args.output, calibration=args.calibration,
+            calibration_tokens=args.calibration_tokens, window=args.window,
+            seq_length=args.seq_length, progress=not args.no_progress))
+    except ValueError as exc:  # HFFormatError and ConfigError included
+        return fail(PROG, str(exc))
+    print(f"carved {record['spec']} ({record['router']} router) in "
+          f"{record['construction_s']:.1f} s (read {record['read_s']:.1f} s, calibration "
+          f"{record['calibration_s']:.1f} s on {record['calibration_tokens']} tokens, clustering "
+          f"{record['clustering_s']:.1f} s); wrote {args.output}/megatron in "
+          f"{record['writing_s']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
