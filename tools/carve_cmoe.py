@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 PROG = "carve_cmoe.py"
 EPILOG = """\
@@ -31,52 +30,34 @@ examples:
       checkpoint.load=OUT/megatron checkpoint.save=OUT/finetuned train.trainable=router
 exit codes: 0 ok, 2 bad input (one line on stderr saying what was wrong)
 """
+ROUTER_HELP = ("training-free router: 'linear' (default; ridge fit of the experts' activation "
+               "mass from the FFN input, E*H multiply-adds a token) or 'paper' (CMoE's "
+               "representative neuron per expert)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from megatron_grove.cmoe.carving_cli import add_carving_arguments
+
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True,
-                        help="dense model: a Hugging Face directory (config.json + safetensors) "
-                             "or a .gguf file (Llama architecture)")
     parser.add_argument("--shared", type=int, required=True, help="S: shared experts")
     parser.add_argument("--active", type=int, required=True,
                         help="A: routed experts active per token")
     parser.add_argument("--experts", type=int, required=True,
                         help="N: experts in total, shared included")
-    parser.add_argument("--output", required=True, help="output directory (must not exist)")
-    parser.add_argument("--calibration", default=None,
-                        help="calibration text file (default: the embedded Shakespeare corpus)")
-    parser.add_argument("--calibration-tokens", type=int, default=2048,
-                        help="calibration tokens, in windows of --window tokens (default 2048)")
-    parser.add_argument("--window", type=int, default=512,
-                        help="calibration window length in tokens (default 512)")
-    parser.add_argument("--activation-topk", type=int, default=None,
-                        help="K_a: neurons each calibration token marks active "
-                             "(default d_ffn // 10)")
-    parser.add_argument("--router", choices=["linear", "paper"], default="linear",
-                        help="training-free router: 'linear' (default; ridge fit of the "
-                             "experts' activation mass from the FFN input, E*H multiply-adds "
-                             "a token) or 'paper' (CMoE's representative neuron per expert)")
-    parser.add_argument("--seq-length", type=int, default=512,
-                        help="model.seq_length of the written run config (default 512)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_carving_arguments(parser, ROUTER_HELP)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_grove.cli import fail
+    from megatron_grove.cmoe.carving_cli import carving_input_problem, carving_summary
 
     args = parse_args(argv)
-    if Path(args.output).exists():
-        return fail(PROG, f"--output {args.output} exists; choose a new directory")
-    model = Path(args.model)
-    if not (model.is_file() and model.suffix == ".gguf") and not (model / "config.json").is_file():
-        return fail(PROG, f"--model {model}: neither a .gguf file nor a Hugging Face directory "
-                     "with config.json")
-    if args.calibration and not Path(args.calibration).is_file():
-        return fail(PROG, f"--calibration {args.calibration}: no such file")
+    problem = carving_input_problem(args)
+    if problem:
+        return fail(PROG, problem)
     try:
         from megatron_grove.cmoe.carve_model import CarveSpec
         from megatron_grove.cmoe.pipeline import CarveJob, carve_model_to
@@ -89,11 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             seq_length=args.seq_length, progress=not args.no_progress))
     except ValueError as exc:  # HFFormatError and ConfigError included
         return fail(PROG, str(exc))
-    print(f"carved {record['spec']} ({record['router']} router) in "
-          f"{record['construction_s']:.1f} s (read {record['read_s']:.1f} s, calibration "
-          f"{record['calibration_s']:.1f} s on {record['calibration_tokens']} tokens, clustering "
-          f"{record['clustering_s']:.1f} s); wrote {args.output}/megatron (our trainer) and "
-          f"{args.output}/hf in {record['writing_s']:.1f} s")
+    print(carving_summary(record, f"{args.output}/megatron (our trainer) and {args.output}/hf"))
     return 0
 
 

@@ -26,8 +26,7 @@ import torch
 from megatron_grove.cmoe.grove_carving import GroveCarveSpec
 from megatron_grove.cmoe.pipeline import (
     CarveJob,
-    calibration_token_windows,
-    default_calibration_text,
+    calibrate,
     read_dense,
 )
 
@@ -50,7 +49,6 @@ def carve_grove_model_to(job: GroveCarveJob) -> dict:
     from transformers import AutoTokenizer
 
     from megatron_grove.checkpointing import TOKENIZER_DIR
-    from megatron_grove.cmoe.carve_model import calibration_activations, dense_model
     from megatron_grove.cmoe.export import write_megatron_checkpoint, write_run_config
     from megatron_grove.cmoe.grove_model import (
         carve_grove_model,
@@ -73,10 +71,8 @@ def carve_grove_model_to(job: GroveCarveJob) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         marks.append(time.perf_counter())
         cpu.append(time.process_time())
-        text = (Path(job.calibration).read_text() if job.calibration
-                else default_calibration_text())
-        windows = calibration_token_windows(tokenizer, text, job.calibration_tokens, job.window)
-        inputs, hidden = calibration_activations(dense_model(hf_config, hf_state), windows)
+        inputs, hidden = calibrate(job, tokenizer, hf_config, hf_state)
+        calibration_tokens = inputs[0].shape[0]
         marks.append(time.perf_counter())
         cpu.append(time.process_time())
         carved = carve_grove_model(hf_state, hf_config["num_hidden_layers"], inputs, spec,
@@ -94,7 +90,7 @@ def carve_grove_model_to(job: GroveCarveJob) -> dict:
         cpu.append(time.process_time())
         phases = ("read", "calibration", "clustering", "writing")
         record = {"spec": spec.name, "router": spec.router, "model": str(job.model),
-                  "calibration_tokens": int(windows.numel()), "window": job.window,
+                  "calibration_tokens": calibration_tokens, "window": job.window,
                   "activation_topk": spec.active_neurons(d_ffn),
                   "shared_neurons": spec.shared_neurons(d_ffn),
                   "neurons_per_expert": spec.neurons_per_expert(d_ffn),

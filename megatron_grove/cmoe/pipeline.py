@@ -26,7 +26,7 @@ import torch
 from megatron_grove.cmoe.carve_model import CarveSpec
 
 __all__ = ["CarveJob", "calibration_token_windows", "default_calibration_text", "read_dense",
-           "carve_model_to"]
+           "calibrate", "carve_model_to"]
 
 
 @dataclass
@@ -80,6 +80,19 @@ def read_dense(model: Path, tokenizer_dir: Path) -> tuple[dict, dict[str, torch.
         return read_hf_config(model), {name: tensors[name].float() for name in tensors}
 
 
+def calibrate(job, tokenizer, hf_config: dict, hf_state: dict[str, torch.Tensor]
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The calibration forward of a carving job (``job.calibration`` / ``calibration_tokens``
+    / ``window``): every layer's FFN inputs ``[T, H]`` and hidden activations ``[T, d_ffn]``
+    on the job's calibration tokens, from the dense model ``hf_config`` / ``hf_state``."""
+    from megatron_grove.cmoe.carve_model import calibration_activations, dense_model
+
+    text = (Path(job.calibration).read_text() if job.calibration
+            else default_calibration_text())
+    windows = calibration_token_windows(tokenizer, text, job.calibration_tokens, job.window)
+    return calibration_activations(dense_model(hf_config, hf_state), windows)
+
+
 def carve_model_to(job: CarveJob) -> dict:
     """Run the carving (module docstring); return its record (also in ``carve.json``), with
     the wall seconds of each phase: ``read_s`` (model and tokenizer), ``calibration_s``
@@ -90,12 +103,7 @@ def carve_model_to(job: CarveJob) -> dict:
     from transformers import AutoTokenizer
 
     from megatron_grove.checkpointing import TOKENIZER_DIR
-    from megatron_grove.cmoe.carve_model import (
-        calibration_activations,
-        carve_model,
-        carved_run_config,
-        dense_model,
-    )
+    from megatron_grove.cmoe.carve_model import carve_model, carved_run_config
     from megatron_grove.cmoe.export import (
         write_hf_export,
         write_megatron_checkpoint,
@@ -115,10 +123,8 @@ def carve_model_to(job: CarveJob) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         marks.append(time.perf_counter())
         cpu.append(time.process_time())
-        text = (Path(job.calibration).read_text() if job.calibration
-                else default_calibration_text())
-        windows = calibration_token_windows(tokenizer, text, job.calibration_tokens, job.window)
-        inputs, hidden = calibration_activations(dense_model(hf_config, hf_state), windows)
+        inputs, hidden = calibrate(job, tokenizer, hf_config, hf_state)
+        calibration_tokens = inputs[0].shape[0]
         marks.append(time.perf_counter())
         cpu.append(time.process_time())
         carved = carve_model(hf_state, hf_config["num_hidden_layers"], inputs, spec,
@@ -139,7 +145,7 @@ def carve_model_to(job: CarveJob) -> dict:
         cpu_seconds = [round(b - a, 2) for a, b in zip(cpu, cpu[1:])]
         phases = ("read", "calibration", "clustering", "writing")
         record = {"spec": spec.name, "router": spec.router, "model": str(job.model),
-                  "calibration_tokens": int(windows.numel()), "window": job.window,
+                  "calibration_tokens": calibration_tokens, "window": job.window,
                   "activation_topk": spec.active_neurons(hf_config["intermediate_size"]),
                   "neurons_per_expert": spec.neurons_per_expert(hf_config["intermediate_size"]),
                   **{f"{phase}_s": s for phase, s in zip(phases, seconds)},
