@@ -51,27 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_grove.cli import fail
-    from megatron_grove.cmoe.carving_cli import carving_input_problem, carving_summary
+    from megatron_grove.cmoe.carving_cli import run_carving
 
     args = parse_args(argv)
-    problem = carving_input_problem(args)
-    if problem:
-        return fail(PROG, problem)
-    try:
+
+    def carve(**job) -> dict:
         from megatron_grove.cmoe.carve_model import CarveSpec
         from megatron_grove.cmoe.pipeline import CarveJob, carve_model_to
 
         spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk,
                          args.router)
-        record = carve_model_to(CarveJob(
-            model=args.model, spec=spec, output=args.output, calibration=args.calibration,
-            calibration_tokens=args.calibration_tokens, window=args.window,
-            seq_length=args.seq_length, progress=not args.no_progress))
-    except ValueError as exc:  # HFFormatError and ConfigError included
-        return fail(PROG, str(exc))
-    print(carving_summary(record, f"{args.output}/megatron (our trainer) and {args.output}/hf"))
-    return 0
+        return carve_model_to(CarveJob(spec=spec, **job))
+
+    return run_carving(PROG, args, carve,
+                       f"{args.output}/megatron (our trainer) and {args.output}/hf")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["add_carving_arguments", "carving_input_problem", "carving_summary"]
+from megatron_grove.cli import fail
+
+__all__ = ["add_carving_arguments", "carving_input_problem", "carving_summary", "run_carving"]
 
 
 def add_carving_arguments(parser: argparse.ArgumentParser, router_help: str) -> None:
@@ -56,3 +58,22 @@ def carving_summary(record: dict[str, Any], wrote: str) -> str:
             f"{record['calibration_s']:.1f} s on {record['calibration_tokens']} tokens, "
             f"clustering {record['clustering_s']:.1f} s); wrote {wrote} in "
             f"{record['writing_s']:.1f} s")
+
+
+def run_carving(prog: str, args: argparse.Namespace, carve: Callable[..., dict],
+                wrote: str) -> int:
+    """A carving tool's ``main`` after parsing: check the inputs, call ``carve(**job)`` with
+    the job fields every carving shares (model, output, calibration, window, seq_length,
+    progress), print the summary line; bad input (``ValueError``: HFFormatError and
+    ConfigError included) is one line and exit code 2."""
+    problem = carving_input_problem(args)
+    if problem:
+        return fail(prog, problem)
+    try:
+        record = carve(model=args.model, output=args.output, calibration=args.calibration,
+                       calibration_tokens=args.calibration_tokens, window=args.window,
+                       seq_length=args.seq_length, progress=not args.no_progress)
+    except ValueError as exc:
+        return fail(prog, str(exc))
+    print(carving_summary(record, wrote))
+    return 0
