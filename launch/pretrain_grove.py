@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 import traceback
 import warnings
 
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         if rank == 0:
             print(f"pretrain_grove.py: config error: {exc}", file=sys.stderr)
+        else:  # torchrun stops every worker at the first exit: let rank 0 say why first
+            time.sleep(5)
         return BAD_INPUT
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),

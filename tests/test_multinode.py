@@ -5,6 +5,7 @@ a killed rank stops its peer within runtime.dist_timeout_s with one clear line; 
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,7 +37,8 @@ COMMON = [f"train.iters={ITERS}", "parallel.expert_model_parallel_size=2",
 def launch_nodes(out_dir: Path, *overrides: str, env: dict | None = None) -> list[subprocess.Popen]:
     """Start two launchers of a fresh job (one process each); node i writes its stdout and
     stderr to ``out_dir/node{i}.out`` / ``.err`` (files: a full pipe would block a launcher);
-    ``env`` adds to their environment."""
+    ``env`` adds to their environment. Node 0 hosts the rendezvous store, as the node named by
+    ``--rdzv-endpoint`` does on a cluster: node 1 starts once the store listens."""
     port, job = free_port(), f"job{free_port()}"
     procs = []
     for node in range(2):
@@ -47,7 +49,21 @@ def launch_nodes(out_dir: Path, *overrides: str, env: dict | None = None) -> lis
         with open(out_dir / f"node{node}.out", "w") as out, \
                 open(out_dir / f"node{node}.err", "w") as err:
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(env)))
+        if node == 0:
+            _wait_for_listener(port, procs[0])
     return procs
+
+
+def _wait_for_listener(port: int, launcher: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert launcher.poll() is None and time.monotonic() < deadline, \
+                "node 0's launcher never opened the rendezvous store"
+            time.sleep(0.1)
 
 
 def finish(procs, out_dir: Path, timeout=300) -> list[tuple[int, str, str]]:
