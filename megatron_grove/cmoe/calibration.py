@@ -13,12 +13,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ffn_hidden", "activation_markers", "activation_rates"]
+__all__ = ["ffn_hidden", "padded_hidden", "activation_markers", "activation_rates"]
 
 
 def ffn_hidden(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     """``x`` ``[T, H]``, ``w_gate``/``w_up`` ``[d_h, H]`` -> ``silu(x w_g^T) * (x w_u^T)`` ``[T, d_h]``."""
     return F.silu(x @ w_gate.T) * (x @ w_up.T)
+
+
+def padded_hidden(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, total: int,
+                  hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``ffn_hidden`` ``[T, d_h]`` (``hidden`` if already computed) with zero columns
+    appended up to ``[T, total]``: the hidden activations of the FFN padded by zero neurons.
+
+    Always computed from the unpadded weights, so that passing ``hidden`` in and leaving it to
+    this function are the same operations (a matmul over more rows may round differently).
+    """
+    hidden = (ffn_hidden(x, w_gate, w_up) if hidden is None else hidden).float()
+    return torch.cat([hidden, hidden.new_zeros(hidden.shape[0], total - hidden.shape[1])], 1)
 
 
 def activation_markers(hidden: torch.Tensor, k_a: int) -> torch.Tensor:

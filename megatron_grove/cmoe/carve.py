@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from megatron_grove.cmoe.calibration import activation_markers, activation_rates, ffn_hidden
+from megatron_grove.cmoe.calibration import activation_markers, activation_rates, padded_hidden
 from megatron_grove.cmoe.clustering import balanced_clusters
 from megatron_grove.cmoe.router_init import (
     expert_activation_scores,
@@ -108,10 +108,9 @@ def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
     d_h = w_gate.shape[0]
     m = -(-d_h // num_experts)
     x = calibration_inputs.float()
+    hidden = padded_hidden(x, w_gate.float(), w_up.float(), num_experts * m, hidden)
     w_gate, w_up, w_down = pad_neurons(w_gate.float(), w_up.float(), w_down.float(),
                                        num_experts * m)
-    hidden = ffn_hidden(x, w_gate, w_up) if hidden is None else torch.cat(
-        [hidden.float(), hidden.new_zeros(hidden.shape[0], num_experts * m - d_h).float()], 1)
     markers = activation_markers(hidden, min(activation_topk, d_h))
     order = _descending(activation_rates(markers))
     shared = order[:num_shared * m].sort().values

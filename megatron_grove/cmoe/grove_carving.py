@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_grove.cmoe.calibration import activation_markers, activation_rates, ffn_hidden
+from megatron_grove.cmoe.calibration import activation_markers, activation_rates, padded_hidden
 from megatron_grove.cmoe.carve import ROUTERS, CarvedFFN, pad_neurons
 from megatron_grove.cmoe.clustering import balanced_clusters
 from megatron_grove.cmoe.router_init import (
@@ -148,11 +148,9 @@ def carve_grove_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tens
     d_h = w_gate.shape[0]
     n, a = spec.per_group, spec.adjugate
     x = calibration_inputs.float()
-    w_gate, w_up, w_down = pad_neurons(w_gate.float(), w_up.float(), w_down.float(),
-                                       spec.padded_neurons(d_h))
-    padded = w_gate.shape[0]
-    hidden = ffn_hidden(x, w_gate, w_up) if hidden is None else torch.cat(
-        [hidden.float(), hidden.new_zeros(hidden.shape[0], padded - d_h).float()], 1)
+    padded = spec.padded_neurons(d_h)
+    hidden = padded_hidden(x, w_gate.float(), w_up.float(), padded, hidden)
+    w_gate, w_up, w_down = pad_neurons(w_gate.float(), w_up.float(), w_down.float(), padded)
     markers = activation_markers(hidden, min(spec.active_neurons(d_h), d_h))
     rates = activation_rates(markers)
     ranked = _by_rate(rates, torch.arange(padded))
