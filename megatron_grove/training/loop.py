@@ -86,6 +86,7 @@ def _start(cfg: GroveConfig) -> tuple[TrainingSetup, int, int | None]:
     p, t = cfg.parallel, cfg.train
     runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
                                   p.pipeline_model_parallel_size, seed=t.seed,
+                                  virtual_pipeline=p.virtual_pipeline_model_parallel_size,
                                   device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
     is_first = runtime.rank == 0
     preflight(cfg, runtime.rank)
@@ -93,8 +94,8 @@ def _start(cfg: GroveConfig) -> tuple[TrainingSetup, int, int | None]:
     for note in start_point.notes if is_first else []:
         print(note, file=sys.stderr, flush=True)
     setup = setup_training(cfg, runtime)
-    start, last_saved = load_start(start_point, setup.model, setup.optimizer, setup.scheduler,
-                                   cfg, is_first)
+    start, last_saved = load_start(start_point, setup.model_chunks, setup.optimizer,
+                                   setup.scheduler, cfg, is_first)
     if is_first:
         if start_point.folder:
             print(f"resumed from checkpoint step {start} in {start_point.folder.resolve()}",
@@ -131,7 +132,7 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
         record = _step_record(cfg, setup, step, result, peak)
         if validation_due(cfg, step, setup.valid_dataset is not None):
             record.update(validation_record(dp_mean(validation_loss(
-                cfg, setup.model, setup.valid_dataset, forward_step, setup.dp_rank,
+                cfg, setup.model_chunks, setup.valid_dataset, forward_step, setup.dp_rank,
                 setup.dp_size))))
             summary.last_validation = record
             if is_first:
@@ -149,7 +150,7 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
         interval = cfg.checkpoint.save_interval
         if (cfg.checkpoint.save and health.finite
                 and (stopping or (interval and step % interval == 0))):
-            save_step(cfg, setup.model, setup.optimizer, setup.scheduler, step,
+            save_step(cfg, setup.model_chunks, setup.optimizer, setup.scheduler, step,
                       latest_checkpoint(cfg, last_saved))
             last_saved = step
         if health.stop_requested:

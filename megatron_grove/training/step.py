@@ -23,13 +23,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_grove.config import GroveConfig
 from megatron_grove.model import causal_attention_mask
-from megatron_grove.moe.balancing import update_expert_bias
+from megatron_grove.moe.balancing import training_routers, update_expert_bias
 from megatron_grove.moe.counters import collect_moe_counters, reset_moe_counters
 from megatron_grove.training.data import micro_batches
 from megatron_grove.training.nonfinite import StepHealth, step_health
 from megatron_grove.training.setup import TrainingSetup
 
-__all__ = ["StepResult", "train_step", "forward_step_func", "dp_mean"]
+__all__ = ["StepResult", "train_step", "forward_step_func", "dp_mean", "last_stage_losses",
+           "stage_data"]
 
 
 def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -47,12 +48,47 @@ def _forward_step(attention_mask: torch.Tensor, device: torch.device,
     return output, functools.partial(_masked_mean_loss, batch["loss_mask"])
 
 
+def stage_data(batches: list[dict], num_chunks: int):
+    """The schedule's ``data_iterator``: one iterator over the micro-batches per model chunk
+    (the interleaved schedule reads each chunk's own), else one. Every stage reads the whole
+    micro-batch: the first uses the tokens, the last the labels and loss mask."""
+    return [iter(batches) for _ in range(num_chunks)] if num_chunks > 1 else iter(batches)
+
+
 def forward_step_func(cfg: GroveConfig, device: torch.device):
     """Megatron's ``forward_step_func`` for this run: a micro-batch (``tokens``,
     ``position_ids``, ``labels``, ``loss_mask``, each ``[b, s]``) -> the per-token losses
     ``[b, s]`` and the loss function (mean over the unmasked tokens)."""
     return functools.partial(_forward_step, causal_attention_mask(cfg.model.seq_length, device),
                              device)
+
+
+def last_stage_losses(outputs: list[dict], num_microbatches: int,
+                      device: torch.device) -> torch.Tensor:
+    """A schedule's ``"lm loss"`` values, ``[num_microbatches]`` fp32 on every rank: only the
+    last pipeline stage computes them, so under pipeline parallelism they are broadcast from
+    there over the pipeline group."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return torch.stack([d["lm loss"] for d in outputs])
+    losses = (torch.stack([d["lm loss"] for d in outputs]).detach().float() if outputs
+              else torch.zeros(num_microbatches, dtype=torch.float32, device=device))
+    dist.broadcast(losses, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return losses
+
+
+def _expert_load_of_all_stages(model_chunks: list[torch.nn.Module],
+                               loads: list[torch.Tensor]) -> list[list[int]]:
+    """This stage's tokens per expert (one ``[E]`` per router, as
+    :func:`update_expert_bias` returns them) -> every layer's, over the pipeline stages
+    (collective over the pipeline group), in layer order."""
+    local = {router.layer_number: [int(x) for x in load.tolist()]
+             for router, load in zip(training_routers(model_chunks), loads)}
+    group = parallel_state.get_pipeline_model_parallel_group()
+    stages: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(stages, local, group=group)
+    merged = {number: load for stage in stages for number, load in stage.items()}
+    return [merged[number] for number in sorted(merged)]
 
 
 def dp_mean(value: torch.Tensor) -> float:
@@ -82,31 +118,31 @@ def train_step(setup: TrainingSetup, cfg: GroveConfig, step: int, forward_step,
     data-parallel rank's slice in micro-batches). ``stop_signal``: the stop signal this rank
     received so far (None if none), agreed on in the guard's collective."""
     t = cfg.train
-    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    chunks, optimizer, scheduler = setup.model_chunks, setup.optimizer, setup.scheduler
     began = time.perf_counter()
     batches = micro_batches(setup.dataset, step, t.global_batch_size, t.micro_batch_size,
                             setup.dp_rank, setup.dp_size)
-    model.zero_grad_buffer()
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reset_moe_counters(model)
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-        num_microbatches=len(batches), seq_length=cfg.model.seq_length,
+    reset_moe_counters(chunks)
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=stage_data(batches, len(chunks)),
+        model=chunks, num_microbatches=len(batches), seq_length=cfg.model.seq_length,
         micro_batch_size=t.micro_batch_size, forward_only=False)
-    local_loss = torch.stack([d["lm loss"] for d in losses]).mean()
-    health = step_health(local_loss, model, stop_signal)  # all ranks agree
+    local_loss = last_stage_losses(outputs, len(batches), setup.runtime.device).mean()
+    health = step_health(local_loss, chunks, stop_signal)  # all ranks agree
     grad_norm = math.nan
     if health.finite:
         _, norm, _ = optimizer.step()
         grad_norm = float(norm) if norm is not None else math.nan
         scheduler.step(increment=1)
-        expert_load = update_expert_bias([model], cfg.moe.bias_update_rule,
-                                         cfg.moe.bias_update_rate)
+        loads = update_expert_bias(chunks, cfg.moe.bias_update_rule, cfg.moe.bias_update_rate)
     else:  # skipped: no weight, Adam, LR or expert-bias update; loads still counted
-        expert_load = update_expert_bias([model], "none", 0.0)
+        loads = update_expert_bias(chunks, "none", 0.0)
     loss = dp_mean(local_loss)
     elapsed = time.perf_counter() - began
-    counters = collect_moe_counters(model, t.global_batch_size * cfg.model.seq_length)
+    counters = collect_moe_counters(chunks, t.global_batch_size * cfg.model.seq_length)
     return StepResult(loss=loss, grad_norm=grad_norm, health=health,
-                      expert_load=[[int(x) for x in layer.tolist()] for layer in expert_load],
+                      expert_load=_expert_load_of_all_stages(chunks, loads),
                       counters=counters, elapsed_s=elapsed)
