@@ -101,8 +101,7 @@ def dp_mean(value: torch.Tensor) -> float:
 
 @dataclass
 class StepResult:
-    """What one step did (the same on every rank but ``expert_load``'s and the counters'
-    layout, which are the job's)."""
+    """What one step did, the same on every rank (every pipeline stage's layers included)."""
 
     loss: float  # mean over micro-batches and data-parallel ranks (non-finite when skipped)
     grad_norm: float  # NaN when the step was skipped
