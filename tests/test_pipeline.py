@@ -152,12 +152,12 @@ def test_pp2_checkpoint_continues_at_another_pipeline_size(pp1, pp2, layout, wor
 
 
 def test_pp1_checkpoint_continues_at_tp2_x_pp2(pp1):
-    """Saved at PP=1, resumed at TP=2 x PP=2 (sequence parallel): steps 5-8 are the
-    uninterrupted run's (TP changes Megatron's initialisation, not what loaded weights
-    compute)."""
-    resumed = _same_on_every_rank(_run(_layout(pp=2, tp=2, ep=1), 4, first=SAVED_AT + 1,
+    """Saved at PP=1, resumed at TP=2 x PP=2 x EP=2 (8 processes, sequence parallel): steps
+    5-8 are the uninterrupted run's (TP changes Megatron's initialisation, not what loaded
+    weights compute)."""
+    resumed = _same_on_every_rank(_run(_layout(pp=2, tp=2, ep=2), 8, first=SAVED_AT + 1,
                                        load=pp1[1]))
-    _assert_same_run(resumed, pp1[0], range(SAVED_AT + 1, STEPS + 1), same_ep=False)
+    _assert_same_run(resumed, pp1[0], range(SAVED_AT + 1, STEPS + 1))
 
 
 def test_uneven_stages_train_as_pp1(pp1):
