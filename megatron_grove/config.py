@@ -111,7 +111,12 @@ class MoEConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1  # stages, 1F1B schedule (Megatron's)
+    # model chunks per stage (Megatron's interleaved schedule); null = not interleaved
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    # layer counts that do not divide: the first / last stage's layers (null: an even share)
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False  # shard fp32 master weights + Adam moments over DP
     # activation recompute (Megatron's): none | selective (attention core) | full (whole layers)
@@ -491,9 +496,7 @@ def _validate(cfg: GroveConfig) -> None:
     _require(cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0,
              f"logging.peak_tflops={cfg.logging.peak_tflops}: must be > 0 or null (null: the "
              "known peak of the GPU, none on CPU)")
-    _require(p.pipeline_model_parallel_size == 1,
-             f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}: pipeline "
-             "parallelism is not supported yet; allowed: 1")
+    _validate_pipeline(p, m.num_layers)
     if p.recompute_granularity == "full":
         _require(1 <= p.recompute_num_layers <= m.num_layers,
                  f"parallel.recompute_num_layers={p.recompute_num_layers}: allowed 1.."
@@ -501,6 +504,35 @@ def _validate(cfg: GroveConfig) -> None:
     _require(not (p.tensor_model_parallel_size > 1 and e.num_experts and not p.sequence_parallel),
              f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}: MoE with tensor "
              "parallelism needs parallel.sequence_parallel=true (as in Megatron-Core)")
+
+
+def _validate_pipeline(p: ParallelConfig, num_layers: int) -> None:
+    """Megatron's rules for splitting ``num_layers`` over the pipeline stages and chunks."""
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    _require(vpp is None or (vpp >= 2 and pp >= 2),
+             f"parallel.virtual_pipeline_model_parallel_size={vpp}: needs >= 2 chunks and "
+             "parallel.pipeline_model_parallel_size >= 2 (null: no interleaving)")
+    for key, value in (("num_layers_in_first_pipeline_stage", first),
+                       ("num_layers_in_last_pipeline_stage", last)):
+        _require(value is None or (pp >= 2 and value >= 1),
+                 f"parallel.{key}={value}: needs parallel.pipeline_model_parallel_size >= 2 and "
+                 "a value >= 1 (null: an even share)")
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    shares = [v for v in (first, last) if v is not None]
+    if middle_stages:
+        shares.append(middle_layers // middle_stages)
+    _require(middle_layers >= 0 and (middle_layers % middle_stages == 0 if middle_stages
+                                     else middle_layers == 0)
+             and all(share >= 1 and share % (vpp or 1) == 0 for share in shares),
+             f"model.num_layers={num_layers}: cannot be split over "
+             f"parallel.pipeline_model_parallel_size={pp} stages"
+             + (f" x virtual_pipeline_model_parallel_size={vpp} chunks" if vpp else "")
+             + f" (first stage {first}, last stage {last}); every stage needs the same number of "
+             "layers, a multiple of the chunks per stage; set "
+             "parallel.num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage "
+             "for a count that does not divide")
 
 
 # The routing choices that change the function a set of weights computes (checked on resume).
@@ -598,4 +630,10 @@ def validate_layout(cfg: GroveConfig, world_size: int) -> int:
     _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
              f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
              f"micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
+    micro = t.global_batch_size // (t.micro_batch_size * dp)
+    _require(not p.virtual_pipeline_model_parallel_size or micro % pp == 0,
+             f"train.global_batch_size={t.global_batch_size}: the interleaved pipeline schedule "
+             f"needs a multiple of pipeline_model_parallel_size {pp} micro-batches per "
+             f"data-parallel rank (now {micro} = global_batch_size / (micro_batch_size "
+             f"{t.micro_batch_size} x data-parallel size {dp}))")
     return dp

@@ -65,7 +65,8 @@ def _worker(rank, world_size, init_file, parallel, fn, args, queue):
 
 def run_distributed(fn: Callable[..., Any], world_size: int, tensor_parallel: int = 1,
                     expert_parallel: int = 1, seed: int = 1234, args: tuple = (),
-                    timeout_s: float = 300) -> list[Any]:
+                    timeout_s: float = 300, pipeline_parallel: int = 1,
+                    virtual_pipeline: int | None = None) -> list[Any]:
     """``fn(rank, *args)`` on ``world_size`` forked CPU processes (gloo, Megatron's groups set
     up); the return values (picklable) come back indexed by rank. An exception on any rank
     fails the caller with that rank's traceback. Forked workers start in ~0.2 s."""
@@ -74,6 +75,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, tensor_parallel: in
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         parallel = dict(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
+                        pipeline_parallel=pipeline_parallel, virtual_pipeline=virtual_pipeline,
                         seed=seed)
         procs = [ctx.Process(target=_worker,
                              args=(r, world_size, init_file, parallel, fn, args, queue))

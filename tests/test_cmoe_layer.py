@@ -171,7 +171,7 @@ def _trainable_names(rank: int, trainable: str, router_type: str = "cmoe") -> li
                              "moe.shared_expert_ffn_hidden_size=64", "moe.num_expert_groups=0",
                              "model.num_layers=1", "model.qk_layernorm=false"])
     model = build_gpt_model(to_transformer_config(cfg), 256, 16)
-    freeze_untrainable(model, trainable)
+    freeze_untrainable([model], trainable)
     return sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
 

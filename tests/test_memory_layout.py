@@ -84,7 +84,3 @@ def test_full_recompute_needs_a_layer_count_in_range():
     with pytest.raises(ConfigError, match="parallel.recompute_num_layers=3: allowed 1..model.num_layers=2"):
         load_config(TINY, ["parallel.recompute_granularity=full", "parallel.recompute_num_layers=3"])
 
-
-def test_pipeline_parallelism_is_refused_with_a_clear_message():
-    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=2: pipeline parallelism"):
-        load_config(TINY, ["parallel.pipeline_model_parallel_size=2"])

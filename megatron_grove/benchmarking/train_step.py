@@ -18,7 +18,6 @@ rank's. (b) and (c) are the same function of the same weights, so their losses a
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import time
@@ -117,11 +116,10 @@ def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
 
 def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
             configs: dict[str, GroveConfig]) -> dict | None:
-    from megatron_grove.model import causal_attention_mask
     from megatron_grove.moe.counters import collect_moe_counters
     from megatron_grove.runtime import destroy_parallel, initialize_parallel
     from megatron_grove.training import micro_batches, setup_training
-    from megatron_grove.training.loop import _forward_step
+    from megatron_grove.training.step import forward_step_func
 
     first = configs["group_aware"]
     p, t = first.parallel, first.train
@@ -132,8 +130,7 @@ def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_rank(world_size(first)))
     setups = {v: setup_training(configs[v], runtime) for v in VARIANTS}
-    forward_step = functools.partial(_forward_step,
-                                     causal_attention_mask(first.model.seq_length, device), device)
+    forward_step = forward_step_func(first, device)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     losses: dict[str, list[float]] = {v: [] for v in VARIANTS}

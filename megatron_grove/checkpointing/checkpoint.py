@@ -26,7 +26,8 @@ manifests existed loads with a warning. Tensors whose global shape differs from 
 (another model size) are refused before anything is read, naming the first one.
 
 Because model and optimizer state are Megatron sharded tensors, a checkpoint loads under a
-different expert/tensor-parallel layout (dist_checkpointing reshards on load).
+different expert/tensor/pipeline-parallel layout (dist_checkpointing reshards on load; layers
+are keyed by their global index). ``model`` is a module or this rank's model chunks.
 """
 
 from __future__ import annotations
@@ -133,11 +134,21 @@ def _tracker():
     return get_cuda_rng_tracker()
 
 
-def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool,
+def _modules(model: torch.nn.Module | list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The model (chunks: one per virtual pipeline stage), unwrapped from Megatron's DDP."""
+    return [chunk.module if hasattr(chunk, "module") else chunk
+            for chunk in (model if isinstance(model, list) else [model])]
+
+
+def _sharded_state(model: torch.nn.Module | list[torch.nn.Module], optimizer, is_loading: bool,
                    optimizer_format: str) -> dict[str, Any]:
-    """Model (and, unless ``optimizer`` is None, optimizer) sharded state dicts."""
-    module = model.module if hasattr(model, "module") else model
-    model_sd = module.sharded_state_dict()
+    """Model (and, unless ``optimizer`` is None, optimizer) sharded state dicts. Model chunks
+    (virtual pipeline stages) go under ``model`` as ``chunk0``, ``chunk1``...: only the
+    sharded tensors' keys reach the files, and those name layers by their global index, so
+    the checkpoint does not depend on the pipeline layout."""
+    modules = _modules(model)
+    model_sd = (modules[0].sharded_state_dict() if len(modules) == 1 else
+                {f"chunk{i}": module.sharded_state_dict() for i, module in enumerate(modules)})
     if optimizer is None:
         return {"model": model_sd}
     return {"model": model_sd, "optimizer": sharded_optimizer_state(optimizer, model_sd,
@@ -180,8 +191,8 @@ def _keep_checkpoint_writes_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer, state: TrainState,
-                    optimizer_format: str = "fully_reshardable") -> Path:
+def save_checkpoint(root: str | Path, model: torch.nn.Module | list[torch.nn.Module], optimizer,
+                    state: TrainState, optimizer_format: str = "fully_reshardable") -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder. ``optimizer``
     None writes a model-only checkpoint (``state.scheduler`` should then be None).
     ``optimizer_format``: the distributed optimizer's format (``checkpoint.optimizer_format``).
@@ -373,7 +384,7 @@ def _check_same_layout(folder: Path, config: dict[str, Any]) -> None:
             "checkpoint.optimizer_format=fully_reshardable can then change it)")
 
 
-def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
+def load_checkpoint(root: str | Path, model: torch.nn.Module | list[torch.nn.Module], optimizer,
                     step: int | None = None, verify: bool = True) -> TrainState:
     """Collective: load model, optimizer, RNG and train state from the latest (or ``step``)
     checkpoint under ``root``. Works under a different TP/EP layout than the one saved; the RNG
@@ -398,8 +409,11 @@ def load_checkpoint(root: str | Path, model: torch.nn.Module, optimizer,
     _check_model_shapes(folder, sharded["model"])
     skeleton = optimizer_skeleton(sharded.get("optimizer"))
     loaded = _reading(folder, lambda: dist_checkpointing.load(sharded, str(folder)))
-    module = model.module if hasattr(model, "module") else model
-    module.load_state_dict(loaded["model"])
+    modules = _modules(model)
+    if len(modules) == 1:
+        modules[0].load_state_dict(loaded["model"])
+    for i, module in enumerate(modules if len(modules) > 1 else []):
+        module.load_state_dict(loaded["model"][f"chunk{i}"])
     if optimizer is None:
         return TrainState(step=0, consumed_samples=0, scheduler=None, config=train["config"])
     load_optimizer_state(optimizer, skeleton, loaded["optimizer"], saved["optimizer"])

@@ -48,6 +48,10 @@ def build_model(cfg: GroveConfig, dtype: torch.dtype | None = None, initialize: 
     p = cfg.parallel
     p.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
     p.expert_model_parallel_size = parallel_state.get_expert_model_parallel_world_size()
+    p.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
+    p.virtual_pipeline_model_parallel_size = None  # tools build one chunk per rank
+    if p.pipeline_model_parallel_size == 1:
+        p.num_layers_in_first_pipeline_stage = p.num_layers_in_last_pipeline_stage = None
     p.sequence_parallel = p.tensor_model_parallel_size > 1 and cfg.moe.num_experts > 0
     tconfig = to_transformer_config(cfg, dtype, use_cpu_initialization=True)
     tconfig.perform_initialization = initialize

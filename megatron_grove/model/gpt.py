@@ -39,6 +39,20 @@ def _stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _global_layer_names(model: GPTModel) -> dict[int, str]:
+    """``id(param) -> name`` of every decoder-layer parameter with the stage's layer index
+    replaced by the global one (Megatron's 1-based ``layer_number`` - 1), and the last
+    stage's copy of tied embeddings named as the embedding it copies."""
+    names: dict[int, str] = {}
+    for layer in model.decoder.layers:
+        for name, param in layer.named_parameters():
+            names[id(param)] = f"decoder.layers.{layer.layer_number - 1}.{name}"
+    if model.share_embeddings_and_output_weights and not model.pre_process \
+            and model.post_process:
+        names[id(model.output_layer.weight)] = "embedding.word_embeddings.weight"
+    return names
+
+
 def _global_expert_names(model: torch.nn.Module) -> dict[int, str]:
     """``id(param) -> name`` with local expert indices replaced by global ones, for routed
     experts and, on Grove layers, adjugates (group j lives on EP rank j // (G / ep))."""
@@ -68,8 +82,9 @@ def init_params_layout_independent(model: torch.nn.Module, config: GroveTransfor
 
     Megatron seeds expert initialisation per EP rank, and its CPU initialisation draws experts
     from the default stream, so the layers after the first MoE layer change with the number of
-    experts per rank. With this, a model is the same function at EP = 1, 2, 4 ... (for a fixed
-    TP size). Megatron's init methods are kept: ``output_layer_init_method`` for the attention
+    experts per rank. With this, a model is the same function at EP = 1, 2, 4 ... and at any
+    pipeline split (for a fixed TP size): names are global (layer and expert indices).
+    Megatron's init methods are kept: ``output_layer_init_method`` for the attention
     output and FFN down projections, ``init_method`` for the other matrices; norm weights keep
     their ones.
     """
@@ -79,33 +94,45 @@ def init_params_layout_independent(model: torch.nn.Module, config: GroveTransfor
         return
     tp_rank = (parallel_state.get_tensor_model_parallel_rank()
                if parallel_state.model_parallel_is_initialized() else 0)
-    expert_names = _global_expert_names(model)
+    global_names = {**_global_layer_names(model), **_global_expert_names(model)}
     for name, param in model.named_parameters():
         if "norm" in name or param.dim() < 2:
             continue
         scaled = name.endswith("linear_fc2.weight") or name.endswith("linear_proj.weight")
         init = config.output_layer_init_method if scaled else config.init_method
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_stable_seed(seed, expert_names.get(id(param), name), tp_rank))
+            torch.manual_seed(_stable_seed(seed, global_names.get(id(param), name), tp_rank))
             init(param)
 
 
 def build_gpt_model(config: GroveTransformerConfig, vocab_size: int, seq_length: int,
                     rotary_base: float = 10000.0, tie_embeddings: bool = False,
-                    seed: int = 1234) -> GPTModel:
+                    seed: int = 1234, vp_stage: int | None = None) -> GPTModel:
     """A decoder-only LM. Input ``[b, s]`` token ids -> logits ``[b, s, vocab]`` (or the
     per-token loss ``[b, s]`` when ``labels`` are given). The weights depend on ``seed``
-    (and the TP rank), not on the expert/data-parallel layout."""
+    (and the TP rank), not on the expert/data-parallel/pipeline layout.
+
+    Under pipeline parallelism this is the rank's stage (its model chunk ``vp_stage`` under
+    the interleaved schedule), as Megatron places it: the embedding on the first stage
+    (``pre_process``), the final norm and output layer on the last (``post_process``), hidden
+    states ``[s, b, h]`` in and out elsewhere; tied embeddings keep a copy of the embedding on
+    the last stage, whose gradients Megatron all-reduces with the first stage's."""
+    from megatron.core import parallel_state
+
+    staged = config.pipeline_model_parallel_size > 1
     model = GPTModel(
         config=config,
-        transformer_layer_spec=build_decoder_block_spec(config),
+        transformer_layer_spec=build_decoder_block_spec(config, vp_stage),
         vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=seq_length,
-        pre_process=True,
-        post_process=True,
+        pre_process=not staged or parallel_state.is_pipeline_first_stage(
+            ignore_virtual=False, vp_stage=vp_stage),
+        post_process=not staged or parallel_state.is_pipeline_last_stage(
+            ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(rotary_base),
+        vp_stage=vp_stage,
     )
     init_params_layout_independent(model, config, seed)
     return model

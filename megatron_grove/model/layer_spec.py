@@ -64,11 +64,16 @@ def _use_sequence_parallel_norms(spec: TransformerBlockSubmodules) -> None:
                 setattr(submodules, field.name, SequenceParallelTorchNorm)
 
 
-def build_decoder_block_spec(config: GroveTransformerConfig) -> TransformerBlockSubmodules:
-    """Per-layer specs for the whole decoder (no pipeline parallelism: pp_rank 0 builds all)."""
+def build_decoder_block_spec(config: GroveTransformerConfig,
+                             vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """Per-layer specs of this rank's layers: the whole decoder without pipeline parallelism,
+    else Megatron's share of this pipeline stage (and of its model chunk ``vp_stage`` under
+    the interleaved schedule)."""
+    pp_rank = None if config.pipeline_model_parallel_size > 1 else 0  # None: this rank's stage
     spec = get_gpt_decoder_block_spec(config,
                                       use_transformer_engine=config.grove_transformer_engine,
-                                      normalization="RMSNorm", qk_l2_norm=False, pp_rank=0)
+                                      normalization="RMSNorm", qk_l2_norm=False,
+                                      vp_stage=vp_stage, pp_rank=pp_rank)
     if not config.grove_transformer_engine:
         _use_sequence_parallel_norms(spec)
     # Layers of one kind share their submodules object: rewrite each object once.

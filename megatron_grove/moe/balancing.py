@@ -27,7 +27,7 @@ from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
 from megatron_grove.moe.router import GroveTopKRouter
 
-__all__ = ["BIAS_UPDATE_RULES", "paper_bias_update", "update_expert_bias"]
+__all__ = ["BIAS_UPDATE_RULES", "paper_bias_update", "update_expert_bias", "training_routers"]
 
 BIAS_UPDATE_RULES = ("paper", "megatron", "none")
 
@@ -42,7 +42,8 @@ def paper_bias_update(tokens_per_expert: torch.Tensor, expert_bias: torch.Tensor
     return expert_bias - rate * step
 
 
-def _training_routers(model_chunks: list[torch.nn.Module]) -> list[GroveTopKRouter]:
+def training_routers(model_chunks: list[torch.nn.Module]) -> list[GroveTopKRouter]:
+    """The training-mode Grove routers of ``model_chunks``, in module (= layer) order."""
     return [module for chunk in model_chunks for module in chunk.modules()
             if isinstance(module, GroveTopKRouter) and module.training]
 
@@ -60,7 +61,7 @@ def update_expert_bias(model_chunks: list[torch.nn.Module], rule: str, rate: flo
     """
     if rule not in BIAS_UPDATE_RULES:
         raise ValueError(f"bias update rule {rule!r}: allowed {', '.join(BIAS_UPDATE_RULES)}")
-    routers = _training_routers(model_chunks)
+    routers = training_routers(model_chunks)
     if not routers:
         return []
     if group is None:

@@ -5,7 +5,8 @@ the forward passes of a step on this rank (``dispatched_rows``: token rows its d
 to other ranks or kept locally, logged as ``copies_sent_per_token``; ``routed_rows``:
 (token, expert) rows its experts computed; ``adjugate_rows``: token rows its adjugates
 computed, one per (token, group)).
-This module sums them over all ranks and divides by the tokens of the global batch. Under
+This module sums them over all ranks (per layer, by its global number: under pipeline
+parallelism each stage holds other layers) and divides by the tokens of the global batch. Under
 expert tensor parallelism every rank of an expert-tensor-parallel group computes its slice of
 the same rows, so the computed rows are counted once per group, not once per rank.
 """
@@ -13,8 +14,9 @@ the same rows, so the computed rows are counted once per group, not once per ran
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
+
+from megatron_grove.runtime.distributed import objects_from_all_ranks
 
 __all__ = ["collect_moe_counters", "reset_moe_counters"]
 
@@ -23,26 +25,32 @@ PER_TOKEN = {"dispatched_rows": "copies_sent_per_token", "routed_rows": "routed_
 COMPUTED = ("routed_rows", "adjugate_rows")  # rows every expert-tensor-parallel rank computes
 
 
-def _counting_layers(model: torch.nn.Module):
-    return [m for m in model.modules() if isinstance(getattr(m, "grove_counters", None), dict)]
+def _counting_layers(model_chunks: torch.nn.Module | list[torch.nn.Module]):
+    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    return [m for chunk in chunks for m in chunk.modules()
+            if isinstance(getattr(m, "grove_counters", None), dict)]
 
 
-def collect_moe_counters(model: torch.nn.Module, global_tokens: int) -> dict[str, list[float]]:
-    """``{"<counter>_per_token": [value per MoE layer]}`` over the whole job (collective)."""
-    layers = _counting_layers(model)
-    if not layers:
+def collect_moe_counters(model_chunks: torch.nn.Module | list[torch.nn.Module],
+                         global_tokens: int) -> dict[str, list[float]]:
+    """``{"<counter>_per_token": [value per MoE layer]}`` over the whole job (collective; the
+    layers of every pipeline stage, keyed by Megatron's global ``layer_number``)."""
+    local = {layer.layer_number: {n: layer.grove_counters[n] for n in PER_TOKEN}
+             for layer in _counting_layers(model_chunks)}
+    totals: dict[int, dict[str, int]] = {}
+    for rows in objects_from_all_ranks(local):
+        for number, counts in rows.items():
+            row = totals.setdefault(number, dict.fromkeys(PER_TOKEN, 0))
+            for name, value in counts.items():
+                row[name] += value
+    if not totals:
         return {}
-    names = [n for n in PER_TOKEN if n in layers[0].grove_counters]
-    totals = torch.tensor([[float(layer.grove_counters[n]) for n in names] for layer in layers],
-                          dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
     etp = parallel_state.get_expert_tensor_parallel_world_size() or 1
-    return {PER_TOKEN[n]: (totals[:, i] / (global_tokens * (etp if n in COMPUTED else 1))).tolist()
-            for i, n in enumerate(names)}
+    return {PER_TOKEN[n]: [totals[layer][n] / (global_tokens * (etp if n in COMPUTED else 1))
+                           for layer in sorted(totals)] for n in PER_TOKEN}
 
 
-def reset_moe_counters(model: torch.nn.Module) -> None:
-    for layer in _counting_layers(model):
+def reset_moe_counters(model_chunks: torch.nn.Module | list[torch.nn.Module]) -> None:
+    for layer in _counting_layers(model_chunks):
         for name in layer.grove_counters:
             layer.grove_counters[name] = 0

@@ -61,10 +61,13 @@ def _vocab_size(cfg: GroveConfig) -> int:
 
 
 def plan_parameters(cfg: GroveConfig) -> ParamPlan:
-    """Needs Megatron's parallel state initialised for one process (EP = TP = 1)."""
+    """Needs Megatron's parallel state initialised for one process (EP = TP = PP = 1): the
+    whole model is built."""
     one = dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, expert_model_parallel_size=1, tensor_model_parallel_size=1,
-        sequence_parallel=False))
+        sequence_parallel=False, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, num_layers_in_first_pipeline_stage=None,
+        num_layers_in_last_pipeline_stage=None))
     tconfig = to_transformer_config(one, torch.float32, use_cpu_initialization=True)
     tconfig.perform_initialization = False
     with torch.device("meta"):

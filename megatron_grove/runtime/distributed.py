@@ -69,6 +69,7 @@ def initialize_parallel(
     expert_parallel: int = 1,
     pipeline_parallel: int = 1,
     seed: int = 1234,
+    virtual_pipeline: int | None = None,
     device: str = "auto",
     timeout_s: int = 300,
     init_method: str | None = None,
@@ -94,6 +95,7 @@ def initialize_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
         expert_model_parallel_size=expert_parallel,
         distributed_timeout_minutes=timeout_s / 60,  # Megatron makes a timedelta of it
     )

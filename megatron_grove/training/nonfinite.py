@@ -50,19 +50,25 @@ class StepHealth:
         return "non-finite " + " and ".join(parts)
 
 
-def _grads_finite(model: torch.nn.Module) -> bool:
+def _chunks(model: torch.nn.Module | list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """A model, or this rank's model chunks (virtual pipeline stages), as a list."""
+    return model if isinstance(model, list) else [model]
+
+
+def _grads_finite(model: torch.nn.Module | list[torch.nn.Module]) -> bool:
     """All gradients finite. A sum is finite iff its terms are (barring an overflow past
     3.4e38, itself a broken gradient), so this costs one reduction per parameter."""
-    sums = [param.main_grad.sum(dtype=torch.float32) for param in model.parameters()
-            if getattr(param, "main_grad", None) is not None]
+    sums = [param.main_grad.sum(dtype=torch.float32) for chunk in _chunks(model)
+            for param in chunk.parameters() if getattr(param, "main_grad", None) is not None]
     return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
 
 
-def step_health(loss: torch.Tensor, model: torch.nn.Module,
+def step_health(loss: torch.Tensor, model: torch.nn.Module | list[torch.nn.Module],
                 signal: signal_module.Signals | None) -> StepHealth:
     """Collective over all ranks (one all-reduce of ``world x 3`` numbers): this rank's
-    ``loss`` (its micro-batches' mean), its gradients and the stop signal it received (None if
-    none) -> the agreed :class:`StepHealth`."""
+    ``loss`` (its micro-batches' mean; under pipeline parallelism its last stage's), the
+    gradients of its model (chunks) and the stop signal it received (None if none) -> the
+    agreed :class:`StepHealth`. Every pipeline stage checks its own gradients."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     flags = torch.zeros(world, 3, dtype=torch.float32, device=loss.device)
     flags[rank] = torch.tensor([not math.isfinite(float(loss)), not _grads_finite(model),
@@ -104,11 +110,11 @@ class SkipCounter:
                 "row are allowed)")
 
 
-def first_nonfinite_weight(model: torch.nn.Module) -> str | None:
+def first_nonfinite_weight(model: torch.nn.Module | list[torch.nn.Module]) -> str | None:
     """Collective: the name of the first parameter holding a non-finite value on any rank
     (``"rank R: NAME"``), or None when every weight is finite."""
-    module = model.module if hasattr(model, "module") else model
-    local = next((name for name, param in module.named_parameters()
+    modules = [chunk.module if hasattr(chunk, "module") else chunk for chunk in _chunks(model)]
+    local = next((name for module in modules for name, param in module.named_parameters()
                   if not bool(torch.isfinite(param.detach()).all())), None)
     found = [(rank, name) for rank, name in enumerate(objects_from_all_ranks(local)) if name]
     return f"rank {found[0][0]}: {found[0][1]}" if found else None

@@ -5,7 +5,8 @@ the model in eval mode) over the same ``train.eval_iters`` global batches: the f
 ``eval_iters * global_batch_size`` samples of the validation dataset, each data-parallel rank
 reading its slice as in training. The loss is the mean over micro-batches of the per-token
 mean (the training loss's definition), averaged over the data-parallel ranks, so it does not
-depend on the expert- or tensor-parallel layout. Nothing the training reads changes: the
+depend on the expert-, tensor- or pipeline-parallel layout (the last stage computes it and
+broadcasts it to the other stages). Nothing the training reads changes: the
 routers count tokens for balancing only with gradients enabled, and the Grove counters are
 reset at the start of every step.
 """
@@ -20,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_grove.config import GroveConfig
 from megatron_grove.training.data import micro_batches
+from megatron_grove.training.step import last_stage_losses, stage_data
 
 __all__ = ["validation_due", "validation_loss", "validation_record", "validation_line"]
 
@@ -31,29 +33,32 @@ def validation_due(cfg: GroveConfig, step: int, has_data: bool) -> bool:
     return has_data and t.eval_iters > 0 and (step % t.eval_interval == 0 or step == t.iters)
 
 
-def validation_loss(cfg: GroveConfig, model: torch.nn.Module, dataset, forward_step: Callable,
-                    dp_rank: int, dp_size: int) -> torch.Tensor:
-    """This data-parallel rank's mean validation loss (a 0-d tensor; average it over the
-    data-parallel group). ``forward_step`` is the training's forward step (Megatron's
-    ``forward_step_func``)."""
+def validation_loss(cfg: GroveConfig, model_chunks: list[torch.nn.Module], dataset,
+                    forward_step: Callable, dp_rank: int, dp_size: int) -> torch.Tensor:
+    """This data-parallel rank's mean validation loss (a 0-d tensor, on every pipeline stage;
+    average it over the data-parallel group). ``forward_step`` is the training's forward step
+    (Megatron's ``forward_step_func``)."""
     t = cfg.train
     forward_backward = get_forward_backward_func()
     losses = []
-    model.eval()
+    for chunk in model_chunks:
+        chunk.eval()
     try:
         with torch.no_grad():
             for batch in range(1, t.eval_iters + 1):
                 batches = micro_batches(dataset, batch, t.global_batch_size, t.micro_batch_size,
                                         dp_rank, dp_size)
                 out = forward_backward(forward_step_func=forward_step,
-                                       data_iterator=iter(batches), model=[model],
-                                       num_microbatches=len(batches),
+                                       data_iterator=stage_data(batches, len(model_chunks)),
+                                       model=model_chunks, num_microbatches=len(batches),
                                        seq_length=cfg.model.seq_length,
                                        micro_batch_size=t.micro_batch_size, forward_only=True)
-                losses += [d["lm loss"] for d in out]
+                losses.append(last_stage_losses(out, len(batches),
+                                                next(model_chunks[0].parameters()).device))
     finally:
-        model.train()
-    return torch.stack(losses).mean()
+        for chunk in model_chunks:
+            chunk.train()
+    return torch.cat(losses).mean()
 
 
 def validation_record(loss: float) -> dict[str, float]:
