@@ -10,11 +10,11 @@ instead of at the first save hours later. The device is checked earlier, when it
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from megatron_grove.config import ConfigError, GroveConfig
 from megatron_grove.data.blends import megatron_blend
+from megatron_grove.data.integrity import indexed_dataset_problem
 from megatron_grove.runtime.distributed import objects_from_all_ranks
 
 __all__ = ["PreflightError", "preflight", "writable_dir_problem", "dataset_problem"]
@@ -39,38 +39,10 @@ def writable_dir_problem(key: str, path: str | Path, rank: int) -> str | None:
 
 
 def dataset_problem(prefix: str, key: str = "data.path") -> str | None:
-    """``data.path``: ``PREFIX.idx`` and ``PREFIX.bin`` exist, the index reads, holds documents,
-    and the ``.bin`` has exactly the bytes the index points to."""
-    from megatron.core.datasets.indexed_dataset import (
-        DType,
-        IndexedDataset,
-        get_bin_path,
-        get_idx_path,
-    )
-
-    key = f"{key}={prefix}"
-    for path in (get_idx_path(prefix), get_bin_path(prefix)):
-        if not os.path.isfile(path):
-            return (f"{key}: {path} does not exist; give the prefix of a .bin/.idx pair written "
-                    "by tools/preprocess_data.py")
-    actual = os.path.getsize(get_bin_path(prefix))
-    if actual == 0:
-        return f"{key}: the dataset holds no tokens ({get_bin_path(prefix)} is empty); " \
-               "preprocess a non-empty input"
-    try:
-        index = IndexedDataset(prefix).index
-        count = len(index.sequence_lengths)
-        expected = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1])
-                    * DType.size(index.dtype)) if count else 0
-    except Exception as exc:  # Megatron asserts and numpy errors on a damaged index
-        return f"{key}: cannot read {get_idx_path(prefix)} ({type(exc).__name__}: {exc})"
-    if count == 0:
-        return f"{key}: the dataset holds no documents; preprocess a non-empty input"
-    if actual != expected:
-        return (f"{key}: {get_bin_path(prefix)} has {actual} bytes but its index points to "
-                f"{expected}; the .bin is {'truncated' if actual < expected else 'too long'} "
-                "or belongs to another .idx: preprocess it again")
-    return None
+    """``KEY=PREFIX: what is wrong`` with the indexed dataset ``prefix``
+    (:func:`~megatron_grove.data.integrity.indexed_dataset_problem`), or None."""
+    problem = indexed_dataset_problem(prefix)
+    return f"{key}={prefix}: {problem}" if problem else None
 
 
 def _tokenizer_problem(name: str | None) -> str | None:
