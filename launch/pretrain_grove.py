@@ -181,7 +181,9 @@ def _collective_failed(rank: int, reason: str, cfg) -> None:
                f"or the network failed; stopping. {resume}")
     print(f"pretrain_grove.py: rank {rank}: a collective failed ({reason}): {why}",
           file=sys.stderr, flush=True)
-    os._exit(1)
+    from megatron_grove.job_exit import exit_now
+
+    exit_now(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skips the interpreter's teardown of torch and Megatron (seconds, nothing
+    from megatron_grove.job_exit import exit_now
+
+    exit_now(code)  # skips the interpreter's teardown of torch and Megatron (seconds, nothing
     # left to write: files are closed, the process groups destroyed)

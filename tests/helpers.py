@@ -164,17 +164,22 @@ FAST = ["model.seq_length=32", "model.hidden_size=64", "model.ffn_hidden_size=12
         "train.global_batch_size=8", "train.micro_batch_size=2", "logging.progress_bar=false"]
 
 
-def torchrun_command(*overrides: str, nproc: int = 2, config: Path = TINY) -> list[str]:
-    """A torchrun command line of ``launch/pretrain_grove.py`` on ``config`` + FAST."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+def torchrun_command(*overrides: str, nproc: int = 2, config: Path = TINY,
+                     plain: bool = False) -> list[str]:
+    """A command line of ``launch/pretrain_grove.py`` on ``config`` + FAST under our launcher
+    (``python -m megatron_grove.launch``: the job's own exit code) or, ``plain``, torchrun."""
+    launcher = "torch.distributed.run" if plain else "megatron_grove.launch"
+    return [sys.executable, "-m", launcher, "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(LAUNCH),
             "--config", str(config), *FAST, *overrides]
 
 
-def torchrun(*overrides: str, nproc: int = 2, check: bool = True,
-             timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the tiny config (+ FAST + ``overrides``) under real torchrun on CPU."""
-    proc = subprocess.run(torchrun_command(*overrides, nproc=nproc), capture_output=True,
+def torchrun(*overrides: str, nproc: int = 2, check: bool = True, timeout: float = 600,
+             plain: bool = False) -> subprocess.CompletedProcess:
+    """Run the tiny config (+ FAST + ``overrides``) under our launcher (``plain``: torchrun)
+    on CPU."""
+    proc = subprocess.run(torchrun_command(*overrides, nproc=nproc, plain=plain),
+                          capture_output=True,
                           text=True, timeout=timeout, env=child_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
