@@ -43,6 +43,7 @@ from megatron_grove.moe.balancing import update_expert_bias
 from megatron_grove.moe.counters import collect_moe_counters, reset_moe_counters
 from megatron_grove.runtime import ParallelRuntime, initialize_parallel
 from megatron_grove.runtime.acceleration import resolve_acceleration
+from megatron_grove.runtime.watchdog import HangWatchdog
 from megatron_grove.training.data import build_training_data, micro_batches
 from megatron_grove.training.flops import peak_tflops, throughput_record
 from megatron_grove.training.metrics import MetricsWriter
@@ -50,6 +51,7 @@ from megatron_grove.training.nonfinite import SkipCounter, step_health
 from megatron_grove.training.preemption import Preempted, StopSignals
 from megatron_grove.training.preflight import preflight
 from megatron_grove.training.resume import choose_start, latest_checkpoint, load_start, save_step
+from megatron_grove.training.stragglers import StragglerDetector, straggler_line
 from megatron_grove.training.validation import (
     validation_due,
     validation_line,
@@ -220,8 +222,13 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
                disable=not (is_first and cfg.logging.progress_bar))
     summary = TrainSummary()
     skips = SkipCounter(t.max_skipped_steps)
+    stragglers = StragglerDetector(cfg.logging)
+    watchdog = (HangWatchdog(cfg.runtime.hang_timeout_s, cfg.logging.dir, runtime.rank,
+                             runtime.world_size).start(start, latest_checkpoint(cfg, last_saved))
+                if cfg.runtime.hang_timeout_s else None)
     for step in range(start + 1, t.iters + 1):
         began = time.perf_counter()
+        stragglers.step_began()
         batches = micro_batches(dataset, step, t.global_batch_size, t.micro_batch_size,
                                 dp_rank, dp_size)
         model.zero_grad_buffer()
@@ -243,6 +250,7 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
             expert_load = update_expert_bias([model], "none", 0.0)
         loss = _dp_mean(local_loss)
         elapsed = time.perf_counter() - began
+        exchange = stragglers.step_ended(step)  # an all-gather every logging.straggler_interval
         counters = collect_moe_counters(model, t.global_batch_size * cfg.model.seq_length)
         record = {
             "step": step, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
@@ -252,7 +260,10 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
                                 runtime.world_size, peak),
             "expert_load": [[int(x) for x in layer.tolist()] for layer in expert_load],
             **counters,
+            **exchange,
         }
+        for found in exchange.get("stragglers", []) if is_first else []:
+            bar.write(straggler_line(step, found), file=sys.stderr)
         if validation_due(cfg, step, setup.valid_dataset is not None):
             record.update(validation_record(_dp_mean(validation_loss(
                 cfg, model, setup.valid_dataset, forward_step, dp_rank, dp_size))))
@@ -261,7 +272,7 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
                 bar.write(validation_line(step, t.iters, record))
         summary.count(loss)
         if (step % cfg.logging.log_interval == 0 or step == t.iters or not health.finite
-                or "val_loss" in record):
+                or "val_loss" in record or "stragglers" in record):
             metrics.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
                         tok_s=f"{record['tokens_per_s']:.0f}",
@@ -277,6 +288,8 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
                 and (stopping or (interval and step % interval == 0))):
             save_step(cfg, model, optimizer, scheduler, step, latest_checkpoint(cfg, last_saved))
             last_saved = step
+        if watchdog:
+            watchdog.progress(step, latest_checkpoint(cfg, last_saved))
         if health.stop_requested:
             raise Preempted(health.stop_requested, step,
                             latest_checkpoint(cfg, last_saved) if cfg.checkpoint.save else None)
