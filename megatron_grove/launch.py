@@ -14,7 +14,9 @@ elastic agent, rendezvous and signal forwarding). What differs is the end of a f
   worker printed itself.
 
 "First": a worker's code other than 1 wins over 1 (the peers of a failing rank see their
-collective fail, 1, after it), and the earliest such exit wins among them; the workers write
+collective fail, 1, after it), the earliest such exit among them; a worker killed by a signal
+counts only before the first worker's report (after it, the agent itself stops the other
+workers: :func:`job_exit_code`); the workers write
 their codes (:mod:`megatron_grove.job_exit`) to a temporary folder this launcher names in
 their environment, so the code survives a signal to the launcher too (torchrun's agent keeps
 no worker codes then). Under several launchers (one per node) each exits with its node's
@@ -59,16 +61,25 @@ def _meaning(code: int) -> str:
 def job_exit_code(reported: list[WorkerExit], failures: dict[int, tuple[int, float]],
                   launcher_signal: int | None = None) -> tuple[int, int | None]:
     """``(exit code, rank it comes from or None)`` of a job whose workers ``reported`` their
-    non-zero exits and whose agent saw ``failures`` (``{rank: (torch's exitcode, time)}``,
-    a negative exitcode -N: killed by signal N); ``launcher_signal``: the signal that stopped
-    the launcher, if any (its code 128+N when no worker says otherwise)."""
-    exits = {e.rank: e for e in reported}
-    for rank, (code, when) in failures.items():
-        if rank not in exits:  # killed: it could not report
-            exits[rank] = WorkerExit(rank, 128 - code if code < 0 else code, when)
-    failed = sorted((e for e in exits.values() if e.code != 0), key=lambda e: (e.code == 1, e.time))
-    if failed:
-        return failed[0].code, failed[0].rank
+    non-zero exits and whose agent saw ``failures`` (``{rank: (torch's exitcode, time)}``, a
+    negative exitcode -N: killed by signal N; whole seconds); ``launcher_signal``: the signal
+    that stopped the launcher, if any.
+
+    In this order: the earliest reported code other than 1; a worker killed (no report)
+    before the first report, in an earlier second (the agent kills the other workers *after*
+    a failure: those deaths are not causes); a reported 1; any other failure; 128 + the
+    launcher's signal; 0."""
+    first_report = min((e.time for e in reported), default=None)
+    killed = sorted((WorkerExit(rank, 128 - code if code < 0 else code, when)
+                     for rank, (code, when) in failures.items()
+                     if code != 0 and rank not in {e.rank for e in reported}),
+                    key=lambda e: e.time)
+    ordinary = [e for e in reported if e.code not in (0, 1)]
+    early_kills = [e for e in killed if first_report is None or e.time < int(first_report)]
+    for candidates in (ordinary, early_kills, [e for e in reported if e.code == 1], killed):
+        if candidates:
+            first = min(candidates, key=lambda e: e.time)
+            return first.code, first.rank
     if launcher_signal is not None:
         return 128 + launcher_signal, None
     return 0, None

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,29 @@ def processes_with_env(name: str, value: str) -> list[str]:
         except OSError:  # exited meanwhile, or not ours to read
             continue
     return found
+
+
+def worker_pid(tag_name: str, tag: str, rank: int) -> int:
+    """The pid of the ``launch/pretrain_grove.py`` worker of global rank ``rank`` among the
+    processes whose environment has ``tag_name=tag``."""
+    for line in processes_with_env(tag_name, tag):
+        pid = int(line.split()[0])
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and "pretrain_grove.py" in line:
+            return pid
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``log/metrics.jsonl`` holds ``steps`` records of the running ``proc``."""
+    deadline = time.monotonic() + timeout
+    while len(read_metrics(log / "metrics.jsonl")) < steps:
+        assert proc.poll() is None, f"the run ended early ({proc.returncode})"
+        assert time.monotonic() < deadline, "the run did not reach its first steps"
+        time.sleep(0.1)
 
 
 def free_port() -> int:

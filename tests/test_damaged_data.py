@@ -117,7 +117,8 @@ def test_a_truncated_idx_in_a_blend_stops_the_run_before_step_1(pair, tmp_path) 
     web, books = pair
     _cut(f"{books}.idx", 8)
     proc = run_script("launch/pretrain_grove.py", "--config", str(TINY), *FAST,
-                      "parallel.expert_model_parallel_size=1", f"data.path=[[0.7,{web}],[0.3,{books}]]", f"logging.dir={tmp_path / 'log'}",
+                      "parallel.expert_model_parallel_size=1",
+                      f"data.path=[[0.7,{web}],[0.3,{books}]]", f"logging.dir={tmp_path / 'log'}",
                       timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     ours = [line for line in proc.stderr.splitlines() if line.startswith("pretrain_grove.py")]

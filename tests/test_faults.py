@@ -22,6 +22,7 @@ from helpers import (
     run_script,
     torchrun,
     torchrun_command,
+    wait_for_steps,
 )
 from megatron_grove.checkpointing import checkpoint_dir, latest_iteration
 from megatron_grove.data.datasets import heldout_text_path
@@ -143,14 +144,6 @@ def test_divergence_stops_with_a_finite_latest_checkpoint_and_strict_json(tmp_pa
     assert in_world(_nonfinite_tensors, str(checkpoint_dir(ckpt, latest))) == []
 
 
-def _wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while len(read_metrics(log / "metrics.jsonl")) < steps:
-        assert proc.poll() is None, f"the run ended early ({proc.returncode})"
-        assert time.monotonic() < deadline, "the run did not reach its first steps"
-        time.sleep(0.1)
-
-
 def _launch(tmp_path: Path, tag: str, *overrides: str) -> subprocess.Popen:
     """A torchrun of the tiny run (stderr to tmp_path/stderr), every process tagged ``tag``."""
     with open(tmp_path / "stderr", "w") as err:
@@ -169,7 +162,7 @@ def test_sigterm_saves_the_current_step_and_the_resume_continues_the_run(straigh
     ckpt, log, tag = tmp_path / "ckpt", tmp_path / "log", f"sigterm-{tmp_path.name}"
     run = ("checkpoint.save_interval=100", f"checkpoint.save={ckpt}", f"logging.dir={log}")
     proc = _launch(tmp_path, tag, *run)
-    _wait_for_steps(log, 3, proc)
+    wait_for_steps(log, 3, proc)
     proc.send_signal(signal.SIGTERM)  # to the launcher, as SLURM or Kubernetes would
     assert proc.wait(timeout=120) == 4  # the workers' code, not torchrun's 1
     assert _no_process_left(tag) == []
@@ -193,7 +186,7 @@ def test_killed_launcher_makes_its_workers_save_and_exit(tmp_path):
     ckpt, log, tag = tmp_path / "ckpt", tmp_path / "log", f"launcher-{tmp_path.name}"
     proc = _launch(tmp_path, tag, "train.iters=200", f"checkpoint.save={ckpt}",
                    f"logging.dir={log}")
-    _wait_for_steps(log, 3, proc)
+    wait_for_steps(log, 3, proc)
     proc.kill()
     proc.wait()
     assert _no_process_left(tag, grace_s=120) == []
@@ -217,7 +210,7 @@ def test_unwritable_save_folder_fails_before_step_1(tmp_path):
 def test_the_failing_rank_prints_first_and_its_peer_names_it(tmp_path):
     log, tag = tmp_path / "log", f"order-{tmp_path.name}"
     proc = _launch(tmp_path, tag, f"logging.dir={log}", "train.iters=200")
-    _wait_for_steps(log, 2, proc)
+    wait_for_steps(log, 2, proc)
     (log / "metrics.jsonl").rename(log / "moved.jsonl")
     (log / "metrics.jsonl").mkdir()  # rank 0, the only writer, fails at its next record
     proc.wait(timeout=180)

@@ -5,15 +5,12 @@ tests/test_faults.py, the SLURM script's by tests/test_multinode.py.)"""
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from helpers import child_env, processes_with_env, torchrun, torchrun_command
+from helpers import child_env, torchrun, torchrun_command, wait_for_steps, worker_pid
 from megatron_grove.job_exit import WorkerExit
 from megatron_grove.launch import job_exit_code
-from megatron_grove.training.metrics import read_metrics
 
 TAG = "MEGATRON_GROVE_TEST_RUN"
 
@@ -27,8 +24,15 @@ def test_a_code_other_than_1_wins_and_the_earliest_among_them() -> None:
 
 def test_a_killed_worker_is_128_plus_its_signal_and_a_report_beats_the_agents_view() -> None:
     # rank 1 was SIGKILLed (torch's exitcode -9, no report); rank 0 then saw a collective fail
-    assert job_exit_code([WorkerExit(0, 1, 12.0)], {0: (1, 12.0), 1: (-9, 11.0)}) == (137, 1)
+    assert job_exit_code([WorkerExit(0, 1, 14.2)], {0: (1, 14.0), 1: (-9, 11.0)}) == (137, 1)
     assert job_exit_code([WorkerExit(0, 4, 12.0)], {0: (4, 12.0)}) == (4, 0)
+
+
+def test_workers_the_agent_kills_after_a_failure_are_not_its_cause() -> None:
+    # the hang watchdog's rank 0 exits 1; the agent then kills the stopped rank 1 (SIGKILL)
+    assert job_exit_code([WorkerExit(0, 1, 40.5)], {0: (1, 40.0), 1: (-9, 71.0)}) == (1, 0)
+    # rank 0's bad input; rank 1, still starting, dies of the agent's SIGTERM the same second
+    assert job_exit_code([WorkerExit(0, 2, 40.5)], {0: (2, 40.0), 1: (-15, 40.0)}) == (2, 0)
 
 
 def test_a_signal_to_the_launcher_takes_the_workers_code_else_128_plus_it() -> None:
@@ -46,25 +50,6 @@ def test_help_explains_the_exit_codes() -> None:
     assert "--nproc-per-node" in proc.stdout and "4 preempted" in proc.stdout
 
 
-def worker_pid(tag: str, rank: int) -> int:
-    """The pid of the training worker of global rank ``rank`` among the processes tagged
-    ``tag``."""
-    for line in processes_with_env(TAG, tag):
-        pid = int(line.split()[0])
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in env and b"pretrain_grove.py" in line.encode():
-            return pid
-    raise AssertionError(f"no worker of rank {rank}")
-
-
-def wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while len(read_metrics(log / "metrics.jsonl")) < steps:
-        assert proc.poll() is None, f"the run ended early ({proc.returncode})"
-        assert time.monotonic() < deadline, "the run did not reach its first steps"
-        time.sleep(0.1)
-
-
 @pytest.mark.e2e
 def test_a_killed_worker_ends_the_job_with_137_and_one_launch_line(tmp_path) -> None:
     tag = f"killed-{tmp_path.name}"
@@ -76,7 +61,7 @@ def test_a_killed_worker_ends_the_job_with_137_and_one_launch_line(tmp_path) -> 
             stdout=subprocess.DEVNULL, stderr=err, env=child_env({TAG: tag}))
     try:
         wait_for_steps(log, 2, proc)
-        subprocess.run(["kill", "-KILL", str(worker_pid(tag, 1))], check=True)
+        subprocess.run(["kill", "-KILL", str(worker_pid(TAG, tag, 1))], check=True)
         assert proc.wait(timeout=120) == 128 + signal.SIGKILL
     finally:
         proc.kill()

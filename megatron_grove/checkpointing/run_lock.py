@@ -185,7 +185,7 @@ def take_run_lock(folder: str | Path, key: str, stale_s: float) -> tuple[RunLock
             continue
         aside.unlink(missing_ok=True)
         if reason != "this process":
-            note = (f"{key}={folder}: took over the lock of {holder.describe() if holder else 'an unknown run'}: "
-                    f"{reason}")
+            who = holder.describe() if holder else "an unknown run"
+            note = f"{key}={folder}: took over the lock of {who}: {reason}"
     raise RunLockHeld(f"{key}={folder}: cannot take its lock {path} (other runs keep taking "
                       "it); start one run per folder")

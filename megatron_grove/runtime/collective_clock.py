@@ -3,13 +3,14 @@
 In synchronous training every rank's step takes the same wall time: the ranks that are
 ahead wait for the slow one inside a collective. A rank's *own* time is its step time minus
 that wait, plus the part of it during which the rank itself did not run (a stopped or
-starved process: a ticker thread oversleeps); the straggler detector (:mod:`megatron_grove.training.stragglers`) compares it
-across ranks, and the hang watchdog (:mod:`megatron_grove.runtime.watchdog`) asks which
-collective each rank is waiting in.
+starved process: a ticker thread oversleeps); the straggler detector
+(:mod:`megatron_grove.training.stragglers`) compares it across ranks, and the hang watchdog
+(:mod:`megatron_grove.runtime.watchdog`) asks which collective each rank is waiting in.
 
-:func:`collective_clock` wraps the module-level collectives of ``torch.distributed`` that
-Megatron-Core and this package call (they look them up at call time: ``torch.distributed.
-all_reduce(...)``); a blocking call is timed around the call, an ``async_op=True`` call at
+:func:`collective_clock` wraps the module-level collectives of ``torch.distributed`` (and of
+``torch.distributed.distributed_c10d``, which its object collectives call) that Megatron-Core,
+torch's checkpointing and this package call (they look them up at call time:
+``torch.distributed.all_reduce(...)``); a blocking call is timed around the call, an ``async_op=True`` call at
 its work's ``wait()``. Nested calls (``all_gather_object`` calls ``all_gather``) count once.
 Not seen: waits inside a coalescing manager's exit (Megatron's DDP gradient buckets with
 ``overlap_grad_reduce``) and, on GPU, the device-side wait of NCCL kernels (a call returns
@@ -29,8 +30,12 @@ __all__ = ["CollectiveClock", "collective_clock"]
 
 _NAMES = ("all_reduce", "all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor",
           "reduce_scatter_tensor", "reduce_scatter", "broadcast", "reduce", "barrier",
-          "all_gather_object", "broadcast_object_list", "gather", "scatter",
-          "_all_gather_base", "_reduce_scatter_base")
+          "monitored_barrier", "all_gather_object", "broadcast_object_list", "gather_object",
+          "scatter_object_list", "gather", "scatter", "send", "recv", "_all_gather_base",
+          "_reduce_scatter_base")
+# torch.distributed re-exports distributed_c10d's functions; the object collectives there call
+# the tensor ones through distributed_c10d's own globals: both namespaces get the wrapper
+_NAMESPACES = (dist, dist.distributed_c10d)
 
 
 class _TimedWork:
@@ -106,14 +111,19 @@ class CollectiveClock:
     def install(self) -> None:
         threading.Thread(target=self._tick, name="collective-clock-ticker", daemon=True).start()
         for name in _NAMES:
-            fn = getattr(dist, name, None)
-            if fn is not None and not getattr(fn, "__wrapped_by_collective_clock__", False):
-                self._originals[name] = fn
-                setattr(dist, name, self._wrap(name, fn))
+            fn = getattr(dist.distributed_c10d, name, None)
+            if fn is None or getattr(fn, "__wrapped_by_collective_clock__", False):
+                continue
+            self._originals[name] = fn
+            timed = self._wrap(name, fn)
+            for namespace in _NAMESPACES:
+                if getattr(namespace, name, None) is fn:
+                    setattr(namespace, name, timed)
 
     def uninstall(self) -> None:
         for name, fn in self._originals.items():
-            setattr(dist, name, fn)
+            for namespace in _NAMESPACES:
+                setattr(namespace, name, fn)
         self._originals.clear()
 
 

@@ -2,13 +2,15 @@
 
 Each rank measures its *own* time per step: the step's wall time minus what it waited inside
 collectives for the other ranks (:mod:`megatron_grove.runtime.collective_clock`; the ranks
-that are ahead wait there for the slow one, so wall times alone are equal). Every ``logging.straggler_interval``
-steps the ranks exchange their mean own time over the interval (one all-gather of one float
-per rank). A rank whose time exceeds the median (the lower median: with 2 ranks the faster
-one's) by ``logging.straggler_factor`` in ``logging.straggler_intervals`` exchanges in a row
-is a straggler: rank 0 prints one line per exchange while it stays one. The exchange step's
-``metrics.jsonl`` record carries ``"rank_step_time_s"`` (each rank's time) and ``"stragglers": [{"rank", "host", "step_time_s",
-"median_s", "intervals", "first_step"}]``.
+that are ahead wait there for the slow one, so wall times alone are equal). Every
+``logging.straggler_interval`` steps the ranks exchange their mean own time over the interval
+(one all-gather of one float per rank). A rank whose time exceeds the median (the lower
+median: with 2 ranks the faster one's) by ``logging.straggler_factor`` in
+``logging.straggler_intervals`` exchanges in a row is a straggler: rank 0 prints one line per
+exchange while it stays one. The exchange step's ``metrics.jsonl`` record carries
+``"rank_step_time_s"`` (each rank's time), ``"straggler_exchange_s"`` (what the exchange
+took: its cost) and ``"stragglers": [{"rank", "host", "step_time_s", "median_s",
+"intervals", "first_step"}]``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ class StragglerDetector:
         self.streak = [0] * len(self.hosts)
         self.own_s, self.steps, self.first = 0.0, 0, None
         self._began = self._waited = 0.0
-        self.exchange_s = 0.0  # wall time spent in the exchanges so far (their cost)
 
     def _others_s(self) -> float:
         """Seconds waited for other ranks so far."""
@@ -76,7 +77,6 @@ class StragglerDetector:
         times = [torch.zeros_like(mine) for _ in self.hosts]
         dist.all_gather(times, mine)
         own = [float(t) for t in times]
-        self.exchange_s += time.perf_counter() - began
         median = statistics.median_low(own)
         found = []
         for rank, seconds in enumerate(own):
@@ -86,4 +86,5 @@ class StragglerDetector:
                               "median_s": median, "intervals": self.streak[rank],
                               "first_step": self.first})
         self.own_s, self.steps, self.first = 0.0, 0, None
-        return {"rank_step_time_s": own, **({"stragglers": found} if found else {})}
+        return {"rank_step_time_s": own, "straggler_exchange_s": time.perf_counter() - began,
+                **({"stragglers": found} if found else {})}
