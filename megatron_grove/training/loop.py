@@ -282,6 +282,8 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
         note = skips.after_step(step, health, latest_checkpoint(cfg, last_saved))
         if note and is_first:
             tqdm.write(note, file=sys.stderr)
+        if watchdog:  # again after the save below: a save may take its own hang_timeout_s
+            watchdog.progress(step, latest_checkpoint(cfg, last_saved))
         stopping = step == t.iters or step == t.exit_at_iter or bool(health.stop_requested)
         interval = cfg.checkpoint.save_interval
         if (cfg.checkpoint.save and health.finite
