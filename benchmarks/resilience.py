@@ -3,11 +3,13 @@
     checksum  save / manifest / verify / load times of one training state of a config
     rss       resident memory of every worker over a whole torchrun of a config
     signal    seconds from a signal to the workers' and torchrun's exit, and the step saved
+    stragglers  the straggler exchange's cost per step (a run with it every step, one without)
 
     python benchmarks/resilience.py checksum --config configs/tiny_cpu.yaml [key=value ...]
     python benchmarks/resilience.py rss --config configs/tiny_cpu.yaml train.iters=600
     python benchmarks/resilience.py signal --config configs/tiny_cpu.yaml --after-steps 20 \\
         checkpoint.save=/tmp/ckpt
+    python benchmarks/resilience.py stragglers --config configs/tiny_cpu.yaml train.iters=60
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from megatron_grove.benchmarking.resilience import (
     format_checksum_table,
     measure_rss,
     measure_signal_to_exit,
+    measure_straggler_exchange,
     run_checksum_benchmark,
 )
 
@@ -31,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="resilience.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("checksum", "rss", "signal"))
+    parser.add_argument("what", choices=("checksum", "rss", "signal", "stragglers"))
     parser.add_argument("--config", required=True, help="YAML run configuration")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{s['t_s']:8.1f} s  step {s['step']:6d}  RSS MiB "
                           + " ".join(f"{r:8.1f}" for r in s["rss_mib"]))
                 summary = {"samples": samples}
+            elif args.what == "stragglers":
+                summary = measure_straggler_exchange(args.config, args.overrides, args.nproc,
+                                                     log_dir)
+                print(", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
             else:
                 summary = measure_signal_to_exit(args.config, args.overrides, args.nproc,
                                                  args.after_steps, signal.Signals[args.signal],

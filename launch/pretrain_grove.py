@@ -1,7 +1,10 @@
 """Pretrain a Grove MoE / MoE language model with Megatron-Core (torchrun entry point).
 
-    torchrun --nproc-per-node 2 launch/pretrain_grove.py --config configs/tiny_cpu.yaml \
-        parallel.expert_model_parallel_size=2 train.iters=50
+    python -m megatron_grove.launch --nproc-per-node 2 launch/pretrain_grove.py \
+        --config configs/tiny_cpu.yaml parallel.expert_model_parallel_size=2 train.iters=50
+
+(``megatron_grove.launch`` is torchrun with the job's own exit code; plain ``torchrun`` works
+too and exits 1 whenever a worker failed.)
 
 Rank, world size and rendezvous come from torchrun's environment only. Without torchrun it
 runs as a single process (world size 1).
@@ -68,7 +71,17 @@ long runs (docs/fault_tolerance.md):
   torchrun dies gets SIGTERM
   before step 1: checkpoint.save and logging.dir writable, data.path's .bin/.idx consistent,
   tokenizer readable, runtime.device present
-exit codes (of each process; torchrun's own is 1 whenever a worker failed):
+one run per folder: checkpoint.save and logging.dir hold a lock (.run.lock: host, pid, SLURM
+  job, start); a second run refuses (exit 2); a dead run's lock is taken over, a silent one on
+  another host after checkpoint.lock_stale_s; a requeued SLURM job takes its own back
+stragglers: every logging.straggler_interval steps (default 50) the ranks exchange their own
+  step times; a rank logging.straggler_factor x slower than the median for
+  logging.straggler_intervals exchanges is named (stderr, metrics.jsonl "stragglers")
+hangs: runtime.hang_timeout_s (default off): no step finished for that long -> every rank's
+  stack in logging.dir/hang-rank{N}.txt, one line naming the ranks that did not reach the
+  collective, exit 1
+exit codes (of each process; under python -m megatron_grove.launch also the job's: the first
+failing worker's; plain torchrun's own is 1 whenever a worker failed):
   0 ok
   1 a collective failed (a peer died, hung or the network failed; one line naming the rank
     that stopped first when known) or an unexpected error (traceback)
@@ -181,7 +194,9 @@ def _collective_failed(rank: int, reason: str, cfg) -> None:
                f"or the network failed; stopping. {resume}")
     print(f"pretrain_grove.py: rank {rank}: a collective failed ({reason}): {why}",
           file=sys.stderr, flush=True)
-    os._exit(1)
+    from megatron_grove.job_exit import exit_now
+
+    exit_now(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skips the interpreter's teardown of torch and Megatron (seconds, nothing
+    from megatron_grove.job_exit import exit_now
+
+    exit_now(code)  # skips the interpreter's teardown of torch and Megatron (seconds, nothing
     # left to write: files are closed, the process groups destroyed)

@@ -190,6 +190,9 @@ class CheckpointConfig:
     # overwrite=true starts from checkpoint.load (or from scratch) instead and deletes the
     # checkpoints in checkpoint.save newer than that starting step.
     overwrite: bool = False
+    # one run per folder (checkpoint.save, logging.dir): a lock whose holder on another host
+    # has not refreshed it for this long is taken over (on this host: when its pid is gone)
+    lock_stale_s: int = 300
 
 
 @dataclass
@@ -200,6 +203,12 @@ class LoggingConfig:
     progress_bar: bool = True
     # per-device peak TFLOP/s for MFU; None: the bf16 dense peak of a known GPU, none on CPU
     peak_tflops: Optional[float] = None
+    # every N steps the ranks exchange their step times (one small all-gather); a rank whose
+    # time exceeds the median by straggler_factor for straggler_intervals exchanges in a row
+    # is logged (0: no exchange)
+    straggler_interval: int = 50
+    straggler_factor: float = 1.5
+    straggler_intervals: int = 3
 
 
 @dataclass
@@ -207,6 +216,9 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "bf16"] = "fp32"
     dist_timeout_s: int = 300
+    # no step finished for this long: every rank writes its stack to logging.dir and the job
+    # stops, exit 1 (null: no watchdog); keep it below dist_timeout_s
+    hang_timeout_s: Optional[int] = None
 
 
 @dataclass
@@ -485,6 +497,18 @@ def _validate(cfg: GroveConfig) -> None:
              "checkpoint.save=DIR")
     _require(cfg.runtime.dist_timeout_s >= 1,
              f"runtime.dist_timeout_s={cfg.runtime.dist_timeout_s}: must be >= 1")
+    _require(cfg.checkpoint.lock_stale_s >= 1,
+             f"checkpoint.lock_stale_s={cfg.checkpoint.lock_stale_s}: must be >= 1")
+    lg = cfg.logging
+    _require(lg.straggler_interval >= 0 and lg.straggler_factor > 1 and lg.straggler_intervals >= 1,
+             f"logging.straggler_interval={lg.straggler_interval} / straggler_factor="
+             f"{lg.straggler_factor} / straggler_intervals={lg.straggler_intervals}: need >= 0 "
+             "(0: off), > 1 and >= 1")
+    hang = cfg.runtime.hang_timeout_s
+    _require(hang is None or 1 <= hang < cfg.runtime.dist_timeout_s,
+             f"runtime.hang_timeout_s={hang}: allowed 1..runtime.dist_timeout_s-1="
+             f"{cfg.runtime.dist_timeout_s - 1} (a hang must be named before a collective "
+             "times out) or null (no watchdog)")
     _require(cfg.checkpoint.save_interval >= 0,
              f"checkpoint.save_interval={cfg.checkpoint.save_interval}: must be >= 0")
     _require(cfg.logging.log_interval >= 1,

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,29 @@ def processes_with_env(name: str, value: str) -> list[str]:
     return found
 
 
+def worker_pid(tag_name: str, tag: str, rank: int) -> int:
+    """The pid of the ``launch/pretrain_grove.py`` worker of global rank ``rank`` among the
+    processes whose environment has ``tag_name=tag``."""
+    for line in processes_with_env(tag_name, tag):
+        pid = int(line.split()[0])
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and "pretrain_grove.py" in line:
+            return pid
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``log/metrics.jsonl`` holds ``steps`` records of the running ``proc``."""
+    deadline = time.monotonic() + timeout
+    while len(read_metrics(log / "metrics.jsonl")) < steps:
+        assert proc.poll() is None, f"the run ended early ({proc.returncode})"
+        assert time.monotonic() < deadline, "the run did not reach its first steps"
+        time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,17 +190,22 @@ FAST = ["model.seq_length=32", "model.hidden_size=64", "model.ffn_hidden_size=12
         "train.global_batch_size=8", "train.micro_batch_size=2", "logging.progress_bar=false"]
 
 
-def torchrun_command(*overrides: str, nproc: int = 2, config: Path = TINY) -> list[str]:
-    """A torchrun command line of ``launch/pretrain_grove.py`` on ``config`` + FAST."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+def torchrun_command(*overrides: str, nproc: int = 2, config: Path = TINY,
+                     plain: bool = False) -> list[str]:
+    """A command line of ``launch/pretrain_grove.py`` on ``config`` + FAST under our launcher
+    (``python -m megatron_grove.launch``: the job's own exit code) or, ``plain``, torchrun."""
+    launcher = "torch.distributed.run" if plain else "megatron_grove.launch"
+    return [sys.executable, "-m", launcher, "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(LAUNCH),
             "--config", str(config), *FAST, *overrides]
 
 
-def torchrun(*overrides: str, nproc: int = 2, check: bool = True,
-             timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the tiny config (+ FAST + ``overrides``) under real torchrun on CPU."""
-    proc = subprocess.run(torchrun_command(*overrides, nproc=nproc), capture_output=True,
+def torchrun(*overrides: str, nproc: int = 2, check: bool = True, timeout: float = 600,
+             plain: bool = False) -> subprocess.CompletedProcess:
+    """Run the tiny config (+ FAST + ``overrides``) under our launcher (``plain``: torchrun)
+    on CPU."""
+    proc = subprocess.run(torchrun_command(*overrides, nproc=nproc, plain=plain),
+                          capture_output=True,
                           text=True, timeout=timeout, env=child_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

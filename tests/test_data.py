@@ -266,8 +266,9 @@ def test_separate_validation_data(two_corpora, tokenizer, cache_dir) -> None:
 def test_check_sources_refuses_missing_data_and_empty_split_parts(two_corpora, tmp_path) -> None:
     a, _, _, _ = two_corpora
     check_sources(([a], None), None, "90,10,0")
-    with pytest.raises(ConfigError, match=r"^data.valid_path: no indexed dataset .*nope.bin / "
-                                          r".*nope.idx; write one with tools/preprocess_data.py$"):
+    with pytest.raises(ConfigError, match=r"^data.valid_path=.*nope: .*nope.idx does not exist; "
+                                          r"give the prefix of a .bin/.idx pair written by "
+                                          r"tools/preprocess_data.py$"):
         check_sources(([a], None), ([str(tmp_path / "nope")], None), None)
     with pytest.raises(ConfigError, match=r"^data.split=99,1,0: its validation part gets none "
                                           r"of the 20 documents of .*ab; raise that share"):

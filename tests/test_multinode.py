@@ -180,13 +180,23 @@ def test_sbatch_time_limit_signal_saves_and_requeues(tmp_path):
             (tmp_path / "sbatch.err").read_text()[-3000:]
         time.sleep(0.1)
     proc.send_signal(signal.SIGUSR1)
-    proc.wait(timeout=120)
+    assert proc.wait(timeout=120) == 4  # preempted and saved: the job's own code
     stopped = read_metrics(log / "metrics.jsonl")[-1]["step"]
     assert 3 <= stopped < 200 and latest_iteration(ckpt) == stopped
     assert f"SIGUSR1 received: stopped after step {stopped}; the latest checkpoint is step " \
            f"{stopped}" in (tmp_path / "sbatch.err").read_text()
     assert "requeueing" in (tmp_path / "sbatch.out").read_text()
     assert "requeue 42" in (tmp_path / "scontrol.log").read_text().splitlines()
+
+
+def test_sbatch_never_requeues_bad_input(tmp_path):
+    proc = _sbatch(tmp_path, "train.lr=-1", f"logging.dir={tmp_path / 'log'}")
+    assert proc.wait(timeout=300) == 2, (tmp_path / "sbatch.err").read_text()[-3000:]
+    assert "pretrain_grove.py: config error: train.lr=-1.0: must be a finite number >= 0" in \
+        (tmp_path / "sbatch.err").read_text()
+    assert "not requeueing" in (tmp_path / "sbatch.out").read_text()
+    assert not any(line.startswith("requeue") for line in
+                   (tmp_path / "scontrol.log").read_text().splitlines())
 
 
 def test_only_collective_failures_get_the_one_line_exit():

@@ -248,7 +248,7 @@ def test_dataset_files_are_checked_against_each_other(tmp_path):
         f"data.path={prefix}: {prefix}.bin has {size - 2} bytes but its index points to {size}; "
         "the .bin is truncated or belongs to another .idx: preprocess it again")
     os.truncate(f"{prefix}.idx", 10)
-    assert f"cannot read {prefix}.idx" in dataset_problem(prefix)
+    assert f"{prefix}.idx is truncated: 10 bytes" in dataset_problem(prefix)
     # an empty dataset (our preprocessing refuses to write one; Megatron's builder does not)
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 

@@ -207,3 +207,33 @@ def measure_signal_to_exit(config: str, overrides: list[str], nproc: int, after_
     return {"signal": signal.Signals(sig).name, "signalled_after_step": at_step,
             "stopped_after_step": _last_step(metrics), "workers_exit_s": workers_s,
             "launcher_exit_s": time.monotonic() - sent, "launcher_exit_code": launcher.returncode}
+
+
+def measure_straggler_exchange(config: str, overrides: list[str], nproc: int,
+                               log_dir: str) -> dict:
+    """The cost of the straggler exchange: the config run with an exchange after every step
+    (``logging.straggler_interval=1``) and without (``=0``), one after the other. Medians of
+    ``straggler_exchange_s`` and of ``step_time_s`` (which the exchange is not part of; the
+    timing of collectives is), and the exchange's share of a step at the default interval."""
+    import statistics
+
+    from megatron_grove.config import LoggingConfig
+    from megatron_grove.training.metrics import read_metrics
+
+    runs = {}
+    for interval in (1, 0):
+        folder = Path(log_dir) / f"interval{interval}"
+        launcher = _torchrun(config, [*overrides, f"logging.straggler_interval={interval}"],
+                             nproc, str(folder), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        if launcher.wait() != 0:
+            raise RuntimeError(f"the run failed (exit code {launcher.returncode})")
+        runs[interval] = read_metrics(folder / "metrics.jsonl")[2:]  # past the warm-up steps
+    exchange = statistics.median(r["straggler_exchange_s"] for r in runs[1])
+    step = statistics.median(r["step_time_s"] for r in runs[1])
+    plain = statistics.median(r["step_time_s"] for r in runs[0])
+    every = LoggingConfig().straggler_interval
+    return {"steps": len(runs[1]), "exchange_s": exchange, "step_s": step,
+            "step_s_without_detector": plain, "exchange_per_step_of_a_step": exchange / step,
+            f"exchange_share_at_interval_{every}": exchange / every / step,
+            "step_time_ratio_with_over_without": step / plain}

@@ -49,6 +49,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from megatron_grove.checkpointing.folder_kind import not_our_checkpoint
 from megatron_grove.checkpointing.manifest import (
     MANIFEST_NAME,
     verify_manifest,
@@ -239,9 +240,7 @@ def resolve_checkpoint_folder(path: str | Path, step: int | None = None) -> Path
         return path
     step = latest_iteration(path) if step is None else step
     if step is None:
-        raise CheckpointError(
-            f"{path}: no {LATEST_FILE} there; not a checkpoint written by checkpoint.save or "
-            "tools/convert_checkpoint.py")
+        raise CheckpointError(not_our_checkpoint(path, LATEST_FILE))
     return checkpoint_dir(path, step)
 
 

@@ -34,6 +34,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_grove.config import SPLIT_PARTS, ConfigError, split_shares
 from megatron_grove.data.datasets import cache_root
+from megatron_grove.data.integrity import indexed_dataset_problem
 from megatron_grove.data.tokenizer import JsonTokenizer
 
 __all__ = ["Blend", "megatron_blend", "check_sources", "build_gpt_datasets", "samples_per_prefix"]
@@ -62,13 +63,12 @@ def _split_documents(num_documents: int, split: str) -> list[Optional[range]]:
 
 def check_sources(train: Blend, valid: Optional[Blend], split: Optional[str]) -> None:
     """Refuse, with a one-line :class:`ConfigError`, data Megatron's builder cannot serve: a
-    prefix without its ``.bin``/``.idx``, or a split part of non-zero share that gets no
+    prefix whose ``.bin``/``.idx`` are missing or damaged (:func:`indexed_dataset_problem`), or a split part of non-zero share that gets no
     document of some prefix (the builder would loop forever looking for its tokens)."""
     for key, blend in (("data.path", train), ("data.valid_path", valid)):
         for prefix in (blend[0] if blend is not None else []):
-            if not IndexedDataset.exists(prefix):
-                raise ConfigError(f"{key}: no indexed dataset {prefix}.bin / {prefix}.idx; "
-                                  "write one with tools/preprocess_data.py")
+            if problem := indexed_dataset_problem(prefix):
+                raise ConfigError(f"{key}={prefix}: {problem}")
     if split is None:
         return
     for prefix in train[0]:

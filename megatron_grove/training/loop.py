@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from megatron_grove.config import GroveConfig
 from megatron_grove.runtime import initialize_parallel
+from megatron_grove.runtime.watchdog import HangWatchdog
 from megatron_grove.training.flops import peak_tflops, throughput_record
 from megatron_grove.training.metrics import MetricsWriter
 from megatron_grove.training.nonfinite import SkipCounter
@@ -28,6 +29,7 @@ from megatron_grove.training.preflight import preflight
 from megatron_grove.training.resume import choose_start, latest_checkpoint, load_start, save_step
 from megatron_grove.training.setup import TrainingSetup, setup_training
 from megatron_grove.training.step import StepResult, dp_mean, forward_step_func, train_step
+from megatron_grove.training.stragglers import StragglerDetector, straggler_line
 from megatron_grove.training.validation import (
     validation_due,
     validation_line,
@@ -126,10 +128,19 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
     bar = tqdm(total=t.iters, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not (is_first and cfg.logging.progress_bar))
     summary, skips = TrainSummary(), SkipCounter(t.max_skipped_steps)
+    stragglers = StragglerDetector(cfg.logging)
+    watchdog = (HangWatchdog(cfg.runtime.hang_timeout_s, cfg.logging.dir, setup.runtime.rank,
+                             setup.runtime.world_size).start(start,
+                                                             latest_checkpoint(cfg, last_saved))
+                if cfg.runtime.hang_timeout_s else None)
     for step in range(start + 1, t.iters + 1):
+        stragglers.step_began()
         result = train_step(setup, cfg, step, forward_step, stop and stop.received)
         health = result.health
-        record = _step_record(cfg, setup, step, result, peak)
+        exchange = stragglers.step_ended(step)  # an all-gather every logging.straggler_interval
+        record = {**_step_record(cfg, setup, step, result, peak), **exchange}
+        for found in exchange.get("stragglers", []) if is_first else []:
+            bar.write(straggler_line(step, found), file=sys.stderr)
         if validation_due(cfg, step, setup.valid_dataset is not None):
             record.update(validation_record(dp_mean(validation_loss(
                 cfg, setup.model_chunks, setup.valid_dataset, forward_step, setup.dp_rank,
@@ -139,13 +150,15 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
                 bar.write(validation_line(step, t.iters, record))
         summary.count(result.loss)
         if (step % cfg.logging.log_interval == 0 or step == t.iters or not health.finite
-                or "val_loss" in record):
+                or "val_loss" in record or "stragglers" in record):
             metrics.write(record)
         bar.set_postfix(**_postfix(record))
         bar.update(1)
         note = skips.after_step(step, health, latest_checkpoint(cfg, last_saved))
         if note and is_first:
             tqdm.write(note, file=sys.stderr)
+        if watchdog:  # again after the save below: a save may take its own hang_timeout_s
+            watchdog.progress(step, latest_checkpoint(cfg, last_saved))
         stopping = step == t.iters or step == t.exit_at_iter or bool(health.stop_requested)
         interval = cfg.checkpoint.save_interval
         if (cfg.checkpoint.save and health.finite
@@ -153,6 +166,8 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
             save_step(cfg, setup.model_chunks, setup.optimizer, setup.scheduler, step,
                       latest_checkpoint(cfg, last_saved))
             last_saved = step
+        if watchdog:
+            watchdog.progress(step, latest_checkpoint(cfg, last_saved))
         if health.stop_requested:
             raise Preempted(health.stop_requested, step,
                             latest_checkpoint(cfg, last_saved) if cfg.checkpoint.save else None)

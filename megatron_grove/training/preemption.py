@@ -21,6 +21,8 @@ import signal
 import threading
 from types import FrameType
 
+from megatron_grove.job_exit import exit_now
+
 __all__ = ["STOP_SIGNALS", "PREEMPTED_EXIT", "StopSignals", "Preempted"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -60,7 +62,7 @@ class StopSignals:
         if self._announce:
             os.write(2, f"pretrain_grove.py: second signal ({signal.Signals(signum).name}): "
                         "exiting now without saving\n".encode())
-        os._exit(128 + signum)
+        exit_now(128 + signum)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

@@ -4,17 +4,23 @@ Run on every rank right after the process group starts (:func:`preflight`, colle
 that cannot write its checkpoints or metrics, whose data files are missing or inconsistent,
 or whose tokenizer cannot be read stops within seconds, before step 1, with one line naming
 the key (:class:`PreflightError`, a :class:`~megatron_grove.config.ConfigError`: exit code 2),
-instead of at the first save hours later. The device is checked earlier, when it is chosen
+instead of at the first save hours later. Then rank 0 takes the run locks of
+``checkpoint.save`` and ``logging.dir`` (one run per folder:
+:mod:`megatron_grove.checkpointing.run_lock`). The device is checked earlier, when it is chosen
 (:func:`megatron_grove.runtime.resolve_device`).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
+from megatron_grove.checkpointing.run_lock import RunLock, RunLockHeld, take_run_lock
 from megatron_grove.config import ConfigError, GroveConfig
 from megatron_grove.data.blends import megatron_blend
+from megatron_grove.data.integrity import indexed_dataset_problem
 from megatron_grove.runtime.distributed import objects_from_all_ranks
 
 __all__ = ["PreflightError", "preflight", "writable_dir_problem", "dataset_problem"]
@@ -28,7 +34,7 @@ def writable_dir_problem(key: str, path: str | Path, rank: int) -> str | None:
     """Create ``path`` (with parents) and write and remove a probe file there; the problem in
     one line, or None."""
     path = Path(path)
-    probe = path / f".write-test-rank{rank}"
+    probe = path / f".write-test-{socket.gethostname()}-{os.getpid()}-rank{rank}"  # unique
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
@@ -39,38 +45,10 @@ def writable_dir_problem(key: str, path: str | Path, rank: int) -> str | None:
 
 
 def dataset_problem(prefix: str, key: str = "data.path") -> str | None:
-    """``data.path``: ``PREFIX.idx`` and ``PREFIX.bin`` exist, the index reads, holds documents,
-    and the ``.bin`` has exactly the bytes the index points to."""
-    from megatron.core.datasets.indexed_dataset import (
-        DType,
-        IndexedDataset,
-        get_bin_path,
-        get_idx_path,
-    )
-
-    key = f"{key}={prefix}"
-    for path in (get_idx_path(prefix), get_bin_path(prefix)):
-        if not os.path.isfile(path):
-            return (f"{key}: {path} does not exist; give the prefix of a .bin/.idx pair written "
-                    "by tools/preprocess_data.py")
-    actual = os.path.getsize(get_bin_path(prefix))
-    if actual == 0:
-        return f"{key}: the dataset holds no tokens ({get_bin_path(prefix)} is empty); " \
-               "preprocess a non-empty input"
-    try:
-        index = IndexedDataset(prefix).index
-        count = len(index.sequence_lengths)
-        expected = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1])
-                    * DType.size(index.dtype)) if count else 0
-    except Exception as exc:  # Megatron asserts and numpy errors on a damaged index
-        return f"{key}: cannot read {get_idx_path(prefix)} ({type(exc).__name__}: {exc})"
-    if count == 0:
-        return f"{key}: the dataset holds no documents; preprocess a non-empty input"
-    if actual != expected:
-        return (f"{key}: {get_bin_path(prefix)} has {actual} bytes but its index points to "
-                f"{expected}; the .bin is {'truncated' if actual < expected else 'too long'} "
-                "or belongs to another .idx: preprocess it again")
-    return None
+    """``KEY=PREFIX: what is wrong`` with the indexed dataset ``prefix``
+    (:func:`~megatron_grove.data.integrity.indexed_dataset_problem`), or None."""
+    problem = indexed_dataset_problem(prefix)
+    return f"{key}={prefix}: {problem}" if problem else None
 
 
 def _tokenizer_problem(name: str | None) -> str | None:
@@ -97,10 +75,40 @@ def _local_problem(cfg: GroveConfig, rank: int) -> str | None:
     return _tokenizer_problem(cfg.data.tokenizer)
 
 
+def _take_run_locks(cfg: GroveConfig) -> tuple[list[RunLock], list[str], str | None]:
+    """Rank 0: the run locks of ``checkpoint.save`` and ``logging.dir``
+    (:mod:`~megatron_grove.checkpointing.run_lock`), the take-over lines, the problem."""
+    locks, notes = [], []
+    folders = {"checkpoint.save": cfg.checkpoint.save, "logging.dir": cfg.logging.dir}
+    taken: set[Path] = set()
+    for key, folder in folders.items():
+        if not folder or Path(folder).resolve() in taken:
+            continue
+        taken.add(Path(folder).resolve())
+        try:
+            lock, note = take_run_lock(folder, key, cfg.checkpoint.lock_stale_s)
+        except RunLockHeld as exc:
+            for lock in locks:
+                lock.release()
+            return [], notes, str(exc)
+        locks.append(lock)
+        notes += [note] if note else []
+    return locks, notes, None
+
+
 def preflight(cfg: GroveConfig, rank: int) -> None:
     """Collective: raise :class:`PreflightError` on every rank when any rank found a problem
-    (the lowest rank's; prefixed with that rank unless it is rank 0)."""
-    failed = [(r, p) for r, p in enumerate(objects_from_all_ranks(_local_problem(cfg, rank))) if p]
+    (the lowest rank's; prefixed with that rank unless it is rank 0). Rank 0 then takes the
+    run locks (held until the process ends) and prints the lines of locks it took over."""
+    problem = _local_problem(cfg, rank)
+    locks, notes = [], []
+    if problem is None and rank == 0:
+        locks, notes, problem = _take_run_locks(cfg)
+    failed = [(r, p) for r, p in enumerate(objects_from_all_ranks(problem)) if p]
     if failed:
+        for lock in locks:
+            lock.release()
         first_rank, problem = failed[0]
         raise PreflightError(problem if first_rank == 0 else f"rank {first_rank}: {problem}")
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
