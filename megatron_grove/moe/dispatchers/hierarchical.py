@@ -116,6 +116,7 @@ class GroveHierarchicalDispatcher(GroupAwareAlltoAllDispatcher):
             *stage1.token_dispatch(rows, weights))
         forwarded, forwarded_weights = super().dispatch_preprocess(
             landed, landed_weights != 0, landed_weights)
+        self.rows_sent = stage1.rows_sent  # the rows this rank's tokens made, not the forwarded
         return super().token_dispatch(forwarded, forwarded_weights)
 
     def link_rows(self) -> tuple[int, int]:
