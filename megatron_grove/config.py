@@ -591,6 +591,9 @@ def validate_layout(cfg: GroveConfig, world_size: int) -> int:
     _require(world_size % (tp * pp) == 0,
              f"parallel.tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp}: "
              f"must divide the world size {world_size}")
+    _require(p.ranks_per_node is None or world_size % p.ranks_per_node == 0,
+             f"parallel.ranks_per_node={p.ranks_per_node}: must divide the world size "
+             f"{world_size} (ranks per node; default: torchrun's LOCAL_WORLD_SIZE)")
     dp = world_size // (tp * pp)
     _require(dp % ep == 0 and ep <= world_size // (tp * pp),
              f"parallel.expert_model_parallel_size={ep}: must divide the data-parallel size "

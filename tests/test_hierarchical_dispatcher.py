@@ -203,3 +203,13 @@ def test_tensor_parallel_training_matches_group_aware(tmp_path):
     assert ours.keys() == flat.keys() == set(range(1, 5))
     for step in ours:
         assert ours[step] == pytest.approx(flat[step], rel=1e-6, abs=0), (ours, flat)
+
+
+def test_layout_refuses_ranks_per_node_not_dividing_the_world():
+    from megatron_grove.config import ConfigError, load_config, validate_layout
+
+    cfg = load_config(None, ["parallel.ranks_per_node=3", "moe.num_expert_groups=4"])
+    with pytest.raises(ConfigError, match=r"^parallel.ranks_per_node=3: must divide the world "
+                                          r"size 4 "):
+        validate_layout(cfg, 4)
+    assert validate_layout(load_config(None, ["parallel.ranks_per_node=2"]), 4) == 4
