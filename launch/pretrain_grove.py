@@ -31,8 +31,11 @@ main keys:
   needs parallel.sequence_parallel=true) / runtime.dtype (fp32|bf16)
   moe.num_experts / moe.router_topk / moe.num_expert_groups / moe.adjugate_ffn_hidden_size
   moe.adjugate_scale / moe.router_score_function / moe.bias_update_rule / moe.bias_update_rate
-  moe.token_dispatcher_type: auto (default: grove_alltoall with expert groups, once per
-  destination EP rank; alltoall without) | grove_alltoall | alltoall | allgather
+  moe.token_dispatcher_type: auto (default: grove_hierarchical with expert groups, once per
+  destination node across nodes and once per destination EP rank inside a node; alltoall
+  without) | grove_hierarchical | grove_alltoall | alltoall | allgather
+  parallel.ranks_per_node: ranks of one node for hierarchical dispatch (default: torchrun's
+  LOCAL_WORLD_SIZE; set it to emulate nodes by groups of ranks)
   moe.norm_topk_prob (false: unnormalised top-k weights) / moe.expert_bias_in_selection (false:
   the bias is kept but neither selects nor is updated); a resumed run must keep the routing
   keys of its checkpoint (one-line error otherwise)

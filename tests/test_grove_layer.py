@@ -54,7 +54,8 @@ def test_matches_reference_at_ep1(dispatcher):
         # a copy per virtual expert (alltoall); every token to the one rank (allgather)
         copies = routed + adjugate if dispatcher == "alltoall" else NUM_TOKENS
         assert result["counters"] == {"dispatched_rows": copies, "routed_rows": routed,
-                                      "adjugate_rows": adjugate, "forwards": 1}, case.id
+                                      "adjugate_rows": adjugate, "internode_rows": 0,
+                                      "intranode_rows": 0, "forwards": 1}, case.id
 
 
 def test_tokens_within_one_group_evaluate_its_adjugate_once():

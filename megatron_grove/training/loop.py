@@ -89,7 +89,8 @@ def _start(cfg: GroveConfig) -> tuple[TrainingSetup, int, int | None]:
     runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
                                   p.pipeline_model_parallel_size, seed=t.seed,
                                   virtual_pipeline=p.virtual_pipeline_model_parallel_size,
-                                  device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
+                                  device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s,
+                                  ranks_per_node=p.ranks_per_node)
     is_first = runtime.rank == 0
     preflight(cfg, runtime.rank)
     start_point = choose_start(cfg)
