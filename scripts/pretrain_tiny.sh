@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # torchrun's default, without its banner
 exec .venv/bin/torchrun --nproc-per-node 2 launch/pretrain_grove.py \
     --config configs/tiny_cpu.yaml parallel.expert_model_parallel_size=2 "$@"
