@@ -28,7 +28,7 @@ from megatron_grove.benchmarking.cmoe import (
     hf_perplexity,
     megatron_perplexity,
 )
-from megatron_grove.cmoe.gguf import smollm2_gguf_path, smollm2_hf_dir
+from megatron_grove.hf_conversion.gguf import smollm2_gguf_path, smollm2_hf_dir
 from megatron_grove.data import heldout_text_path
 from megatron_grove.data.datasets import HELDOUT_TEXTS
 

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_grove.benchmarking.gpu_check import ROOT, check_passed, run_gpu_check
+from gpu_check_steps import ROOT, check_passed, run_gpu_check
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,8 +24,8 @@ from megatron_grove.benchmarking.grove_carving import (
     cmoe_activated_neurons,
     measure_checkpoint,
 )
-from megatron_grove.cmoe.gguf import smollm2_hf_dir
-from megatron_grove.cmoe.pipeline import CarveJob
+from megatron_grove.hf_conversion.gguf import smollm2_hf_dir
+from megatron_grove.carving.pipeline import CarveJob
 from megatron_grove.data import heldout_text_path
 
 

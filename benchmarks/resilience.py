@@ -1,4 +1,4 @@
-"""What keeping long runs safe costs, measured (CPU; see megatron_grove/benchmarking/resilience.py).
+"""What keeping long runs safe costs, measured (CPU; see benchmarks/resilience_runs.py).
 
     checksum  save / manifest / verify / load times of one training state of a config
     rss       resident memory of every worker over a whole torchrun of a config
@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 
-from megatron_grove.benchmarking.resilience import (
+from resilience_runs import (
     ChecksumBenchmark,
     format_checksum_table,
     measure_rss,

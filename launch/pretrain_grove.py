@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 import traceback
-import warnings
 
 BAD_INPUT, NONFINITE = 2, 3  # exit codes (0 ok, 1 a collective failed; 4 preempted: see EPILOG)
 
@@ -162,11 +161,9 @@ def check_data(cfg) -> None:
     resolve_sources(cfg, load_tokenizer(cfg.data.tokenizer))
 
 
-def _quiet_dependency_warnings() -> None:
-    """Megatron and torch warn at import that TE/Apex/CUDA are absent; on CPU that is expected."""
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+def _quiet_torch_cpp() -> None:
+    """torch's C++ notices (e.g. gloo's on CPU); third-party Python banners are filtered by
+    :mod:`megatron_grove.third_party_output` when ``megatron_grove`` is imported."""
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 
@@ -204,7 +201,7 @@ def _collective_failed(rank: int, reason: str, cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _quiet_dependency_warnings()
+    _quiet_torch_cpp()
     from megatron_grove.config import ConfigError, load_config, validate_layout
     from megatron_grove.runtime import resolve_device
     from megatron_grove.runtime.acceleration import resolve_acceleration

@@ -18,9 +18,17 @@ import torch
 from tqdm import tqdm
 
 from megatron_grove.config import GroveConfig
-from megatron_grove.model import causal_attention_mask
+from megatron_grove.checkpointing import checkpoint_tokenizer
+from megatron_grove.checkpointing.model_io import (
+    build_model,
+    load_megatron_model,
+    load_state_into_model,
+)
+from megatron_grove.hf_conversion import is_hf_checkpoint, load_hf_checkpoint
+from megatron_grove.megatron_config import TORCH_DTYPES
+from megatron_grove.model import gpt_logits
 
-__all__ = ["token_windows", "PerplexityResult", "gpt_logits", "perplexity", "window_perplexity",
+__all__ = ["token_windows", "PerplexityResult", "perplexity", "window_perplexity",
            "EvaluatedModel", "load_for_evaluation"]
 
 
@@ -43,16 +51,6 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per target token (nats)
     tokens: int  # target tokens scored
     windows: int
-
-
-@torch.no_grad()
-def gpt_logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Our ``GPTModel``'s logits over the true vocabulary, fp32: ``ids`` ``[b, L]`` (on the
-    model's device) -> ``[b, L, vocab_size]``."""
-    length = ids.shape[1]
-    mask = causal_attention_mask(length, ids.device)
-    positions = torch.arange(length, device=ids.device).unsqueeze(0).expand_as(ids)
-    return model(ids, positions, mask)[..., :vocab_size].float()
 
 
 @torch.no_grad()
@@ -114,16 +112,6 @@ def load_for_evaluation(path: str | Path, dtype: Optional[str] = "fp32",
     """Our model of the checkpoint at ``path``, auto-detected: a Hugging Face folder
     (config.json + safetensors) or a Megatron checkpoint (root or ``iter_*`` folder). ``dtype``:
     ``fp32``/``bf16``, or None for the weights' own. Call inside a (one-process) world."""
-    from megatron_grove.checkpointing import checkpoint_tokenizer
-    from megatron_grove.hf_conversion import (
-        build_model,
-        is_hf_checkpoint,
-        load_hf_checkpoint,
-        load_megatron_model,
-        load_state_into_model,
-    )
-    from megatron_grove.megatron_config import TORCH_DTYPES
-
     path = Path(path)
     if is_hf_checkpoint(path):
         cfg, state = load_hf_checkpoint(path)

@@ -96,9 +96,10 @@ def load_generator(path: str | Path, backend: str = "auto",
     can run, else ``ours``), ``transformers`` or ``ours`` (module docstring). ``ours`` needs a
     world (:func:`~megatron_grove.runtime.single_process_world`). Raises ``ValueError`` for a
     ``transformers`` request it cannot serve."""
-    from megatron_grove.evaluation import gpt_logits, load_for_evaluation
+    from megatron_grove.evaluation import load_for_evaluation
     from megatron_grove.hf_conversion import is_hf_checkpoint
     from megatron_grove.hf_conversion.runners import load_transformers_model
+    from megatron_grove.model import gpt_logits
 
     path = Path(path)
     hf = is_hf_checkpoint(path)

@@ -304,8 +304,8 @@ def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _our_perplexity(cfg, state, tokens, seq_length: int) -> float:
+    from megatron_grove.checkpointing.model_io import build_model, load_state_into_model
     from megatron_grove.evaluation import perplexity
-    from megatron_grove.hf_conversion import build_model, load_state_into_model
 
     model = build_model(cfg)
     load_state_into_model(model, cfg, state)
@@ -320,7 +320,7 @@ def our_perplexity(cfg, state, tokens, seq_length: int = 32) -> float:
 def random_model_state_here(cfg, seed: int = 0, bias_std: float = 0.2
                             ) -> dict[str, torch.Tensor]:
     """:func:`random_model_state` inside an existing (forked) world."""
-    from megatron_grove.hf_conversion import build_model, model_state_dict
+    from megatron_grove.checkpointing.model_io import build_model, model_state_dict
 
     torch.manual_seed(seed)
     model = build_model(cfg, initialize=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import FAST, ROOT, TINY, run_script
-from megatron_grove.benchmarking.gpu_check import (
+from benchmarks.gpu_check_steps import (
     BUDGET_S,
     REQUIRED_WHEELS,
     WHEELS_LIMIT_BYTES,

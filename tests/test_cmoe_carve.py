@@ -9,16 +9,12 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from megatron_grove.cmoe import (
-    activation_markers,
-    balanced_assignment,
-    balanced_clusters,
-    carve_ffn,
-    ffn_hidden,
-    representative_neurons,
-)
-from megatron_grove.cmoe.reference import carved_ffn_forward, cmoe_router_probs, swiglu
-from megatron_grove.cmoe.router_init import expert_activation_scores, linear_router
+from megatron_grove.carving.clustering import balanced_assignment, balanced_clusters
+from megatron_grove.carving.cmoe import carve_ffn
+from megatron_grove.carving.neurons import activation_markers, ffn_hidden
+from megatron_grove.carving.router_fit import representative_neurons
+from carving_reference import carved_ffn_forward, cmoe_router_probs, swiglu
+from megatron_grove.carving.router_fit import expert_activation_scores, linear_router
 
 
 def _dense(d_h: int, hidden: int, seed: int = 0):
@@ -182,7 +178,7 @@ def test_carving_is_deterministic(router):
         for field in dataclasses.fields(runs[0]):
             a, b = getattr(runs[0], field.name), getattr(other, field.name)
             assert (a is None and b is None) or torch.equal(a, b), field.name
-    with pytest.raises(ValueError, match="router 'oracle'"):
+    with pytest.raises(ValueError, match="--router oracle: allowed linear, paper"):
         carve_ffn(w_g, w_u, w_d, x, 2, 8, activation_topk=9, router="oracle")
 
 
@@ -219,7 +215,7 @@ def test_calibration_captures_every_ffns_input_and_activations(tmp_path):
     """The dense model built in memory from (config, state) is the saved one; one batched
     forward captures each layer's FFN input and h = silu(x W_g^T) * (x W_u^T)."""
     from helpers import tiny_llama
-    from megatron_grove.cmoe.carve_model import calibration_activations, dense_model
+    from megatron_grove.carving.dense_model import calibration_activations, dense_model
     from megatron_grove.hf_conversion.safetensors_io import HFTensors, read_hf_config
 
     saved = tiny_llama(tmp_path, intermediate_size=44)
@@ -244,3 +240,27 @@ def test_calibration_captures_every_ffns_input_and_activations(tmp_path):
         torch.testing.assert_close(inputs[i], x)
         torch.testing.assert_close(hidden[i], ffn_hidden(x, layer.mlp.gate_proj.weight,
                                                          layer.mlp.up_proj.weight))
+
+
+@pytest.mark.parametrize("tokens,window", [(2048, 512), (300, 64)])
+def test_calibration_windows_are_the_whole_texts_first_tokens(tokens, window):
+    """Tokenising a prefix of the corpus gives the first tokens of tokenising all of it."""
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_grove.carving.dense_model import (
+        calibration_token_windows,
+        default_calibration_text,
+    )
+    from megatron_grove.data.tokenizer import default_tokenizer_path
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=default_tokenizer_path())
+    text = default_calibration_text()
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = calibration_token_windows(tokenizer, text, tokens, window)
+    rows = tokens // window
+    assert windows.shape == (rows, window)
+    assert windows.flatten().tolist() == whole[:rows * window]
+    short = text[:2000]  # fewer tokens than asked: all of them, in whole windows
+    short_ids = tokenizer(short, add_special_tokens=False)["input_ids"]
+    got = calibration_token_windows(tokenizer, short, 10 ** 6, window)
+    assert got.flatten().tolist() == short_ids[:len(short_ids) // window * window]

@@ -15,9 +15,9 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from helpers import run_distributed, transformer_config
-from megatron_grove.cmoe import carve_ffn
-from megatron_grove.cmoe.reference import carved_ffn_forward, swiglu
-from megatron_grove.cmoe.weights import carved_ffn_to_megatron
+from megatron_grove.carving.cmoe import carve_ffn
+from carving_reference import carved_ffn_forward, swiglu
+from megatron_grove.carving.weights import carved_ffn_to_megatron
 from megatron_grove.config import ConfigError, load_config
 from megatron_grove.megatron_config import to_transformer_config
 from megatron_grove.moe import build_moe_layer

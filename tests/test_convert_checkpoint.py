@@ -27,8 +27,9 @@ from helpers import (
     torchrun,
 )
 from helpers import our_perplexity as state_perplexity
+from megatron_grove.checkpointing.model_io import load_megatron_model
 from megatron_grove.evaluation import perplexity
-from megatron_grove.hf_conversion import load_hf_checkpoint, load_megatron_model
+from megatron_grove.hf_conversion import load_hf_checkpoint
 
 SEQ = 32
 E, G, FA, LAM = 8, 4, 16, 0.05
@@ -184,7 +185,11 @@ def test_refuses_non_empty_output_and_bad_arguments(qwen3_moe, tmp_path):
 
 def _model_only_checkpoint(path: str, overrides: list) -> None:
     from megatron_grove.config import load_config
-    from megatron_grove.hf_conversion import build_model, model_state_dict, save_megatron_checkpoint
+    from megatron_grove.checkpointing.model_io import (
+        build_model,
+        model_state_dict,
+        save_megatron_checkpoint,
+    )
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", overrides)
     model = build_model(cfg, initialize=True)

@@ -9,7 +9,7 @@ PERTURBED = "model.layers.1.self_attn.o_proj.weight"
 
 
 def _megatron_checkpoint(path: str, cfg, state) -> None:
-    from megatron_grove.hf_conversion import save_megatron_checkpoint
+    from megatron_grove.checkpointing.model_io import save_megatron_checkpoint
 
     save_megatron_checkpoint(path, cfg, state)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_grove.cmoe.gguf import smollm2_gguf_path, smollm2_hf_dir, unpermute_rope_rows
+from megatron_grove.hf_conversion.gguf import smollm2_gguf_path, smollm2_hf_dir, unpermute_rope_rows
 from megatron_grove.data import heldout_text_path
 
 pytestmark = pytest.mark.e2e
@@ -57,7 +57,7 @@ def test_fast_reader_equals_transformers_gguf_loading():
     transformers' own GGUF loading of the same file: every tensor, the token ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_grove.cmoe.gguf import GGUFFile, gguf_tokenizer, read_gguf_llama
+    from megatron_grove.hf_conversion.gguf import GGUFFile, gguf_tokenizer, read_gguf_llama
 
     gguf_file = smollm2_gguf_path()
     reader = GGUFFile(gguf_file)

@@ -1,4 +1,4 @@
-"""Our GGUF reader (megatron_grove.cmoe.gguf) against the ``gguf`` package: dequantisation of
+"""Our GGUF reader (hf_conversion/gguf.py) against the ``gguf`` package: dequantisation of
 every supported ggml type, and the header (metadata, tensor table) of a file its writer made."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_grove.cmoe.gguf import GGUFFile, dequantize
+from megatron_grove.hf_conversion.gguf import GGUFFile, dequantize
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

@@ -1,4 +1,4 @@
-"""Carving a dense SwiGLU FFN into a Grove layer (cmoe/grove_carving.py, cmoe/grove_model.py):
+"""Carving a dense SwiGLU FFN into a Grove layer (carving/grove.py):
 every neuron used once, balanced groups and experts, adjugates from each group's most active
 neurons, determinism (also from the calibration forward's activations), the linear router's
 targets; as our GroveMoELayer (CMoE router + groups + shared expert, CPU, fp32, gloo): every
@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from helpers import run_distributed, transformer_config
-from megatron_grove.cmoe.calibration import activation_markers, activation_rates, ffn_hidden
-from megatron_grove.cmoe.grove_carving import (
+from megatron_grove.carving.neurons import activation_markers, activation_rates, ffn_hidden
+from megatron_grove.carving.grove import (
     GroveCarveSpec,
     carve_grove_ffn,
     grove_selection_gain,
 )
-from megatron_grove.cmoe.grove_model import carved_grove_ffn_to_megatron
-from megatron_grove.cmoe.reference import cmoe_router_probs, swiglu
+from megatron_grove.carving.grove import carved_grove_ffn_to_megatron
+from carving_reference import cmoe_router_probs, swiglu
 from megatron_grove.moe import build_moe_layer
 
 HIDDEN, D_FFN, TOKENS = 16, 46, 40  # 46 % 8 != 0; the groups need zero padding too
@@ -120,7 +120,7 @@ def build_layer(spec: GroveCarveSpec, topk: int):
         model__num_layers=1, model__hidden_size=HIDDEN, model__num_attention_heads=1,
         model__ffn_hidden_size=D_FFN, moe__num_experts=spec.routed,
         moe__ffn_hidden_size=spec.neurons_per_expert(D_FFN), moe__router_topk=topk,
-        moe__router_type=spec.router_type, moe__num_expert_groups=spec.groups,
+        moe__router_type=spec.router.router_type, moe__num_expert_groups=spec.groups,
         moe__adjugate_ffn_hidden_size=spec.adjugate, moe__adjugate_scale=spec.adjugate_scale,
         moe__bias_update_rule="paper",
         moe__shared_expert_ffn_hidden_size=spec.shared_neurons(D_FFN) or "null"))

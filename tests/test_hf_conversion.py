@@ -19,12 +19,12 @@ from helpers import (
     tiny_llama,
     tiny_qwen3_moe,
 )
+from megatron_grove.checkpointing.model_io import save_megatron_checkpoint
 from megatron_grove.hf_conversion import (
     HFFormatError,
     load_hf_checkpoint,
     load_megatron_state,
     save_hf_checkpoint,
-    save_megatron_checkpoint,
 )
 
 SEQ = 32

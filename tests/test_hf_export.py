@@ -39,7 +39,7 @@ def _export_and_evaluate(cfg, seed: int, folder, tokens):
     """In one world: random weights (non-zero bias), the HF export, its import, and our
     evaluator's perplexity of both."""
     from megatron_grove.evaluation import perplexity
-    from megatron_grove.hf_conversion import build_model, load_state_into_model
+    from megatron_grove.checkpointing.model_io import build_model, load_state_into_model
 
     state = random_model_state_here(cfg, seed)
     save_hf_checkpoint(folder, cfg, state)
@@ -91,9 +91,9 @@ def test_export_matches_our_evaluator_and_round_trips(case, tmp_path):
 def _export_and_our_greedy(cfg, folder, prompt, new_tokens):
     """In one world: random weights (non-zero bias), the HF export, and our model's greedy
     tokens after ``prompt``."""
-    from megatron_grove.evaluation import gpt_logits
+    from megatron_grove.model import gpt_logits
     from megatron_grove.generation import Sampling, generate_with_logits
-    from megatron_grove.hf_conversion import build_model, load_state_into_model
+    from megatron_grove.checkpointing.model_io import build_model, load_state_into_model
 
     state = random_model_state_here(cfg, seed=3)
     save_hf_checkpoint(folder, cfg, state)

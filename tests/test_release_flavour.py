@@ -139,7 +139,7 @@ def test_release_flavour_writes_what_the_release_loads(tmp_path):
 
 
 def _save_megatron(path, cfg, state):
-    from megatron_grove.hf_conversion import save_megatron_checkpoint
+    from megatron_grove.checkpointing.model_io import save_megatron_checkpoint
 
     save_megatron_checkpoint(path, cfg, state)
 

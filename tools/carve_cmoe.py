@@ -36,7 +36,7 @@ ROUTER_HELP = ("training-free router: 'linear' (default; ridge fit of the expert
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from megatron_grove.cmoe.carving_cli import add_carving_arguments
+    from megatron_grove.carving.cli import add_carving_arguments
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG,
@@ -51,13 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_grove.cmoe.carving_cli import run_carving
+    from megatron_grove.carving.cli import run_carving
 
     args = parse_args(argv)
 
     def carve(**job) -> dict:
-        from megatron_grove.cmoe.carve_model import CarveSpec
-        from megatron_grove.cmoe.pipeline import CarveJob, carve_model_to
+        # torch, transformers and Megatron: imported once --help and the checks have passed
+        from megatron_grove.carving.cmoe import CarveSpec
+        from megatron_grove.carving.pipeline import CarveJob, carve_model_to
 
         spec = CarveSpec(args.shared, args.active, args.experts, args.activation_topk,
                          args.router)

@@ -39,7 +39,7 @@ ROUTER_HELP = ("training-free router: linear (default; ridge fit of what selecti
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from megatron_grove.cmoe.carving_cli import add_carving_arguments
+    from megatron_grove.carving.cli import add_carving_arguments
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG,
@@ -60,18 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_grove.cmoe.carving_cli import run_carving
+    from megatron_grove.carving.cli import run_carving
 
     args = parse_args(argv)
 
     def carve(**job) -> dict:
-        from megatron_grove.cmoe.grove_carving import GroveCarveSpec
-        from megatron_grove.cmoe.grove_pipeline import GroveCarveJob, carve_grove_model_to
+        # torch, transformers and Megatron: imported once --help and the checks have passed
+        from megatron_grove.carving.grove import GroveCarveSpec
+        from megatron_grove.carving.pipeline import CarveJob, carve_model_to
 
         spec = GroveCarveSpec(args.shared, args.experts, args.groups, args.experts_per_group,
                               args.adjugate_size, args.active, args.activation_topk,
                               args.router)
-        return carve_grove_model_to(GroveCarveJob(spec=spec, **job))
+        return carve_model_to(CarveJob(spec=spec, **job))
 
     return run_carving(PROG, args, carve, f"{args.output}/megatron")
 

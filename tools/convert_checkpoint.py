@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 
 PROG = "convert_checkpoint.py"
@@ -121,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_args(args)  # before the heavy imports: bad input fails in a blink
     if problem:
         return fail(PROG, problem)
-    warnings.filterwarnings("ignore")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     from megatron_grove.checkpointing import CheckpointError
     from megatron_grove.config import ConfigError

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 PROG = "evaluate.py"
@@ -49,7 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's import-time CUDA notice
     import numpy as np
 

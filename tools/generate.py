@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 PROG = "generate.py"
@@ -73,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_args(args)
     if problem:
         return fail(PROG, problem)
-    warnings.filterwarnings("ignore")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     from megatron_grove.checkpointing import CheckpointError
     from megatron_grove.config import ConfigError

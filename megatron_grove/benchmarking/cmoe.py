@@ -30,8 +30,8 @@ __all__ = ["parse_spec", "heldout_tokens", "hf_perplexity", "megatron_perplexity
 
 
 def parse_spec(name: str, router: str = "linear"):
-    """``"S3A3E8"`` -> :class:`~megatron_grove.cmoe.carve_model.CarveSpec`."""
-    from megatron_grove.cmoe.carve_model import CarveSpec
+    """``"S3A3E8"`` -> :class:`~megatron_grove.carving.cmoe.CarveSpec`."""
+    from megatron_grove.carving.cmoe import CarveSpec
 
     match = re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name)
     if match is None:
@@ -69,7 +69,7 @@ def megatron_perplexity(checkpoint: str, texts: dict[str, torch.Tensor],
     """Perplexity of one of our checkpoints on each of ``texts`` (name -> token ids), in a
     one-process world of its own."""
     from megatron_grove.evaluation import perplexity
-    from megatron_grove.hf_conversion.megatron_io import load_megatron_model
+    from megatron_grove.checkpointing.model_io import load_megatron_model
     from megatron_grove.runtime import single_process_world
 
     with single_process_world():
@@ -169,7 +169,7 @@ def carve_and_measure(model: str, spec_name: str, router: str, out: Path,
     through its HF-style export (and the activation oracle of the same carving with
     ``oracle``; our Megatron model of the checkpoint too with ``megatron``): one record per
     (model, text, way), with the carving record's phase timings."""
-    from megatron_grove.cmoe.pipeline import CarveJob, carve_model_to
+    from megatron_grove.carving.pipeline import CarveJob, carve_model_to
 
     target = out / f"{spec_name}_{router}_{calibration_tokens}"
     if not target.exists():

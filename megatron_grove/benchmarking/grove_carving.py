@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_grove.cmoe.grove_carving import GroveCarveSpec
+from megatron_grove.carving.grove import GroveCarveSpec
 
 __all__ = ["parse_grove_spec", "measure_checkpoint", "carve_grove_and_measure",
            "cmoe_activated_neurons"]
@@ -36,7 +36,7 @@ def measure_checkpoint(checkpoint: str, tokens: torch.Tensor, seq_length: int) -
     FFN neurons it activates per token, averaged over layers and scored tokens:
     ``{"ppl", "tokens", "activated_neurons", "adjugate_evals_per_token"}``."""
     from megatron_grove.evaluation import perplexity
-    from megatron_grove.hf_conversion.megatron_io import load_megatron_model
+    from megatron_grove.checkpointing.model_io import load_megatron_model
     from megatron_grove.runtime import single_process_world
 
     with single_process_world():
@@ -61,12 +61,12 @@ def carve_grove_and_measure(model: str, spec_name: str, out: Path, tokens: torch
     """Carve ``model`` (HF folder or ``.gguf``) into Grove at ``spec_name`` under
     ``out/spec_name`` (kept if already there) and measure it (:func:`measure_checkpoint`), with
     the carving's timings. ``calibration_tokens``: None = the carving's default."""
-    from megatron_grove.cmoe.grove_pipeline import GroveCarveJob, carve_grove_model_to
+    from megatron_grove.carving.pipeline import CarveJob, carve_model_to
 
     target = out / spec_name
     if not target.exists():
         extra = {} if calibration_tokens is None else {"calibration_tokens": calibration_tokens}
-        carve_grove_model_to(GroveCarveJob(model=model, spec=parse_grove_spec(spec_name),
+        carve_model_to(CarveJob(model=model, spec=parse_grove_spec(spec_name),
                                            output=str(target), progress=False, **extra))
     record = json.loads((target / "carve.json").read_text())
     return {"model": spec_name, **measure_checkpoint(str(target / "megatron"), tokens, seq_length),

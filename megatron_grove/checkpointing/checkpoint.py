@@ -61,6 +61,7 @@ from megatron_grove.checkpointing.optimizer_state import (
     saved_distributed_format,
     sharded_optimizer_state,
 )
+from megatron_grove.data.tokenizer import copy_tokenizer_files, default_tokenizer_path
 from megatron_grove.runtime.distributed import collective_failure, objects_from_all_ranks
 
 __all__ = ["CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint",
@@ -159,9 +160,6 @@ def _sharded_state(model: torch.nn.Module | list[torch.nn.Module], optimizer, is
 def _store_tokenizer(root: Path, config: dict[str, Any]) -> None:
     """Copy the run's tokenizer files (those of the folder ``data.tokenizer`` names, or holds)
     into ``root/tokenizer`` once (rank 0)."""
-    from megatron_grove.data.tokenizer import default_tokenizer_path
-    from megatron_grove.hf_conversion.safetensors_io import copy_tokenizer_files
-
     target = root / TOKENIZER_DIR
     if target.exists():
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,20 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 DEFAULT_EOD_TOKEN = "<|endoftext|>"
 DEFAULT_PAD_TOKEN = "<|pad|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def copy_tokenizer_files(source: str | Path, target: str | Path) -> list[str]:
+    """Copy the tokenizer files of folder ``source`` (those present) into ``target``."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            Path(target).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(source) / name, Path(target) / name)
+            copied.append(name)
+    return copied
 
 
 def default_tokenizer_path() -> str:

@@ -10,15 +10,19 @@ One module per job:
   vocabulary unpadded ``[V, H]``), with checks that name missing / extra / mis-shaped tensors;
 * :mod:`.safetensors_io` — reading (lazily, index checked) and writing (sharded + index,
   atomic) HF folders;
-* :mod:`.hf_checkpoint` — whole HF folders <-> (config, global state dict);
-* :mod:`.megatron_io` — our model <-> the global state dict; model-only Megatron checkpoints;
+* :mod:`.hf_checkpoint` — whole HF folders <-> (config, global state dict); a Megatron
+  checkpoint's global state dict (our model <-> the state dict and model-only Megatron
+  checkpoints are :mod:`megatron_grove.checkpointing.model_io`);
+* :mod:`.gguf` — reading a ``.gguf`` Llama (the carving tools' other input format);
 * :mod:`.upcycle` — MoE -> Grove MoE with the same function;
 * :mod:`.packed_experts` — packed expert tensors (transformers 5's layout) read per expert;
 * :mod:`.remote_code` — our GroveMoE modelling code for transformers 5, shipped in exports;
 * :mod:`.runners` / :mod:`.verify` — a checkpoint's logits (transformers or our code) and the
   converter's ``--verify`` comparison.
 
-Public functions (what the conversion tool, the evaluator and the CMoE carver call)::
+Public functions (what the conversion tool and the evaluator call; ``save_megatron_checkpoint``,
+``load_megatron_model``, ``build_model`` and ``load_state_into_model`` are
+:mod:`megatron_grove.checkpointing.model_io`'s)::
 
     cfg, state = load_hf_checkpoint(hf_dir)          # GroveConfig + global state dict
     save_hf_checkpoint(out_dir, cfg, state, tokenizer_dir=..., flavour="default" | "release")
@@ -41,20 +45,14 @@ so ``config_from_dict(read_checkpoint_config(dir))`` rebuilds the model and
 padded rows are zero (the evaluator drops their logits).
 """
 
-from megatron_grove.hf_conversion.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
-from megatron_grove.hf_conversion.hf_config import HFFormatError, is_grove_checkpoint
-from megatron_grove.hf_conversion.megatron_io import (
-                                                      build_model,
-                                                      load_megatron_model,
-                                                      load_megatron_state,
-                                                      load_state_into_model,
-                                                      model_state_dict,
-                                                      save_megatron_checkpoint,
+from megatron_grove.hf_conversion.hf_checkpoint import (
+    load_hf_checkpoint,
+    load_megatron_state,
+    save_hf_checkpoint,
 )
+from megatron_grove.hf_conversion.hf_config import HFFormatError, is_grove_checkpoint
 from megatron_grove.hf_conversion.safetensors_io import is_hf_checkpoint
 from megatron_grove.hf_conversion.upcycle import upcycle_to_grove
 
 __all__ = ["load_hf_checkpoint", "save_hf_checkpoint", "HFFormatError", "is_grove_checkpoint",
-           "is_hf_checkpoint", "build_model", "load_megatron_model", "load_megatron_state",
-           "load_state_into_model", "model_state_dict", "save_megatron_checkpoint",
-           "upcycle_to_grove"]
+           "is_hf_checkpoint", "load_megatron_state", "upcycle_to_grove"]

@@ -106,11 +106,11 @@ def convert_checkpoint(job: Conversion, progress: bool = True) -> ConversionResu
     from tqdm import tqdm
 
     from megatron_grove.checkpointing import checkpoint_tokenizer
+    from megatron_grove.checkpointing.model_io import save_megatron_checkpoint
     from megatron_grove.hf_conversion import (
         load_hf_checkpoint,
         load_megatron_state,
         save_hf_checkpoint,
-        save_megatron_checkpoint,
         upcycle_to_grove,
     )
     from megatron_grove.runtime import single_process_world

@@ -1,4 +1,5 @@
-"""Whole Hugging Face checkpoints <-> (our config, the global Megatron state dict)."""
+"""Whole Hugging Face checkpoints <-> (our config, the global Megatron state dict), and the
+global state dict of a Megatron checkpoint to export."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from megatron_grove.config import GroveConfig
+from megatron_grove.checkpointing import read_checkpoint_config
+from megatron_grove.checkpointing.model_io import load_megatron_model, model_state_dict
+from megatron_grove.config import GroveConfig, config_from_dict
 from megatron_grove.hf_conversion.hf_config import (
     HFFormatError,
     grove_config_from_hf,
@@ -21,7 +24,7 @@ from megatron_grove.hf_conversion.safetensors_io import (
 )
 from megatron_grove.hf_conversion.tensor_mapping import hf_to_megatron, megatron_to_hf
 
-__all__ = ["load_hf_checkpoint", "save_hf_checkpoint"]
+__all__ = ["load_hf_checkpoint", "save_hf_checkpoint", "load_megatron_state"]
 
 _DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16"}
 
@@ -79,3 +82,18 @@ def save_hf_checkpoint(output: str | Path, cfg: GroveConfig, state: Mapping[str,
     extra = remote_code.REMOTE_CODE_FILES if "auto_map" in config else ()
     write_hf_checkpoint(output, config, hf_state, max_shard_bytes, tokenizer_dir,
                         extra_files={name: remote_code.source(name) for name in extra})
+
+
+def load_megatron_state(path: str | Path) -> tuple[GroveConfig, dict[str, torch.Tensor]]:
+    """The config and global state dict of the checkpoint at ``path`` (any saved layout).
+    Call it in :func:`~megatron_grove.runtime.single_process_world`."""
+    router_type = config_from_dict(read_checkpoint_config(path)).moe.router_type
+    if router_type.startswith("cmoe"):
+        raise HFFormatError(
+            f"{path}: a CMoE checkpoint (moe.router_type={router_type}) has no Hugging Face "
+            "counterpart "
+            "to convert to; it loads as it is at any TP/EP layout (checkpoint.load=, "
+            "tools/evaluate.py); tools/carve_cmoe.py writes its HF-style export at carving time")
+    cfg, model = load_megatron_model(path)
+    return cfg, model_state_dict(model, cfg)
+

@@ -18,7 +18,14 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from megatron_grove.checkpointing.model_io import (
+    build_model,
+    load_megatron_model,
+    load_state_into_model,
+)
 from megatron_grove.config import GroveConfig
+from megatron_grove.hf_conversion.hf_checkpoint import load_hf_checkpoint
+from megatron_grove.model import gpt_logits
 
 __all__ = ["LogitsFn", "sample_tokens", "model_logits", "load_transformers_model",
            "checkpoint_logits"]
@@ -46,9 +53,6 @@ def sample_tokens(tokenizer_dir: str | None, vocab_size: int, count: int, seed: 
 
 def model_logits(cfg: GroveConfig, state: Mapping[str, torch.Tensor]) -> LogitsFn:
     """Our model of (``cfg``, global ``state``) in fp32, in the current world."""
-    from megatron_grove.evaluation import gpt_logits
-    from megatron_grove.hf_conversion.megatron_io import build_model, load_state_into_model
-
     model = build_model(cfg, dtype=torch.float32)
     load_state_into_model(model, cfg, state)
     model.eval()
@@ -84,10 +88,6 @@ def load_transformers_model(path: str | Path, device: torch.device | str = "cpu"
 def checkpoint_logits(path: str | Path, fmt: str) -> tuple[LogitsFn, str]:
     """The logits function of the checkpoint at ``path`` (``fmt`` ``hf`` or ``megatron``) and
     a phrase saying what runs it (module docstring)."""
-    from megatron_grove.evaluation import gpt_logits
-    from megatron_grove.hf_conversion.hf_checkpoint import load_hf_checkpoint
-    from megatron_grove.hf_conversion.megatron_io import load_megatron_model
-
     if fmt == "megatron":
         cfg, model = load_megatron_model(path, dtype=torch.float32)
         model.eval()

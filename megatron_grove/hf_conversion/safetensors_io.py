@@ -21,16 +21,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megatron_grove.data.tokenizer import copy_tokenizer_files
 from megatron_grove.hf_conversion.hf_config import HFFormatError
 
-__all__ = ["HFTensors", "read_hf_config", "is_hf_checkpoint", "write_hf_checkpoint",
-           "TOKENIZER_FILES", "copy_tokenizer_files"]
+__all__ = ["HFTensors", "read_hf_config", "is_hf_checkpoint", "write_hf_checkpoint"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
-                   "generation_config.json")
 
 
 def is_hf_checkpoint(path: str | Path) -> bool:
@@ -125,17 +122,6 @@ class HFTensors(Mapping[str, torch.Tensor]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def copy_tokenizer_files(source: str | Path, target: str | Path) -> list[str]:
-    """Copy the tokenizer files of folder ``source`` (those present) into ``target``."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            Path(target).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(source) / name, Path(target) / name)
-            copied.append(name)
-    return copied
 
 
 def write_hf_checkpoint(output: str | Path, config: dict[str, Any],

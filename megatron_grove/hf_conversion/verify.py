@@ -17,8 +17,11 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from megatron_grove.checkpointing.model_io import build_model, load_state_into_model
 from megatron_grove.config import GroveConfig
 from megatron_grove.hf_conversion.runners import LogitsFn
+from megatron_grove.model import gpt_logits
+from megatron_grove.moe.router import GroveTopKRouter
 
 __all__ = ["LogitsComparison", "compare_logits", "selection_changes"]
 
@@ -92,10 +95,6 @@ def compare_logits(source: LogitsFn, target: LogitsFn, tokens: np.ndarray,
 def _routing_maps(cfg: GroveConfig, state: Mapping[str, torch.Tensor],
                   windows: torch.Tensor) -> torch.Tensor:
     """Every MoE layer's routing map on ``windows``: ``[layers, tokens, E]`` bool."""
-    from megatron_grove.evaluation import gpt_logits
-    from megatron_grove.hf_conversion.megatron_io import build_model, load_state_into_model
-    from megatron_grove.moe.router import GroveTopKRouter
-
     model = build_model(cfg, dtype=torch.float32)
     load_state_into_model(model, cfg, state)
     model.eval()

@@ -12,13 +12,23 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron_grove.megatron_config import GroveTransformerConfig
 from megatron_grove.model.layer_spec import build_decoder_block_spec
 
-__all__ = ["build_gpt_model", "causal_attention_mask", "padded_vocab_size",
+__all__ = ["build_gpt_model", "causal_attention_mask", "gpt_logits", "padded_vocab_size",
            "init_params_layout_independent"]
 
 
 def causal_attention_mask(seq_length: int, device: torch.device) -> torch.Tensor:
     """``[1, 1, s, s]`` bool, True where attention is masked (the future)."""
     return torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device).triu(1)
+
+
+@torch.no_grad()
+def gpt_logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Our ``GPTModel``'s logits over the true vocabulary, fp32: ``ids`` ``[b, L]`` (on the
+    model's device) -> ``[b, L, vocab_size]``."""
+    length = ids.shape[1]
+    mask = causal_attention_mask(length, ids.device)
+    positions = torch.arange(length, device=ids.device).unsqueeze(0).expand_as(ids)
+    return model(ids, positions, mask)[..., :vocab_size].float()
 
 
 # Megatron pads the vocabulary to a multiple of 128 x TP, so the embedding and output-layer

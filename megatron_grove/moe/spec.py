@@ -2,8 +2,8 @@
 into Megatron's decoder spec (:func:`moe_layer_builder`).
 
 Every MoE layer routes with :class:`~megatron_grove.moe.router.GroveTopKRouter`
-(:class:`~megatron_grove.cmoe.router.CMoERouter` / ``CMoELinearRouter`` when
-``moe_router_type`` is ``'cmoe'`` / ``'cmoe_linear'``) and is a
+(:class:`~megatron_grove.moe.cmoe_router.CMoERouter` / ``CMoELinearRouter`` when
+``moe_router_type`` is ``'cmoe'`` / ``'cmoe_linear'``: :data:`ROUTERS`) and is a
 :class:`~megatron_grove.moe.layer.GroveMoELayer` when ``moe_num_expert_groups > 0`` (Megatron's
 ``MoELayer`` otherwise). With ``grove_kernels_backend == "triton"`` its experts (and shared
 experts) get the :class:`~megatron_grove.kernels.swiglu.SwiGLU` activation module. The experts
@@ -22,10 +22,18 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 
 from megatron_grove.kernels.swiglu import SwiGLU
 from megatron_grove.megatron_config import GroveTransformerConfig
+from megatron_grove.moe.cmoe_router import CMoELinearRouter, CMoERouter
 from megatron_grove.moe.layer import GroveMoELayer
 from megatron_grove.moe.router import GroveTopKRouter
 
-__all__ = ["build_moe_layer", "moe_layer_builder", "with_swiglu_module"]
+__all__ = ["ROUTERS", "build_moe_layer", "moe_layer_builder", "with_swiglu_module"]
+
+# moe.router_type (GroveTransformerConfig.moe_router_type) -> router class
+ROUTERS: dict[str, type[GroveTopKRouter]] = {
+    "grove": GroveTopKRouter,
+    "cmoe": CMoERouter,
+    "cmoe_linear": CMoELinearRouter,
+}
 
 
 def with_swiglu_module(builder: functools.partial) -> functools.partial:
@@ -52,13 +60,7 @@ def build_moe_layer(config: GroveTransformerConfig, submodules: Optional[MoESubm
     (output [S, B, H], None)``. ``submodules``: Megatron's MoE submodules from a layer spec
     (None: Megatron's MoE spec for ``config``); the router and activation are ours."""
     submodules = submodules or _stock_submodules(config)
-    if config.moe_router_type in ("cmoe", "cmoe_linear"):
-        from megatron_grove.cmoe import router as cmoe  # cmoe.router imports this package
-
-        router = cmoe.CMoERouter if config.moe_router_type == "cmoe" else cmoe.CMoELinearRouter
-    else:
-        router = GroveTopKRouter
-    submodules = dataclasses.replace(submodules, router=router)
+    submodules = dataclasses.replace(submodules, router=ROUTERS[config.moe_router_type])
     if config.grove_kernels_backend == "triton":
         submodules = dataclasses.replace(
             submodules, experts=with_swiglu_module(submodules.experts),

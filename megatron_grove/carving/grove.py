@@ -1,4 +1,5 @@
-"""Carve one dense SwiGLU FFN into a Grove MoE layer (docs/design.md, section 3.6).
+"""The Grove carving method (docs/design.md, section 3.6): its shape :class:`GroveCarveSpec` and
+the carving of one dense SwiGLU FFN into a Grove MoE layer (:func:`carve_grove_ffn`).
 
 ``y = W_d (silu(W_g x) * (W_u x))`` (``W_g, W_u`` ``[d_h, H]``, ``W_d`` ``[H, d_h]``) becomes:
 
@@ -24,32 +25,50 @@ adjugate gets weight ``lam * n = 1``, so the layer is the dense FFN. With ``k_j`
 ``j``'s experts selected, the adjugate neurons contribute ``k_j / n`` of their dense value.
 
 Activated FFN neurons per token: ``S*m + k*m_r + a * (groups hit)``.
+
+Megatron names under ``decoder.layers.{i}.mlp.``: the CMoE carving's (router, routed experts,
+shared expert; :mod:`.weights`) plus, per group ``g``,
+``adjugate_experts.local_experts.{g}.linear_fc1.weight`` ``[2a, H]`` (= [gate; up]) and
+``.linear_fc2.weight`` ``[H, a]``; the run config routes with ``moe.router_type: cmoe_linear``
+(or ``cmoe``) and ``moe.num_expert_groups: G``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from megatron_grove.cmoe.calibration import activation_markers, activation_rates, padded_hidden
-from megatron_grove.cmoe.carve import ROUTERS, CarvedFFN, pad_neurons
-from megatron_grove.cmoe.clustering import balanced_clusters
-from megatron_grove.cmoe.router_init import (
+from megatron_grove.carving.clustering import balanced_clusters
+from megatron_grove.carving.cmoe import CarvedFFN, split_ffn
+from megatron_grove.carving.neurons import (
+    activation_markers,
+    activation_rates,
+    by_rate,
+    pad_neurons,
+    padded_hidden,
+)
+from megatron_grove.carving.router_fit import (
     expert_activation_scores,
     linear_router,
     representative_neurons,
     router_rows,
 )
+from megatron_grove.carving.spec import Router, check_slots, default_activation_topk, slot_neurons
+from megatron_grove.carving.weights import carved_ffn_to_megatron
+from megatron_grove.config import MoEConfig
 
-__all__ = ["GroveCarveSpec", "CarvedGroveFFN", "carve_grove_ffn", "grove_selection_gain"]
+__all__ = ["GroveCarveSpec", "CarvedGroveFFN", "carve_grove_ffn", "grove_selection_gain",
+           "carved_grove_ffn_to_megatron"]
 
 
 @dataclass(frozen=True)
 class GroveCarveSpec:
     """``shared`` S of ``experts`` N CMoE-sized slots (m = ceil(d_ffn / N) neurons each) form the
     shared expert; the rest become ``groups`` G groups of ``per_group`` n routed experts plus one
-    adjugate of ``adjugate`` a neurons; ``active`` k routed experts per token."""
+    adjugate of ``adjugate`` a neurons; ``active`` k routed experts per token. A
+    :class:`~.pipeline.CarvingMethod`."""
 
     shared: int
     experts: int
@@ -58,22 +77,17 @@ class GroveCarveSpec:
     adjugate: int
     active: int
     activation_topk: int | None = None  # K_a; None = d_ffn // 10 (as CMoE)
-    router: str = "linear"  # one of megatron_grove.cmoe.carve.ROUTERS
+    router: Router = Router.LINEAR
 
     def __post_init__(self) -> None:
-        if self.router not in ROUTERS:
-            raise ValueError(f"--router {self.router}: allowed {', '.join(ROUTERS)}")
-        if not 0 <= self.shared < self.experts:
-            raise ValueError(f"--shared {self.shared}: allowed 0..{self.experts - 1} "
-                             f"(fewer than --experts {self.experts})")
+        object.__setattr__(self, "router", Router(self.router))
         if self.groups < 1 or self.per_group < 1:
             raise ValueError(f"--groups {self.groups} --experts-per-group {self.per_group}: "
                              "both must be >= 1")
         if self.adjugate < 1:
             raise ValueError(f"--adjugate-size {self.adjugate}: must be >= 1")
-        if not 1 <= self.active <= self.routed:
-            raise ValueError(f"--active {self.active}: allowed 1..{self.routed} (the routed "
-                             "experts, --groups x --experts-per-group)")
+        check_slots(self.shared, self.experts, self.active, self.routed,
+                    "the routed experts, --groups x --experts-per-group")
 
     @property
     def routed(self) -> int:
@@ -83,12 +97,8 @@ class GroveCarveSpec:
     @property
     def name(self) -> str:
         return (f"S{self.shared}E{self.experts}-G{self.groups}n{self.per_group}"
-                f"a{self.adjugate}k{self.active}" + ("-paper" if self.router == "paper" else ""))
-
-    @property
-    def router_type(self) -> str:
-        """``moe.router_type`` of the carved model: ``cmoe_linear`` or ``cmoe`` (paper)."""
-        return "cmoe" if self.router == "paper" else "cmoe_linear"
+                f"a{self.adjugate}k{self.active}"
+                + ("-paper" if self.router is Router.PAPER else ""))
 
     @property
     def adjugate_scale(self) -> float:
@@ -97,15 +107,16 @@ class GroveCarveSpec:
 
     def active_neurons(self, d_ffn: int) -> int:
         """K_a: ``activation_topk``, by default ``d_ffn // 10`` (at least 1)."""
-        return self.activation_topk or max(1, d_ffn // 10)
+        return default_activation_topk(self.activation_topk, d_ffn)
 
     def shared_neurons(self, d_ffn: int) -> int:
         """S * ceil(d_ffn / N)."""
-        return self.shared * -(-d_ffn // self.experts)
+        return self.shared * slot_neurons(d_ffn, self.experts)
 
     def neurons_per_expert(self, d_ffn: int) -> int:
         """m_r = ceil((ceil(routed pool / G) - a) / n), the routed pool being (N - S) * m."""
-        group = -(-(self.experts - self.shared) * -(-d_ffn // self.experts) // self.groups)
+        group = -(-(self.experts - self.shared) * slot_neurons(d_ffn, self.experts)
+                  // self.groups)
         if group <= self.adjugate:
             raise ValueError(f"--adjugate-size {self.adjugate}: must be below the {group} "
                              "neurons of a group (the routed neurons / --groups)")
@@ -115,6 +126,36 @@ class GroveCarveSpec:
         """``S*m + G*(a + n*m_r)`` >= d_ffn: the FFN's neurons plus zero padding."""
         return self.shared_neurons(d_ffn) + self.groups * (
             self.adjugate + self.per_group * self.neurons_per_expert(d_ffn))
+
+    def describe(self, d_ffn: int) -> dict:
+        """The shape's fields of the carving record (a bad ``adjugate`` fails here)."""
+        return {"activation_topk": self.active_neurons(d_ffn),
+                "shared_neurons": self.shared_neurons(d_ffn),
+                "neurons_per_expert": self.neurons_per_expert(d_ffn),
+                "adjugate_neurons": self.adjugate, "adjugate_scale": self.adjugate_scale}
+
+    def carve_layer(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                    inputs: torch.Tensor, hidden: torch.Tensor | None) -> CarvedGroveFFN:
+        """One FFN (:func:`carve_grove_ffn`)."""
+        return carve_grove_ffn(w_gate, w_up, w_down, inputs, self, hidden=hidden)
+
+    def layer_to_megatron(self, carved: CarvedGroveFFN, prefix: str) -> dict[str, torch.Tensor]:
+        return carved_grove_ffn_to_megatron(carved, prefix)
+
+    def moe_config(self, d_ffn: int) -> MoEConfig:
+        """The carved model's ``moe`` section: ``G`` groups of ``n`` routed experts of ``m_r``
+        neurons and an adjugate of ``a``, the shared expert, a CMoE router."""
+        return MoEConfig(num_experts=self.routed, router_topk=self.active,
+                         ffn_hidden_size=self.neurons_per_expert(d_ffn),
+                         router_type=self.router.router_type, num_expert_groups=self.groups,
+                         adjugate_ffn_hidden_size=self.adjugate,
+                         adjugate_scale=self.adjugate_scale,
+                         shared_expert_ffn_hidden_size=self.shared_neurons(d_ffn) or None,
+                         router_score_function="softmax", bias_update_rule="paper")
+
+    def write_extras(self, folder: Path, hf_config: dict, hf_state: dict[str, torch.Tensor],
+                     carved: list[CarvedGroveFFN], tokenizer_dir: Path) -> None:
+        """Nothing: a Grove carving has no Hugging Face-style export."""
 
 
 @dataclass
@@ -128,13 +169,6 @@ class CarvedGroveFFN:
     adjugate_down: torch.Tensor  # [G, H, a]
     adjugate_scale: float  # lam = 1 / n
     adjugate_neurons: torch.Tensor  # [G, a]: padded-neuron index of each adjugate neuron
-
-
-def _by_rate(rates: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
-    """``neurons`` ``[n]`` ordered by decreasing activation rate, ties by index."""
-    order = sorted(range(neurons.numel()), key=lambda i: (-float(rates[neurons[i]]),
-                                                          int(neurons[i])))
-    return neurons[torch.tensor(order, dtype=torch.long)]
 
 
 @torch.no_grad()
@@ -153,38 +187,31 @@ def carve_grove_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tens
     w_gate, w_up, w_down = pad_neurons(w_gate.float(), w_up.float(), w_down.float(), padded)
     markers = activation_markers(hidden, min(spec.active_neurons(d_h), d_h))
     rates = activation_rates(markers)
-    ranked = _by_rate(rates, torch.arange(padded))
+    ranked = by_rate(rates, torch.arange(padded))
     num_shared = spec.shared_neurons(d_h)
     shared = ranked[:num_shared].sort().values
     pool = ranked[num_shared:].sort().values
     groups = balanced_clusters(markers[:, pool], spec.groups)
     members, adjugates, reps = [], [], []
     for j in range(spec.groups):
-        group = _by_rate(rates, pool[groups == j])
+        group = by_rate(rates, pool[groups == j])
         adjugates.append(group[:a].sort().values)
         rest = group[a:].sort().values
         experts = balanced_clusters(markers[:, rest], n)
-        if spec.router == "paper":
+        if spec.router is Router.PAPER:
             reps.append(rest[representative_neurons(markers[:, rest], experts, n,
                                                     eligible=rest < d_h)])
         members += [rest[experts == e] for e in range(n)]
     members = torch.stack(members)  # [E, m_r]
     adjugate = torch.stack(adjugates)  # [G, a]
-    if spec.router == "paper":
-        router_weight, router_up = router_rows(w_gate, w_up, torch.cat(reps))
-        router_bias = None
+    if spec.router is Router.PAPER:
+        fitted = (*router_rows(w_gate, w_up, torch.cat(reps)), None)
     else:
-        router_weight, router_bias = linear_router(x, grove_selection_gain(hidden, members,
-                                                                          adjugate))
-        router_up = None
-    routed = CarvedFFN(
-        shared_gate=w_gate[shared], shared_up=w_up[shared], shared_down=w_down[:, shared],
-        expert_gate=w_gate[members], expert_up=w_up[members],
-        expert_down=w_down[:, members].permute(1, 0, 2).contiguous(),
-        router_weight=router_weight, router_up=router_up, router_bias=router_bias,
-        neuron_order=torch.cat([shared, members.flatten()]))
+        weight, bias = linear_router(x, grove_selection_gain(hidden, members, adjugate))
+        fitted = (weight, None, bias)
     return CarvedGroveFFN(
-        routed=routed, adjugate_gate=w_gate[adjugate], adjugate_up=w_up[adjugate],
+        routed=split_ffn(w_gate, w_up, w_down, shared, members, fitted),
+        adjugate_gate=w_gate[adjugate], adjugate_up=w_up[adjugate],
         adjugate_down=w_down[:, adjugate].permute(1, 0, 2).contiguous(),
         adjugate_scale=spec.adjugate_scale, adjugate_neurons=adjugate)
 
@@ -200,3 +227,16 @@ def grove_selection_gain(hidden: torch.Tensor, members: torch.Tensor, adjugates:
     adjugate_mass = expert_activation_scores(hidden, adjugates)  # [T, G]
     return (expert_activation_scores(hidden, members)
             + adjugate_mass.repeat_interleave(per_group, dim=1) / per_group)
+
+
+def carved_grove_ffn_to_megatron(carved: CarvedGroveFFN, prefix: str) -> dict[str, torch.Tensor]:
+    """Megatron state-dict entries of one freshly carved Grove FFN under ``prefix`` (e.g.
+    ``decoder.layers.3.mlp.``), EP=1 names (module docstring)."""
+    out = carved_ffn_to_megatron(carved.routed, prefix)
+    for g in range(carved.adjugate_gate.shape[0]):
+        adjugate = f"{prefix}adjugate_experts.local_experts.{g}."
+        out[adjugate + "linear_fc1.weight"] = torch.cat([carved.adjugate_gate[g],
+                                                         carved.adjugate_up[g]])
+        out[adjugate + "linear_fc2.weight"] = carved.adjugate_down[g].clone()
+    return out
+

@@ -18,9 +18,12 @@ The export uses Hugging Face-style names under ``model.layers.{i}.mlp.``: ``rout
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from megatron_grove.cmoe.carve import CarvedFFN
+if TYPE_CHECKING:  # cmoe.py builds on these names
+    from megatron_grove.carving.cmoe import CarvedFFN
 
 __all__ = ["carved_ffn_to_megatron", "carved_ffn_to_hf", "megatron_cmoe_ffn_to_hf"]
 

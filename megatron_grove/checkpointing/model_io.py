@@ -1,5 +1,6 @@
-"""Our Megatron model <-> the global state dict of :mod:`.tensor_mapping`, and model-only
-Megatron checkpoints (the trainer's format, :mod:`megatron_grove.checkpointing`).
+"""Our Megatron model <-> its global state dict (the ``state_dict()`` of our ``GPTModel`` at
+TP = EP = 1, no ``_extra_state``, vocabulary unpadded ``[V, H]``), and model-only Megatron
+checkpoints (the trainer's format, :mod:`.checkpoint`): build, load, save.
 
 A Megatron checkpoint is a dist_checkpointing folder: every tensor is stored with its global
 shape and each rank's slice offsets, so a checkpoint written at one TP/EP layout loads at any
@@ -18,7 +19,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from megatron_grove.checkpointing import (
+from megatron_grove.checkpointing.checkpoint import (
     CheckpointError,
     TrainState,
     checkpoint_tokenizer,
@@ -30,12 +31,11 @@ from megatron_grove.checkpointing import (
 )
 from megatron_grove.config import GroveConfig, config_from_dict, config_to_dict
 from megatron_grove.data.tokenizer import load_tokenizer
-from megatron_grove.hf_conversion.hf_config import HFFormatError
 from megatron_grove.megatron_config import TORCH_DTYPES, to_transformer_config
 from megatron_grove.model import build_gpt_model
 
 __all__ = ["build_model", "model_state_dict", "load_state_into_model",
-           "save_megatron_checkpoint", "load_megatron_model", "load_megatron_state"]
+           "save_megatron_checkpoint", "load_megatron_model"]
 
 
 def build_model(cfg: GroveConfig, dtype: torch.dtype | None = None, initialize: bool = False,
@@ -133,18 +133,4 @@ def load_megatron_model(path: str | Path, dtype: torch.dtype | None = None,
     model = build_model(cfg, dtype=dtype, device=device)
     load_checkpoint(folder, model, None, verify=False)
     return cfg, model
-
-
-def load_megatron_state(path: str | Path) -> tuple[GroveConfig, dict[str, torch.Tensor]]:
-    """The config and global state dict of the checkpoint at ``path`` (any saved layout).
-    Call it in :func:`~megatron_grove.runtime.single_process_world`."""
-    router_type = config_from_dict(read_checkpoint_config(path)).moe.router_type
-    if router_type.startswith("cmoe"):
-        raise HFFormatError(
-            f"{path}: a CMoE checkpoint (moe.router_type={router_type}) has no Hugging Face "
-            "counterpart "
-            "to convert to; it loads as it is at any TP/EP layout (checkpoint.load=, "
-            "tools/evaluate.py); tools/carve_cmoe.py writes its HF-style export at carving time")
-    cfg, model = load_megatron_model(path)
-    return cfg, model_state_dict(model, cfg)
 

@@ -29,7 +29,7 @@ from megatron_grove.benchmarking.processes import cpu_threads_per_rank, run_on_r
 __all__ = ["ChecksumBenchmark", "run_checksum_benchmark", "format_checksum_table",
            "measure_rss", "measure_signal_to_exit"]
 
-LAUNCHER = Path(__file__).resolve().parents[2] / "launch" / "pretrain_grove.py"
+LAUNCHER = Path(__file__).resolve().parents[1] / "launch" / "pretrain_grove.py"
 
 
 @dataclass

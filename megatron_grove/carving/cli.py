@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
+from megatron_grove.carving.spec import Router
 from megatron_grove.cli import fail
 
 __all__ = ["add_carving_arguments", "carving_input_problem", "carving_summary", "run_carving"]
@@ -21,8 +22,8 @@ def add_carving_arguments(parser: argparse.ArgumentParser, router_help: str) -> 
                         help="dense model: a Hugging Face directory (config.json + safetensors) "
                              "or a .gguf file (Llama architecture)")
     parser.add_argument("--output", required=True, help="output directory (must not exist)")
-    parser.add_argument("--router", choices=("linear", "paper"), default="linear",
-                        help=router_help)
+    parser.add_argument("--router", choices=[r.value for r in Router],
+                        default=Router.LINEAR.value, help=router_help)
     parser.add_argument("--calibration", default=None,
                         help="calibration text file (default: the embedded Shakespeare corpus)")
     parser.add_argument("--calibration-tokens", type=int, default=2048,

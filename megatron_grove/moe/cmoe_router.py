@@ -5,7 +5,7 @@ For ``T`` tokens ``x`` ``[T, H]`` and ``E`` routed experts the router computes l
 
 * :class:`CMoELinearRouter` (``moe.router_type: cmoe_linear``, the carving tool's default):
   ``l = x W^T + c`` (``weight`` ``[E, H]``, ``score_bias`` ``[E]``, fitted by ridge regression
-  at carving, :func:`megatron_grove.cmoe.router_init.linear_router`);
+  at carving, :func:`megatron_grove.carving.router_fit.linear_router`);
 * :class:`CMoERouter` (``moe.router_type: cmoe``, the paper's): each expert keeps the gate and
   up rows of its representative neuron (``weight`` ``[E, H]``, ``up_weight`` ``[E, H]``, both
   L2-normalised at carving), ``l = |silu(weight_e . x) * (up_weight_e . x)|``.

@@ -42,7 +42,7 @@ from typing import Callable, Optional
 __all__ = ["BUDGET_S", "WHEELS_LIMIT_BYTES", "Step", "gpu_steps", "check_wheels",
            "run_gpu_check", "check_passed"]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 480  # the steps' time limits together: 8 minutes
 WHEELS_LIMIT_BYTES = 60 * 10**6
 # what the GPU image (CUDA, PyTorch, Triton, numpy, pyyaml, tqdm, tensorboard, tokenizers,
