@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from megatron_grove.benchmarking.processes import cpu_threads_per_rank, run_on_ranks
+from megatron_grove.benchmarking.processes import LinkMeter, cpu_threads_per_rank, run_on_ranks
 
-__all__ = ["VARIANTS", "DispatchBenchmark", "run_dispatch_benchmark", "format_dispatch_table"]
+__all__ = ["VARIANTS", "DispatchBenchmark", "run_dispatch_benchmark", "run_dispatch_rank",
+           "summarize_dispatch", "format_dispatch_table"]
 
 VARIANTS = ("alltoall", "alltoall_virtual_adjugates", "group_aware")
 
@@ -48,6 +49,9 @@ class DispatchBenchmark:
     warmup: int = 1
     device: str = "auto"  # auto: NCCL on GPUs when there are ep of them, else gloo on CPU
     seed: int = 0
+    # emulated cluster: the node's link device, whose kernel tx counter the node's first rank
+    # reads around every timed repetition (benchmarks/emulated_cluster.py)
+    link_device: str | None = None
 
     def problems(self) -> list[str]:
         """What is wrong with the setting (empty when it can run)."""
@@ -133,6 +137,8 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
         meters[variant] = _DispatchMeter(layer)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    link = LinkMeter(args.link_device)
+    link_bytes = {v: 0 for v in VARIANTS}
     for it in range(args.warmup + args.iters):
         for variant in VARIANTS:  # interleaved: a, b, c, a, b, c, ...
             layer, meter = layers[variant], meters[variant]
@@ -143,6 +149,7 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
             dist.barrier()
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            link.start()
             began, cpu_began = time.perf_counter(), time.process_time()
             y, _ = layer(inp)
             y.backward(torch.ones_like(y))
@@ -150,6 +157,9 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
                 torch.cuda.synchronize()
             spent = torch.tensor([time.perf_counter() - began, time.process_time() - cpu_began],
                                  dtype=torch.float64)
+            sent = link.stop()
+            if it >= args.warmup:
+                link_bytes[variant] += sent
             dist.all_reduce(spent, op=dist.ReduceOp.MAX)
             if it >= args.warmup:
                 times[variant].append(float(spent[0]))
@@ -158,12 +168,14 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
     for variant in VARIANTS:
         adjugate_rows = getattr(layers[variant], "grove_counters", {}).get("adjugate_rows", 0)
         meter = meters[variant]
-        totals = torch.tensor([meter.rows, meter.bytes, adjugate_rows], dtype=torch.float64)
+        totals = torch.tensor([meter.rows, meter.bytes, adjugate_rows, link_bytes[variant]],
+                              dtype=torch.float64)
         dist.all_reduce(totals)
         tokens = args.tokens * args.ep * args.iters
         result[variant] = {"copies": float(totals[0]) / tokens,
                            "bytes": float(totals[1]) / tokens,
                            "adjugate_evals": float(totals[2]) / tokens,
+                           "link_bytes": float(totals[3]) / args.iters,
                            "times": times[variant], "cpu_times": cpu_times[variant]}
     destroy_parallel()
     return {"per_variant": result, "device": str(device)} if rank == 0 else None
@@ -175,7 +187,19 @@ def run_dispatch_benchmark(args: DispatchBenchmark) -> dict:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.device_count() >= args.ep else "cpu"
     load_before = os.getloadavg()[0]
-    out = run_on_ranks(_worker, args.ep, args)
+    return summarize_dispatch(args, run_on_ranks(_worker, args.ep, args), load_before)
+
+
+def run_dispatch_rank(args: DispatchBenchmark) -> dict | None:
+    """This process's part of the benchmark when a launcher (torchrun) started it: rank and
+    rendezvous from the environment; rank 0 returns the raw result for
+    :func:`summarize_dispatch`, the others ``None``."""
+    return _worker(int(os.environ["RANK"]), "env://", args)
+
+
+def summarize_dispatch(args: DispatchBenchmark, out: dict, load_before: float) -> dict:
+    """Rank 0's raw result as the summary: medians, their spread (min, max) and ratios, and
+    with a link device the bytes that crossed the links per repetition (kernel counters)."""
     per, device = out["per_variant"], out["device"]
     median = {v: statistics.median(per[v]["times"]) for v in VARIANTS}
     cpu = {v: statistics.median(per[v]["cpu_times"]) for v in VARIANTS}
@@ -197,6 +221,8 @@ def run_dispatch_benchmark(args: DispatchBenchmark) -> dict:
         "cpu_time_s": cpu,
         "cpu_ratio_group_aware_vs_virtual": cpu["group_aware"] / cpu["alltoall_virtual_adjugates"],
         "cpu_ratio_group_aware_vs_alltoall": cpu["group_aware"] / cpu["alltoall"],
+        **({"link_bytes": {v: per[v]["link_bytes"] for v in VARIANTS}} if args.link_device
+           else {}),
     }
 
 

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_grove.benchmarking.processes import cpu_threads_per_rank, run_on_ranks
+from megatron_grove.benchmarking.processes import LinkMeter, cpu_threads_per_rank, run_on_ranks
 from megatron_grove.config import ConfigError, GroveConfig, load_config, validate_layout
 
 __all__ = ["VARIANTS", "TrainStepBenchmark", "variant_configs", "run_train_step_benchmark",
-           "format_train_step_table"]
+           "run_train_step_rank", "summarize_train_step", "format_train_step_table"]
 
 VARIANTS = ("plain", "virtual", "group_aware")
 
@@ -51,6 +51,9 @@ class TrainStepBenchmark:
     steps: int = 5  # timed repetitions of each variant
     warmup: int = 1  # untimed repetitions of each variant first
     device: str = "cpu"  # cpu (gloo) | cuda (NCCL, one GPU per rank)
+    # emulated cluster: the node's link device, whose kernel tx counter the node's first rank
+    # reads around every step (benchmarks/emulated_cluster.py)
+    link_device: str | None = None
 
 
 def variant_configs(bench: TrainStepBenchmark) -> dict[str, GroveConfig]:
@@ -81,9 +84,10 @@ def world_size(cfg: GroveConfig) -> int:
 
 
 def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
-                device: torch.device) -> tuple[float, float, float]:
+                device: torch.device, link: LinkMeter) -> tuple[float, float, float, int]:
     """One training step of ``setup`` on ``batches``: the slowest rank's wall-clock seconds
-    and CPU seconds (the process's, all threads), and the mean loss."""
+    and CPU seconds (the process's, all threads), the mean loss and the bytes this node's link
+    sent during the step (0 without a link; see :class:`LinkMeter`)."""
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -94,6 +98,7 @@ def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
     dist.barrier()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    link.start()
     began, cpu_began = time.perf_counter(), time.process_time()
     setup.model.zero_grad_buffer()
     setup.optimizer.zero_grad()
@@ -109,14 +114,17 @@ def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
         torch.cuda.synchronize()
     spent = torch.tensor([time.perf_counter() - began, time.process_time() - cpu_began],
                          dtype=torch.float64)
+    sent = link.stop()
     dist.all_reduce(spent, op=dist.ReduceOp.MAX)
     loss = torch.stack([d["lm loss"] for d in losses]).mean().detach().double().cpu()
     dist.all_reduce(loss)
-    return float(spent[0]), float(spent[1]), float(loss) / dist.get_world_size()
+    return float(spent[0]), float(spent[1]), float(loss) / dist.get_world_size(), sent
 
 
 def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
             configs: dict[str, GroveConfig]) -> dict | None:
+    import torch.distributed as dist
+
     from megatron_grove.model import causal_attention_mask
     from megatron_grove.moe.counters import collect_moe_counters
     from megatron_grove.runtime import destroy_parallel, initialize_parallel
@@ -137,26 +145,31 @@ def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     losses: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    link, link_bytes = LinkMeter(bench.link_device), {v: 0 for v in VARIANTS}
     counters: dict[str, dict] = {}
     for step in range(1, bench.warmup + bench.steps + 1):
         setup = setups["group_aware"]
         batches = micro_batches(setup.dataset, step, t.global_batch_size, t.micro_batch_size,
                                 setup.dp_rank, setup.dp_size)
         for variant in VARIANTS:  # interleaved: a, b, c, a, b, c, ...
-            elapsed, cpu, loss = _timed_step(setups[variant], configs[variant], batches,
-                                             forward_step, device)
+            elapsed, cpu, loss, sent = _timed_step(setups[variant], configs[variant], batches,
+                                                   forward_step, device, link)
             losses[variant].append(loss)
             if step > bench.warmup:
                 times[variant].append(elapsed)
                 cpu_times[variant].append(cpu)
+                link_bytes[variant] += sent
             if step == bench.warmup + bench.steps:
                 counters[variant] = collect_moe_counters(
                     setups[variant].model, t.global_batch_size * first.model.seq_length)
+    totals = torch.tensor([link_bytes[v] for v in VARIANTS], dtype=torch.float64)
+    dist.all_reduce(totals)
     destroy_parallel()
     if rank:
         return None
     return {"times": times, "cpu_times": cpu_times, "losses": losses, "counters": counters,
-            "device": str(device)}
+            "device": str(device),
+            "link_bytes": {v: float(b) / bench.steps for v, b in zip(VARIANTS, totals)}}
 
 
 def _mean(values: list[float]) -> float:
@@ -170,6 +183,20 @@ def run_train_step_benchmark(bench: TrainStepBenchmark) -> dict:
     configs = variant_configs(bench)
     load_before = os.getloadavg()[0]
     out = run_on_ranks(_worker, world_size(configs["group_aware"]), bench, configs)
+    return summarize_train_step(bench, configs, out, load_before)
+
+
+def run_train_step_rank(bench: TrainStepBenchmark) -> dict | None:
+    """This process's part of the benchmark when a launcher (torchrun) started it: rank and
+    rendezvous from the environment; rank 0 returns the raw result for
+    :func:`summarize_train_step`, the others ``None``."""
+    return _worker(int(os.environ["RANK"]), "env://", bench, variant_configs(bench))
+
+
+def summarize_train_step(bench: TrainStepBenchmark, configs: dict[str, GroveConfig], out: dict,
+                         load_before: float) -> dict:
+    """Rank 0's raw result as the summary (see :func:`run_train_step_benchmark`), with a link
+    device the bytes that crossed the links per step (kernel counters)."""
     times, losses = out["times"], out["losses"]
     median = {v: statistics.median(times[v]) for v in VARIANTS}
     cpu = {v: statistics.median(out["cpu_times"][v]) for v in VARIANTS}
@@ -202,6 +229,7 @@ def run_train_step_benchmark(bench: TrainStepBenchmark) -> dict:
         "adjugate_evals_per_token": {
             v: _mean(out["counters"][v].get("adjugate_evals_per_token", []))
             for v in VARIANTS[1:]},
+        **({"link_bytes": out["link_bytes"]} if bench.link_device else {}),
     }
 
 
