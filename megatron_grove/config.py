@@ -81,9 +81,11 @@ class MoEConfig:
     # false: the expert bias is kept (checkpoints, exports) but selects nothing and is not
     # updated, e.g. a released GroveMoE checkpoint, whose code never reads its bias
     expert_bias_in_selection: bool = True
-    # auto: grove_alltoall with groups (each token crosses the EP all-to-all once per destination
-    # rank, adjugates beside their group), Megatron's alltoall without; see `dispatcher`
-    token_dispatcher_type: Literal["auto", "alltoall", "allgather", "grove_alltoall"] = "auto"
+    # auto: grove_hierarchical with groups (once per destination node across nodes, then once
+    # per destination rank inside the node, adjugates beside their group; on one node it is
+    # grove_alltoall), Megatron's alltoall without; see `dispatcher`
+    token_dispatcher_type: Literal["auto", "alltoall", "allgather", "grove_alltoall",
+                                   "grove_hierarchical"] = "auto"
     bias_update_rule: Literal["paper", "megatron", "none"] = "paper"
     bias_update_rate: float = 1e-3
     aux_loss_coeff: float = 0.0
@@ -99,12 +101,14 @@ class MoEConfig:
     @property
     def dispatcher(self) -> str:
         """The dispatch strategy that runs: ``token_dispatcher_type``, with ``auto`` resolved to
-        ``grove_alltoall`` when there are expert groups (the fewest copies per token: once per
-        destination EP rank instead of once per expert and group hit) and to ``alltoall``
-        otherwise (a plain MoE is Megatron's layer on Megatron's all-to-all)."""
+        ``grove_hierarchical`` when there are expert groups (the fewest copies per token: once
+        per destination node across nodes and once per destination EP rank inside a node,
+        instead of once per expert and group hit; on one node it runs ``grove_alltoall``'s code)
+        and to ``alltoall`` otherwise (a plain MoE is Megatron's layer on Megatron's
+        all-to-all)."""
         if self.token_dispatcher_type != "auto":
             return self.token_dispatcher_type
-        return "grove_alltoall" if self.num_expert_groups else "alltoall"
+        return "grove_hierarchical" if self.num_expert_groups else "alltoall"
 
 
 @dataclass
@@ -113,6 +117,9 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    # ranks of one node (hierarchical dispatch: a token crosses nodes once per destination
+    # node); null: torchrun's LOCAL_WORLD_SIZE. Set it to emulate nodes by groups of ranks
+    ranks_per_node: Optional[int] = None
     use_distributed_optimizer: bool = False  # shard fp32 master weights + Adam moments over DP
     # activation recompute (Megatron's): none | selective (attention core) | full (whole layers)
     recompute_granularity: Literal["none", "selective", "full"] = "none"
@@ -403,6 +410,9 @@ def _validate(cfg: GroveConfig) -> None:
                        ("parallel.expert_model_parallel_size", p.expert_model_parallel_size),
                        ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size)]:
         _require(value >= 1, f"{key}={value}: must be >= 1")
+    _require(p.ranks_per_node is None or p.ranks_per_node >= 1,
+             f"parallel.ranks_per_node={p.ranks_per_node}: must be >= 1 or null (torchrun's "
+             "LOCAL_WORLD_SIZE)")
     _require(e.num_experts >= 0, f"moe.num_experts={e.num_experts}: must be >= 0 (0 = dense model)")
     if e.num_experts:
         for key, value in [("moe.router_topk", e.router_topk),
@@ -453,8 +463,9 @@ def _validate(cfg: GroveConfig) -> None:
         _require(e.adjugate_scale <= G / E + 1e-12 or e.allow_large_adjugate_scale,
                  f"moe.adjugate_scale={e.adjugate_scale}: the paper requires lam <= G/E = "
                  f"{G / E:g}; lower it or set moe.allow_large_adjugate_scale=true")
-    elif e.token_dispatcher_type == "grove_alltoall":
-        raise ConfigError("moe.token_dispatcher_type=grove_alltoall needs moe.num_expert_groups > 0")
+    elif e.token_dispatcher_type.startswith("grove_"):
+        raise ConfigError(f"moe.token_dispatcher_type={e.token_dispatcher_type} needs "
+                          "moe.num_expert_groups > 0")
     if e.router_type in ("cmoe", "cmoe_linear"):
         _require(e.aux_loss_coeff == 0,
                  f"moe.router_type={e.router_type}: CMoE has no aux loss; set "

@@ -58,8 +58,9 @@ class GroveTransformerConfig(TransformerConfig):
     """The Grove layers' dispatch strategy (``moe.token_dispatcher_type``, ``auto`` resolved by
     :attr:`megatron_grove.config.MoEConfig.dispatcher`), a key of
     :data:`megatron_grove.moe.dispatchers.GROVE_DISPATCHERS`: ``alltoall`` / ``allgather``
-    (adjugates as extra experts of Megatron's dispatcher) or ``grove_alltoall`` (group-aware,
-    one row per (token, EP rank)). Megatron's ``moe_token_dispatcher_type`` is its transport."""
+    (adjugates as extra experts of Megatron's dispatcher), ``grove_alltoall`` (group-aware,
+    one row per (token, EP rank)) or ``grove_hierarchical`` (group-aware, one row per (token,
+    node) across nodes). Megatron's ``moe_token_dispatcher_type`` is its transport."""
 
     grove_kernels_backend: str = "torch"
     """'torch' or 'triton': the implementation of :mod:`megatron_grove.kernels` ops (SwiGLU,
@@ -114,7 +115,8 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         moe_router_score_function=e.router_score_function,
         # CMoE: softmax over all, then top-k
         moe_router_pre_softmax=e.router_type.startswith("cmoe"),
-        moe_token_dispatcher_type="alltoall" if e.dispatcher == "grove_alltoall" else e.dispatcher,
+        # Grove's own strategies (grove_*) ride Megatron's all-to-all dispatcher
+        moe_token_dispatcher_type="alltoall" if e.dispatcher.startswith("grove_") else e.dispatcher,
         moe_router_load_balancing_type="aux_loss" if e.aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=e.aux_loss_coeff,
         moe_router_enable_expert_bias=False,

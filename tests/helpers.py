@@ -65,16 +65,17 @@ def _worker(rank, world_size, init_file, parallel, fn, args, queue):
 
 def run_distributed(fn: Callable[..., Any], world_size: int, tensor_parallel: int = 1,
                     expert_parallel: int = 1, seed: int = 1234, args: tuple = (),
-                    timeout_s: float = 300) -> list[Any]:
+                    timeout_s: float = 300, ranks_per_node: Optional[int] = None) -> list[Any]:
     """``fn(rank, *args)`` on ``world_size`` forked CPU processes (gloo, Megatron's groups set
-    up); the return values (picklable) come back indexed by rank. An exception on any rank
-    fails the caller with that rank's traceback. Forked workers start in ~0.2 s."""
+    up; nodes of ``ranks_per_node`` ranks, None: one node); the return values (picklable) come
+    back indexed by rank. An exception on any rank fails the caller with that rank's
+    traceback. Forked workers start in ~0.2 s."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         parallel = dict(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
-                        seed=seed)
+                        seed=seed, ranks_per_node=ranks_per_node)
         procs = [ctx.Process(target=_worker,
                              args=(r, world_size, init_file, parallel, fn, args, queue))
                  for r in range(world_size)]
@@ -493,12 +494,15 @@ def _forward_backward(rank: int, runs: list[Run]) -> bytes:
     return pickle.dumps(results)
 
 
-def run_layers(runs: list[Run], ep: int) -> list[dict[str, Any]]:
-    """Run ``runs`` on ``ep`` ranks (EP = world size); per run, the global tensors: outputs
-    and input gradients concatenated over ranks, router gradients summed (as data-parallel
-    reduction would), expert gradients stacked by global index, counters summed."""
-    per_rank = [pickle.loads(r) for r in run_distributed(_forward_backward, world_size=ep,
-                                                          expert_parallel=ep, args=(runs,))]
+def run_layers(runs: list[Run], ep: int, ranks_per_node: Optional[int] = None
+               ) -> list[dict[str, Any]]:
+    """Run ``runs`` on ``ep`` ranks (EP = world size; nodes of ``ranks_per_node`` ranks);
+    per run, the global tensors: outputs and input gradients concatenated over ranks, router
+    gradients summed (as data-parallel reduction would), expert gradients stacked by global
+    index, counters summed."""
+    per_rank = [pickle.loads(r) for r in run_distributed(
+        _forward_backward, world_size=ep, expert_parallel=ep, args=(runs,),
+        ranks_per_node=ranks_per_node)]
     merged = []
     for results in zip(*per_rank):
         out = {"y": torch.cat([r["y"] for r in results]),
@@ -531,7 +535,9 @@ FORCED_NAMES = ("rank_idle", "one_group", "uneven")
 def forced_run(name: str, dispatcher: str) -> Run:
     """``rank_idle``: every token selects experts 0..3 (experts 4..7, i.e. EP rank 1 of 2 and
     ranks 2, 3 of 4, receive nothing); ``one_group``: each token selects both experts of one
-    group; ``uneven``: 3/4 of the tokens select group 0, the rest route freely."""
+    group; ``uneven``: 3/4 of the tokens select group 0, the rest route freely;
+    ``alternate_groups``: each token selects both experts of group 0 or of group 2 (experts 2, 3,
+    6, 7 receive nothing: EP ranks 1 and 3 of 4, while ranks 0 and 2 do)."""
     weights = GroveWeights.random(8, 4, HIDDEN, FFN, ADJUGATE_FFN, seed=11)
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(NUM_TOKENS, HIDDEN, generator=gen)
@@ -539,8 +545,9 @@ def forced_run(name: str, dispatcher: str) -> Run:
         x[:, 0] = 4.0
         weights.router[:4, 0], weights.router[4:, 0] = 0.0, -12.0
     else:
-        groups = (torch.arange(NUM_TOKENS) % 4 if name == "one_group"
-                  else torch.where(torch.arange(NUM_TOKENS) % 4 < 3, 0, -1))
+        index = torch.arange(NUM_TOKENS)
+        groups = {"one_group": index % 4, "alternate_groups": 2 * (index % 2),
+                  "uneven": torch.where(index % 4 < 3, 0, -1)}[name]
         x[:, :4] = 0.0
         for token, group in enumerate(groups.tolist()):
             if group >= 0:

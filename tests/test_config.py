@@ -44,23 +44,24 @@ def test_transformer_config_carries_our_fields():
 
 
 def test_dispatcher_defaults_to_group_aware_when_there_are_groups():
-    """``moe.token_dispatcher_type: auto`` (the default) is grove_alltoall for a Grove MoE and
-    Megatron's alltoall for a plain one; an explicit choice stays; every shipped Grove config
-    runs the group-aware dispatcher."""
+    """``moe.token_dispatcher_type: auto`` (the default) is grove_hierarchical for a Grove MoE
+    (grove_alltoall's code on one node) and Megatron's alltoall for a plain one; an explicit
+    choice stays; every shipped Grove config runs the group-aware dispatcher."""
     grove = load_config(None, ["moe.num_expert_groups=4"])
     plain = load_config(None, [])
     assert grove.moe.token_dispatcher_type == plain.moe.token_dispatcher_type == "auto"
-    assert (grove.moe.dispatcher, plain.moe.dispatcher) == ("grove_alltoall", "alltoall")
+    assert (grove.moe.dispatcher, plain.moe.dispatcher) == ("grove_hierarchical", "alltoall")
     t = to_transformer_config(grove)
-    assert (t.moe_grove_dispatcher, t.moe_token_dispatcher_type) == ("grove_alltoall", "alltoall")
-    for name in ("alltoall", "allgather"):
+    assert (t.moe_grove_dispatcher, t.moe_token_dispatcher_type) == ("grove_hierarchical",
+                                                                     "alltoall")
+    for name in ("alltoall", "allgather", "grove_alltoall"):
         chosen = load_config(None, ["moe.num_expert_groups=4", f"moe.token_dispatcher_type={name}"])
         assert chosen.moe.dispatcher == to_transformer_config(chosen).moe_grove_dispatcher == name
     grove_configs = [path for path in sorted(CONFIGS.glob("*.yaml"))
                      if load_config(path).moe.num_expert_groups]
     assert len(grove_configs) >= 4
     for path in grove_configs:
-        assert load_config(path).moe.dispatcher == "grove_alltoall", path.name
+        assert load_config(path).moe.dispatcher == "grove_hierarchical", path.name
 
 
 @pytest.mark.parametrize("overrides, needle", [

@@ -1,6 +1,8 @@
 """The all-to-all projection (planner/dispatch_time.py): copies per link against a Monte-Carlo
 count of uniform top-k routing over ranks and nodes, times against the formula by hand."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -48,19 +50,24 @@ def test_copies_per_link_match_monte_carlo(ep):
     assert grove.rdma_copies_per_token == pytest.approx(mc["rank_rdma"], abs=0.03)
     assert plain.rdma_copies_per_token == pytest.approx(mc["expert_rdma"], abs=0.03)
     assert virtual.rdma_copies_per_token == pytest.approx(mc["virtual_rdma"], abs=0.05)
-    for strategy in ("alltoall, plain MoE", "alltoall, virtual adjugates", "grove_alltoall"):
-        hierarchical = rows[strategy, "hierarchical"]
-        assert hierarchical.rdma_copies_per_token == pytest.approx(mc["node_rdma"], abs=0.03)
-        # fewer RDMA rows, the rest forwarded over NVLink: never slower than flat here
-        assert hierarchical.rdma_copies_per_token < rows[strategy, "flat"].rdma_copies_per_token
-        assert hierarchical.layer_ms <= rows[strategy, "flat"].layer_ms
+    hierarchical = rows["grove_hierarchical", "hierarchical"]
+    assert hierarchical.rdma_copies_per_token == pytest.approx(mc["node_rdma"], abs=0.03)
+    # forwarded inside the node: once per destination rank other than the landing one
+    assert hierarchical.nvlink_copies_per_token == pytest.approx(
+        grove.copies_per_token * 7 / 8, abs=1e-9)
+    # fewer RDMA rows, the rest forwarded over NVLink: never slower than flat here
+    assert hierarchical.rdma_copies_per_token < grove.rdma_copies_per_token
+    assert hierarchical.layer_ms <= grove.layer_ms
 
 
 def test_one_node_by_hand():
-    """EP 8 on one 8-GPU node: no RDMA, no hierarchical rows; dispatch rows carry the E/ep = 16
-    routing weights (group-aware) or 1 (alltoall), combine rows the hidden vector only."""
+    """EP 8 on one 8-GPU node: no RDMA, no hierarchical rows (grove_hierarchical is
+    grove_alltoall); dispatch rows carry the E/ep = 16 routing weights (group-aware) or 1
+    (alltoall), combine rows the hidden vector only."""
     rows = _rows(8)
     assert {route for _, route in rows} == {"flat"}
+    assert rows["grove_hierarchical", "flat"] == dataclasses.replace(
+        rows["grove_alltoall", "flat"], strategy="grove_hierarchical")
     grove = rows["grove_alltoall", "flat"]
     copies = grove.copies_per_token
     assert copies == pytest.approx(5.3394, abs=1e-4)

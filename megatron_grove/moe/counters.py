@@ -4,7 +4,9 @@ A layer that counts work exposes ``grove_counters``: a dict of python ints accum
 the forward passes of a step on this rank (``dispatched_rows``: token rows its dispatcher sent
 to other ranks or kept locally, logged as ``copies_sent_per_token``; ``routed_rows``:
 (token, expert) rows its experts computed; ``adjugate_rows``: token rows its adjugates
-computed, one per (token, group)).
+computed, one per (token, group); ``internode_rows`` / ``intranode_rows``: rows its dispatch
+sent to another node / to another rank of its node, logged as ``internode_copies_per_token`` /
+``intranode_copies_per_token``).
 This module sums them over all ranks and divides by the tokens of the global batch. Under
 expert tensor parallelism every rank of an expert-tensor-parallel group computes its slice of
 the same rows, so the computed rows are counted once per group, not once per rank.
@@ -19,7 +21,9 @@ from megatron.core import parallel_state
 __all__ = ["collect_moe_counters", "reset_moe_counters"]
 
 PER_TOKEN = {"dispatched_rows": "copies_sent_per_token", "routed_rows": "routed_evals_per_token",
-             "adjugate_rows": "adjugate_evals_per_token"}
+             "adjugate_rows": "adjugate_evals_per_token",
+             "internode_rows": "internode_copies_per_token",
+             "intranode_rows": "intranode_copies_per_token"}
 COMPUTED = ("routed_rows", "adjugate_rows")  # rows every expert-tensor-parallel rank computes
 
 

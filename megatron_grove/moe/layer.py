@@ -31,6 +31,8 @@ trainer zeroes them (:func:`megatron_grove.moe.counters.reset_moe_counters`):
   (all-to-alls: the permuted rows; allgather: every token to every EP rank);
 * ``"routed_rows"``: (token, routed expert) rows computed by this rank's routed experts;
 * ``"adjugate_rows"``: token rows computed by this rank's adjugates (one per (token, group));
+* ``"internode_rows"`` / ``"intranode_rows"``: rows this rank's dispatch sent to another node /
+  to another rank of its node (the dispatcher's ``link_rows``);
 * ``"forwards"``: forward passes counted.
 
 ``routed_rows`` and ``adjugate_rows`` count this rank's compute (the tokens it *received*);
@@ -111,7 +113,8 @@ class GroveMoELayer(MoELayer):
             name=(name + ".adjugate_experts") if name is not None else None,
         )
         self.grove_counters: dict[str, int] = {"dispatched_rows": 0, "routed_rows": 0,
-                                               "adjugate_rows": 0, "forwards": 0}
+                                               "adjugate_rows": 0, "internode_rows": 0,
+                                               "intranode_rows": 0, "forwards": 0}
 
     def _counting(self) -> bool:
         """Whether this forward counts: not the no-grad first pass of a recomputed layer."""
@@ -136,5 +139,8 @@ class GroveMoELayer(MoELayer):
         if self._counting():
             self.grove_counters["routed_rows"] += tokens.routed.rows.shape[0]
             self.grove_counters["adjugate_rows"] += tokens.adjugate.rows.shape[0]
+            internode, intranode = self.token_dispatcher.link_rows()
+            self.grove_counters["internode_rows"] += internode
+            self.grove_counters["intranode_rows"] += intranode
             self.grove_counters["forwards"] += 1
         return self.token_dispatcher.combine_outputs(routed_output, adjugate_output, tokens), None

@@ -1,5 +1,5 @@
-"""Projected all-to-all time of one MoE layer at cluster scale, from the analytic copies per
-token (:mod:`.dispatch_volume`) and stated link bandwidths (docs/design.md, "Projection to
+"""Projected all-to-all time of one MoE layer at cluster scale, from each strategy's analytic
+copies per token and stated link bandwidths (docs/design.md, "Projection to
 scale").
 
 The EP group's ``ep`` ranks are consecutive (Megatron's order with TP = 1), ``r = min(ep, g)``
@@ -7,19 +7,23 @@ of them on each of ``ep / r`` nodes (``g`` GPUs per node). Under uniform routing
 copies spread evenly over the EP ranks, so of ``c`` copies a share ``1/ep`` stays on the rank,
 ``(r - 1)/ep`` crosses NVLink and ``(ep - r)/ep`` crosses the inter-node (RDMA) link.
 
-* **flat** (what Megatron's all-to-all and ``grove_alltoall`` do): every copy goes straight to
-  its rank; NVLink and RDMA carry their shares at the same time, so a collective takes
-  ``max(NVLink bytes / NVLink bandwidth, RDMA bytes / RDMA bandwidth)``.
-* **hierarchical** (DeepEP's scheme, not implemented here): a token crosses RDMA once per
-  destination node (``(nodes - 1) x P(node hit)`` times, ``P = hits(E, k, nodes) / nodes``),
-  landing on the GPU with the sender's local index, which forwards it over NVLink to the node's
-  destination ranks (the strategy's copies on that node: per expert, per expert + group hit, or
-  per rank); the two phases overlap (pipelined), so again the max of the two.
+Each strategy's rows per token on each link come from its own entry in the table of
+strategies (:data:`megatron_grove.moe.dispatchers.GROVE_DISPATCHERS`, each class's
+:meth:`~megatron_grove.moe.dispatchers.base.GroveDispatcher.expected_copies`):
 
-Bytes per copy: the hidden vector and the routing weights in the activation dtype (1 weight for
-``alltoall``, ``E/ep`` for ``grove_alltoall``, ``E/nodes`` on a hierarchical RDMA hop) on
-dispatch; the hidden vector on combine. Latency, congestion, load imbalance and overlap with
-compute are not modelled.
+* **flat** (Megatron's all-to-all, ``grove_alltoall``): every copy goes straight to its rank;
+  NVLink and RDMA carry their shares at the same time, so a collective takes
+  ``max(NVLink bytes / NVLink bandwidth, RDMA bytes / RDMA bandwidth)``;
+* **hierarchical** (``grove_hierarchical``, DeepEP's scheme with adjugates): a token crosses
+  RDMA once per destination node (``(nodes - 1) x P(node hit)`` times, ``P = hits(E, k,
+  nodes) / nodes``), landing on the GPU with the sender's local index, which forwards it over
+  NVLink to the node's destination ranks; the two phases overlap (pipelined), so again the max
+  of the two.
+
+Bytes per copy: the hidden vector and the strategy's routing values in the activation dtype (1
+weight for ``alltoall``, ``E/ep`` for ``grove_alltoall``, ``E/nodes`` on a hierarchical RDMA
+hop) on dispatch; the hidden vector on combine. Latency, congestion, load imbalance and overlap
+with compute are not modelled.
 """
 
 from __future__ import annotations
@@ -28,15 +32,16 @@ import dataclasses
 
 from megatron_grove.config import GroveConfig
 from megatron_grove.megatron_config import TORCH_DTYPES
-from megatron_grove.planner.dispatch_volume import copies_per_token, expected_blocks_hit
+from megatron_grove.moe.dispatchers import GROVE_DISPATCHERS
 
 __all__ = ["Links", "DispatchProjection", "STRATEGIES", "project_dispatch", "project_run",
            "format_projection"]
 
-# (name, moe.token_dispatcher_type, with adjugates)
+# the rows shown: (name, moe.token_dispatcher_type, with adjugates)
 STRATEGIES = (("alltoall, plain MoE", "alltoall", False),
               ("alltoall, virtual adjugates", "alltoall", True),
-              ("grove_alltoall", "grove_alltoall", True))
+              ("grove_alltoall", "grove_alltoall", True),
+              ("grove_hierarchical", "grove_hierarchical", True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,43 +92,28 @@ def project_dispatch(num_experts: int, topk: int, num_groups: int, ep: int, hidd
                      bytes_per_element: int, tokens_per_microbatch: int, microbatches: int,
                      moe_layers: int, passes: int, links: Links = Links()
                      ) -> list[DispatchProjection]:
-    """Flat and hierarchical projections of the three strategies (module docstring) for one
+    """Projections of the strategies (module docstring), each on its own route, for one
     rank's ``tokens_per_microbatch`` tokens per MoE layer; ``passes`` = the dispatch + combine
     pairs per layer and micro-batch (2: forward and backward; 3 with full recompute)."""
     problems = links.problems(ep)
     if problems:
         raise ValueError("; ".join(problems))
-    per_node = min(ep, links.gpus_per_node)
-    nodes = ep // per_node
-    same_node, other_nodes = (per_node - 1) / ep, (ep - per_node) / ep
-    nodes_hit = expected_blocks_hit(num_experts, topk, nodes) if nodes > 1 else 1.0
-    remote_nodes_hit = (nodes - 1) * nodes_hit / nodes
+    nodes = ep // min(ep, links.gpus_per_node)
     h, b = hidden_size * bytes_per_element, bytes_per_element
     out = []
     for name, dispatcher, adjugates in STRATEGIES:
-        copies = copies_per_token(dispatcher, num_experts, topk, ep,
-                                  num_groups if adjugates else 0)
-        weights = num_experts // ep if dispatcher == "grove_alltoall" else 1
-        row = h + weights * b
-        routes = {
-            # flat: each copy straight to its rank
-            "flat": (copies * same_node, copies * other_nodes, row, row),
-            # hierarchical: once per remote node over RDMA, then NVLink to the node's other
-            # destination ranks
-            "hierarchical": (copies * (same_node + other_nodes * (per_node - 1) / per_node),
-                             remote_nodes_hit, row, h + num_experts // nodes * b),
-        }
-        for route, (nvlink, rdma, nvlink_row, rdma_row) in routes.items():
-            if route == "hierarchical" and nodes == 1:
-                continue  # one node: nothing crosses RDMA, the same as flat
-            dispatch_s = _seconds(nvlink * nvlink_row, rdma * rdma_row, links)
-            combine_s = _seconds(nvlink * h, rdma * h, links)
-            layer_s = tokens_per_microbatch * (dispatch_s + combine_s)
-            out.append(DispatchProjection(
-                strategy=name, route=route, copies_per_token=copies,
-                nvlink_copies_per_token=nvlink, rdma_copies_per_token=rdma,
-                nvlink_bytes_per_token=nvlink * nvlink_row, rdma_bytes_per_token=rdma * rdma_row,
-                layer_ms=1e3 * layer_s, step_s=layer_s * microbatches * moe_layers * passes))
+        cost = GROVE_DISPATCHERS[dispatcher].expected_copies(
+            num_experts, topk, num_groups if adjugates else 0, ep, nodes)
+        nvlink_row, rdma_row = h + cost.routing_values * b, h + cost.internode_routing_values * b
+        dispatch_s = _seconds(cost.intranode * nvlink_row, cost.internode * rdma_row, links)
+        combine_s = _seconds(cost.intranode * h, cost.internode * h, links)
+        layer_s = tokens_per_microbatch * (dispatch_s + combine_s)
+        out.append(DispatchProjection(
+            strategy=name, route=cost.route, copies_per_token=cost.copies,
+            nvlink_copies_per_token=cost.intranode, rdma_copies_per_token=cost.internode,
+            nvlink_bytes_per_token=cost.intranode * nvlink_row,
+            rdma_bytes_per_token=cost.internode * rdma_row,
+            layer_ms=1e3 * layer_s, step_s=layer_s * microbatches * moe_layers * passes))
     return out
 
 

@@ -16,8 +16,13 @@ dispatcher sends (local copies included; a share (ep - 1)/ep of them crosses the
 * ``alltoall`` with Grove adjugates as virtual experts (what :class:`GroveMoELayer` does with
   Megatron's dispatcher): ``k + hits(E, k, G)``, one more copy per group hit;
 * ``grove_alltoall`` (group-aware, once per destination rank; adjugates live with their
-  group, so they cost nothing): ``hits(E, k, ep)``;
+  group, so they cost nothing): ``hits(E, k, ep)``; ``grove_hierarchical`` on one node too
+  (across nodes: ``hits(E, k, nodes)`` rows, then forwarded inside the nodes);
 * ``allgather``: every token reaches every EP rank, ``ep`` copies.
+
+Each strategy states its figures beside its class
+(:meth:`~megatron_grove.moe.dispatchers.base.GroveDispatcher.expected_copies`); this module
+reads them from the registry.
 
 E=128, k=8: ``hits`` over EP ranks is 1.99 / 3.63 / 5.34 / 6.60 at EP = 2 / 4 / 8 / 16, and
 groups hit is 7.78 at G = 64, 6.60 at G = 16.
@@ -26,30 +31,24 @@ groups hit is 7.78 at G = 64, 6.60 at G = 16.
 from __future__ import annotations
 
 import dataclasses
-from math import comb
+
+from megatron_grove.moe.dispatchers import GROVE_DISPATCHERS
+from megatron_grove.moe.dispatchers.base import expected_blocks_hit
 
 __all__ = ["expected_blocks_hit", "copies_per_token", "DispatchVolume", "dispatch_volume"]
 
 
-def expected_blocks_hit(num_experts: int, topk: int, num_blocks: int) -> float:
-    """Expected number of the ``num_blocks`` equal contiguous blocks of experts that ``topk``
-    distinct uniformly chosen experts fall in."""
-    if num_experts % num_blocks:
-        raise ValueError(f"{num_blocks} blocks must divide {num_experts} experts")
-    missed = comb(num_experts - num_experts // num_blocks, topk) / comb(num_experts, topk)
-    return num_blocks * (1.0 - missed)
-
-
 def copies_per_token(dispatcher: str, num_experts: int, topk: int, ep: int,
                      num_groups: int = 0) -> float:
-    """Expected copies of one token the dispatcher sends per MoE layer (local ones included)."""
-    if dispatcher == "alltoall":
-        return topk + (expected_blocks_hit(num_experts, topk, num_groups) if num_groups else 0.0)
-    if dispatcher == "grove_alltoall":
-        return expected_blocks_hit(num_experts, topk, ep)
-    if dispatcher == "allgather":
-        return float(ep)
-    raise ValueError(f"unknown dispatcher {dispatcher!r}: alltoall, grove_alltoall or allgather")
+    """Expected copies of one token the dispatcher sends per MoE layer (local ones included),
+    from the strategy's own table entry (:meth:`GroveDispatcher.expected_copies`), the EP group
+    on one node."""
+    try:
+        strategy = GROVE_DISPATCHERS[dispatcher]
+    except KeyError:
+        raise ValueError(f"unknown dispatcher {dispatcher!r}: {', '.join(GROVE_DISPATCHERS)}"
+                         ) from None
+    return strategy.expected_copies(num_experts, topk, num_groups, ep).copies
 
 
 @dataclasses.dataclass(frozen=True)

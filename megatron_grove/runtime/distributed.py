@@ -32,6 +32,11 @@ import torch.distributed as dist
 
 from megatron_grove.config import ConfigError
 from megatron_grove.runtime.cpu_patches import apply_cpu_patches
+from megatron_grove.runtime.node_groups import (
+    destroy_node_groups,
+    initialize_node_groups,
+    resolve_ranks_per_node,
+)
 
 __all__ = ["ParallelRuntime", "resolve_device", "initialize_parallel", "current_runtime",
            "destroy_parallel", "single_process_world", "collective_failure",
@@ -74,9 +79,11 @@ def initialize_parallel(
     init_method: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    ranks_per_node: int | None = None,
 ) -> ParallelRuntime:
-    """Start torch.distributed (gloo on CPU, NCCL on GPU) and Megatron's parallel groups,
-    and seed Megatron's model-parallel RNG tracker."""
+    """Start torch.distributed (gloo on CPU, NCCL on GPU), Megatron's parallel groups and the
+    EP group's node groups (:mod:`.node_groups`; ``ranks_per_node`` None: torchrun's
+    ``LOCAL_WORLD_SIZE``), and seed Megatron's model-parallel RNG tracker."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -97,6 +104,7 @@ def initialize_parallel(
         expert_model_parallel_size=expert_parallel,
         distributed_timeout_minutes=timeout_s / 60,  # Megatron makes a timedelta of it
     )
+    initialize_node_groups(resolve_ranks_per_node(ranks_per_node, dist.get_world_size()))
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     return current_runtime(dev)
@@ -112,6 +120,7 @@ def destroy_parallel() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    destroy_node_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -187,7 +187,8 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
     p, t = cfg.parallel, cfg.train
     runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
                                   p.pipeline_model_parallel_size, seed=t.seed,
-                                  device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
+                                  device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s,
+                                  ranks_per_node=p.ranks_per_node)
     is_first = runtime.rank == 0
     preflight(cfg, runtime.rank)
     start_point = choose_start(cfg)

@@ -12,18 +12,29 @@
                                                                 all-gather)
 ``grove_alltoall`` :class:`.GroupAwareAlltoAllDispatcher`       once per destination EP rank;
                                                                 adjugates beside their group
+``grove_``         :class:`.GroveHierarchicalDispatcher`        once per destination node across
+``hierarchical``                                                nodes, then once per destination
+                                                                rank inside the node; adjugates
+                                                                beside their group
 =================  ===========================================  ==================================
 
 A new strategy (e.g. over Megatron's flex / DeepEP dispatcher) is one class implementing
-:class:`~.base.GroveDispatcher` on a Megatron dispatcher, plus its entry in
-:data:`GROVE_DISPATCHERS`.
+:class:`~.base.GroveDispatcher` on a Megatron dispatcher, with its analytic rows per token
+(:meth:`~.base.GroveDispatcher.expected_copies`, which the planner reads), plus its entry in
+:data:`GROVE_DISPATCHERS`: the one table of strategies.
 """
 
 from __future__ import annotations
 
 from megatron_grove.megatron_config import GroveTransformerConfig
-from megatron_grove.moe.dispatchers.base import DispatchedTokens, ExpertBatch, GroveDispatcher
+from megatron_grove.moe.dispatchers.base import (
+    DispatchedTokens,
+    ExpectedCopies,
+    ExpertBatch,
+    GroveDispatcher,
+)
 from megatron_grove.moe.dispatchers.group_aware import GroupAwareAlltoAllDispatcher
+from megatron_grove.moe.dispatchers.hierarchical import GroveHierarchicalDispatcher
 from megatron_grove.moe.dispatchers.virtual_experts import (
     VirtualExpertAllGatherDispatcher,
     VirtualExpertAlltoAllDispatcher,
@@ -31,14 +42,16 @@ from megatron_grove.moe.dispatchers.virtual_experts import (
 from megatron_grove.moe.layout import ExpertLayout
 
 __all__ = ["GROVE_DISPATCHERS", "build_grove_dispatcher", "GroveDispatcher", "DispatchedTokens",
+           "ExpectedCopies",
            "ExpertBatch", "VirtualExpertAlltoAllDispatcher", "VirtualExpertAllGatherDispatcher",
-           "GroupAwareAlltoAllDispatcher"]
+           "GroupAwareAlltoAllDispatcher", "GroveHierarchicalDispatcher"]
 
 # moe.token_dispatcher_type (GroveTransformerConfig.moe_grove_dispatcher) -> strategy
 GROVE_DISPATCHERS: dict[str, type[GroveDispatcher]] = {
     "alltoall": VirtualExpertAlltoAllDispatcher,
     "allgather": VirtualExpertAllGatherDispatcher,
     "grove_alltoall": GroupAwareAlltoAllDispatcher,
+    "grove_hierarchical": GroveHierarchicalDispatcher,
 }
 
 

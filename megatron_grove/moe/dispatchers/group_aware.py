@@ -54,9 +54,11 @@ from megatron_grove.kernels.permute import permute, sorted_rows, unpermute
 from megatron_grove.megatron_config import GroveTransformerConfig
 from megatron_grove.moe.dispatchers.base import (
     DispatchedTokens,
+    ExpectedCopies,
     ExpertBatch,
     GroveDispatcher,
     columns_config,
+    expected_blocks_hit,
 )
 from megatron_grove.moe.dispatchers.virtual_experts import VariableCopiesAlltoAll
 from megatron_grove.moe.layout import ExpertLayout
@@ -154,6 +156,14 @@ class GroupAwareAlltoAllDispatcher(GroveDispatcher, VariableCopiesAlltoAll):
         super().__init__(1, [ep_rank], config=columns_config(config, layout.ep_size),
                          pg_collection=pg_collection)
         self.layout = layout
+
+    @classmethod
+    def expected_copies(cls, num_experts: int, topk: int, num_groups: int, ep: int,
+                        nodes: int = 1) -> ExpectedCopies:
+        """``hits(E, k, ep)`` rows (once per destination rank), flat, each with the
+        destination's ``E/ep`` weights."""
+        return ExpectedCopies.flat(expected_blocks_hit(num_experts, topk, ep), ep, nodes,
+                                   routing_values=num_experts // ep)
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
                             probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

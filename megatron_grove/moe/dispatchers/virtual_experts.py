@@ -25,11 +25,14 @@ from megatron.core.transformer.moe.token_dispatcher import (
 from megatron_grove.megatron_config import GroveTransformerConfig
 from megatron_grove.moe.dispatchers.base import (
     DispatchedTokens,
+    ExpectedCopies,
     ExpertBatch,
     GroveDispatcher,
     columns_config,
+    expected_blocks_hit,
 )
 from megatron_grove.moe.layout import ExpertLayout
+from megatron_grove.runtime.node_groups import node_groups
 
 __all__ = ["extend_to_virtual_experts", "VariableCopiesAlltoAll",
            "VirtualExpertAlltoAllDispatcher", "VirtualExpertAllGatherDispatcher"]
@@ -116,6 +119,13 @@ class VirtualExpertAlltoAllDispatcher(_VirtualExperts, VariableCopiesAlltoAll):
     """Megatron's all-to-all over the virtual experts: one row per (token, expert) and one per
     (token, group hit)."""
 
+    @classmethod
+    def expected_copies(cls, num_experts: int, topk: int, num_groups: int, ep: int,
+                        nodes: int = 1) -> ExpectedCopies:
+        """``k + hits(E, k, G)`` rows (``k`` for a plain MoE), flat, one weight each."""
+        groups_hit = expected_blocks_hit(num_experts, topk, num_groups) if num_groups else 0.0
+        return ExpectedCopies.flat(topk + groups_hit, ep, nodes, routing_values=1)
+
     def _count_rows_sent(self, rows: torch.Tensor) -> int:
         return rows.shape[0]
 
@@ -125,3 +135,16 @@ class VirtualExpertAllGatherDispatcher(_VirtualExperts, MoEAllGatherTokenDispatc
 
     def _count_rows_sent(self, rows: torch.Tensor) -> int:
         return rows.reshape(-1, rows.shape[-1]).shape[0] * self.layout.ep_size
+
+    @classmethod
+    def expected_copies(cls, num_experts: int, topk: int, num_groups: int, ep: int,
+                        nodes: int = 1) -> ExpectedCopies:
+        """Every token to every EP rank, with the weights of all ``E + G`` virtual experts."""
+        per_node = ep // nodes
+        return ExpectedCopies(float(ep), float(ep - per_node), float(per_node - 1),
+                              num_experts + num_groups, num_experts + num_groups)
+
+    def link_rows(self) -> tuple[int, int]:
+        """Every token to every other EP rank: those on other nodes and those on this one."""
+        tokens, per_node = self.rows_sent // self.layout.ep_size, node_groups().ranks_per_node
+        return tokens * (self.layout.ep_size - per_node), tokens * (per_node - 1)
