@@ -151,8 +151,9 @@ def _kernel_has_netem() -> bool:
     name = f"grove-emu-{os.getpid()}-probe"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        return subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo",
-                               "root", "netem", "delay", "1ms"], capture_output=True).returncode == 0
+        added = subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo",
+                                "root", "netem", "delay", "1ms"], capture_output=True)
+        return added.returncode == 0
     finally:
         subprocess.run(["ip", "netns", "del", name], check=True)
 

@@ -1,15 +1,19 @@
-"""The dispatch benchmark: the same routed tokens through three MoE layers on ``ep`` processes.
+"""The dispatch benchmark: the same routed tokens through four MoE layers on ``ep`` processes.
 
     (a) ``alltoall``:                  Megatron's MoELayer + all-to-all, routed experts only;
     (b) ``alltoall_virtual_adjugates``: GroveMoELayer, adjugates as extra experts of Megatron's
                                         all-to-all (one row per (token, expert) and (token, group));
     (c) ``group_aware``:               GroveMoELayer on GroupAwareAlltoAllDispatcher (one row per
-                                        (token, EP rank)).
+                                        (token, EP rank));
+    (d) ``hierarchical``:              GroveMoELayer on GroveHierarchicalDispatcher (one row per
+                                        (token, node) across nodes, then per (token, rank);
+                                        nodes: torchrun's LOCAL_WORLD_SIZE, else one node,
+                                        where it is (c)).
 
 Each process (gloo on CPU, NCCL with one GPU each) routes ``tokens`` tokens uniformly at random
-(top-k of random scores, the same for all three layers: the router is bypassed) and times
+(top-k of random scores, the same for all four layers: the router is bypassed) and times
 forward + backward of each layer (slowest rank), the repetitions interleaved (a, b, c, a, b, c,
-...) so that a change in the machine's load hits the three alike; median over ``iters`` and its
+...) so that a change in the machine's load hits the four alike; median over ``iters`` and its
 spread (min, max). A *copy* is one token row the dispatcher sends to another rank or keeps
 locally for an expert (what enters the dispatch all-to-all); bytes are those of the rows and
 their routing weights in the dispatch direction (the combine sends the rows back).
@@ -29,7 +33,9 @@ from megatron_grove.benchmarking.processes import LinkMeter, cpu_threads_per_ran
 __all__ = ["VARIANTS", "DispatchBenchmark", "run_dispatch_benchmark", "run_dispatch_rank",
            "summarize_dispatch", "format_dispatch_table"]
 
-VARIANTS = ("alltoall", "alltoall_virtual_adjugates", "group_aware")
+VARIANTS = ("alltoall", "alltoall_virtual_adjugates", "group_aware", "hierarchical")
+_DISPATCHER = {"alltoall": "alltoall", "alltoall_virtual_adjugates": "alltoall",
+               "group_aware": "grove_alltoall", "hierarchical": "grove_hierarchical"}
 
 
 @dataclass
@@ -83,7 +89,7 @@ def _build_layer(args: DispatchBenchmark, variant: str, device: torch.device):
         f"moe.adjugate_ffn_hidden_size={args.adjugate_ffn}",
         f"moe.adjugate_scale={args.adjugate_scale}", "moe.allow_large_adjugate_scale=true",
         "moe.bias_update_rule=none",
-        f"moe.token_dispatcher_type={'grove_alltoall' if variant == 'group_aware' else 'alltoall'}",
+        f"moe.token_dispatcher_type={_DISPATCHER[variant]}",
         f"parallel.expert_model_parallel_size={args.ep}", f"runtime.device={device.type}"])
     return build_moe_layer(to_transformer_config(cfg)).to(device)
 
@@ -182,7 +188,7 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
 
 
 def run_dispatch_benchmark(args: DispatchBenchmark) -> dict:
-    """Spawn ``args.ep`` processes, run the three layers (repetitions interleaved), return the
+    """Spawn ``args.ep`` processes, run the four layers (repetitions interleaved), return the
     summary: medians, their spread (min, max) and ratios."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.device_count() >= args.ep else "cpu"
@@ -221,6 +227,7 @@ def summarize_dispatch(args: DispatchBenchmark, out: dict, load_before: float) -
         "cpu_time_s": cpu,
         "cpu_ratio_group_aware_vs_virtual": cpu["group_aware"] / cpu["alltoall_virtual_adjugates"],
         "cpu_ratio_group_aware_vs_alltoall": cpu["group_aware"] / cpu["alltoall"],
+        "time_ratio_hierarchical_vs_group_aware": median["hierarchical"] / median["group_aware"],
         **({"link_bytes": {v: per[v]["link_bytes"] for v in VARIANTS}} if args.link_device
            else {}),
     }

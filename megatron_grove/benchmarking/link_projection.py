@@ -36,11 +36,13 @@ DISPATCH_VARIANT_STRATEGIES = {
     "alltoall": ("alltoall, plain MoE", "flat"),
     "alltoall_virtual_adjugates": ("alltoall, virtual adjugates", "flat"),
     "group_aware": ("grove_alltoall", "flat"),
+    "hierarchical": ("grove_hierarchical", "hierarchical"),
 }
 TRAIN_STEP_VARIANT_STRATEGIES = {
     "plain": ("alltoall, plain MoE", "flat"),
     "virtual": ("alltoall, virtual adjugates", "flat"),
     "group_aware": ("grove_alltoall", "flat"),
+    "hierarchical": ("grove_hierarchical", "hierarchical"),
 }
 _GRADIENT_BYTES = 4  # Megatron DDP reduces in an fp32 buffer (grad_reduce_in_fp32)
 

@@ -1,15 +1,18 @@
 """The training-step benchmark: whole steps (forward, backward, optimizer) of one model on the
-same data with three MoE variants, on ``ep`` processes.
+same data with four MoE variants, on ``ep`` processes.
 
     (a) ``plain``:       the same routed MoE without adjugates (``moe.num_expert_groups=0``:
                          Megatron's ``MoELayer`` on Megatron's all-to-all);
     (b) ``virtual``:     Grove, adjugates as extra experts of Megatron's all-to-all
                          (``moe.token_dispatcher_type=alltoall``);
-    (c) ``group_aware``: Grove on ``GroupAwareAlltoAllDispatcher`` (``grove_alltoall``).
+    (c) ``group_aware``: Grove on ``GroupAwareAlltoAllDispatcher`` (``grove_alltoall``);
+    (d) ``hierarchical``: Grove on ``GroveHierarchicalDispatcher`` (``grove_hierarchical``: once
+                         per (token, node) across nodes; nodes = ``parallel.ranks_per_node`` or
+                         torchrun's ``LOCAL_WORLD_SIZE``, else one node, where it is (c)).
 
-Each process builds the three runs with :func:`megatron_grove.training.setup_training` (model in
+Each process builds the four runs with :func:`megatron_grove.training.setup_training` (model in
 Megatron DDP, optimizer, LR schedule, dataset) and then runs them interleaved, ``a, b, c, a, b,
-c, ...``, so that a change in the machine's load hits the three alike. Repetition ``i`` of every
+c, ...``, so that a change in the machine's load hits the four alike. Repetition ``i`` of every
 variant trains on step ``i``'s global batch. A step is what :func:`megatron_grove.training.train`
 does per step: zero the gradient buffers, Megatron's forward/backward schedule over the
 micro-batches, the optimizer and LR steps and the expert-bias update; its time is the slowest
@@ -32,12 +35,13 @@ from megatron_grove.config import ConfigError, GroveConfig, load_config, validat
 __all__ = ["VARIANTS", "TrainStepBenchmark", "variant_configs", "run_train_step_benchmark",
            "run_train_step_rank", "summarize_train_step", "format_train_step_table"]
 
-VARIANTS = ("plain", "virtual", "group_aware")
+VARIANTS = ("plain", "virtual", "group_aware", "hierarchical")
 
 _VARIANT_OVERRIDES = {
     "plain": ["moe.num_expert_groups=0", "moe.token_dispatcher_type=alltoall"],
     "virtual": ["moe.token_dispatcher_type=alltoall"],
     "group_aware": ["moe.token_dispatcher_type=grove_alltoall"],
+    "hierarchical": ["moe.token_dispatcher_type=grove_hierarchical"],
 }
 
 
@@ -57,7 +61,7 @@ class TrainStepBenchmark:
 
 
 def variant_configs(bench: TrainStepBenchmark) -> dict[str, GroveConfig]:
-    """The three runs' configs (``ConfigError`` if the setting is not valid): the benchmark's
+    """The four runs' configs (``ConfigError`` if the setting is not valid): the benchmark's
     config and overrides, EP = ``bench.ep``, nothing written (no checkpoint, no TensorBoard,
     no progress bar), at least ``warmup + steps`` iterations of data, then each variant's
     dispatcher and groups."""
@@ -135,7 +139,8 @@ def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
     p, t = first.parallel, first.train
     runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
                                   seed=t.seed, device=bench.device, init_method=init_method,
-                                  rank=rank, world_size=world_size(first), timeout_s=600)
+                                  rank=rank, world_size=world_size(first), timeout_s=600,
+                                  ranks_per_node=p.ranks_per_node)
     device = runtime.device
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_rank(world_size(first)))
@@ -177,7 +182,7 @@ def _mean(values: list[float]) -> float:
 
 
 def run_train_step_benchmark(bench: TrainStepBenchmark) -> dict:
-    """Run the three variants interleaved on ``world_size`` spawned processes; the summary:
+    """Run the four variants interleaved on ``world_size`` spawned processes; the summary:
     median step time per variant with its spread (min, max) and the ratios, the losses, the
     copies per token, the machine's load average before and after."""
     configs = variant_configs(bench)
@@ -221,6 +226,7 @@ def summarize_train_step(bench: TrainStepBenchmark, configs: dict[str, GroveConf
         "step_cpu_s": cpu,
         "cpu_ratio_group_aware_vs_virtual": cpu["group_aware"] / cpu["virtual"],
         "cpu_ratio_group_aware_vs_plain": cpu["group_aware"] / cpu["plain"],
+        "ratio_hierarchical_vs_group_aware": median["hierarchical"] / median["group_aware"],
         "losses": losses,
         "loss_max_abs_diff_virtual_vs_group_aware": max(
             abs(a - b) for a, b in zip(losses["virtual"], losses["group_aware"])),
