@@ -1,14 +1,17 @@
-"""Dispatch benchmark: the same routed tokens through three MoE layers on ``--ep`` processes.
+"""Dispatch benchmark: the same routed tokens through four MoE layers on ``--ep`` processes.
 
     (a) alltoall:                   Megatron's MoELayer + all-to-all, routed experts only;
     (b) alltoall_virtual_adjugates: GroveMoELayer, adjugates as extra experts of Megatron's
                                     all-to-all (one row per (token, expert) and (token, group));
     (c) group_aware:                GroveMoELayer on GroupAwareAlltoAllDispatcher (one row per
-                                    (token, EP rank)).
+                                    (token, EP rank));
+    (d) hierarchical:               GroveMoELayer on GroveHierarchicalDispatcher (once per
+                                    (token, node) across nodes; here one node, so it is (c):
+                                    benchmarks/emulated_cluster.py runs it across nodes).
 
 Each process (gloo on CPU, NCCL with one GPU each when CUDA is available) routes --tokens
 tokens uniformly at random and times forward + backward of each layer (slowest rank; the
-repetitions interleaved a, b, c, a, b, c, ...; median over --iters with its min..max spread);
+repetitions interleaved a, b, c, d, a, b, c, d, ...; median over --iters with its min..max spread);
 copies, bytes and adjugate evaluations per token are counted on the wire.
 
     python benchmarks/dispatch.py --ep 4 --experts 128 --topk 8 --groups 64 --tokens 4096 \\

@@ -1,12 +1,15 @@
 """Training-step benchmark: whole steps (forward, backward, optimizer) of one model on the same
-data with three MoE variants, on --ep processes.
+data with four MoE variants, on --ep processes.
 
     (a) plain:       the same routed MoE without adjugates (Megatron's MoELayer, all-to-all);
     (b) virtual:     Grove, adjugates as extra experts of Megatron's all-to-all (alltoall);
-    (c) group_aware: Grove, group-aware dispatch (grove_alltoall, once per destination rank).
+    (c) group_aware: Grove, group-aware dispatch (grove_alltoall, once per destination rank);
+    (d) hierarchical: Grove, grove_hierarchical (once per (token, node) across nodes; on one
+                     node, as here without parallel.ranks_per_node, it is (c);
+                     benchmarks/emulated_cluster.py runs it across nodes).
 
-The three runs are built in every process (Megatron DDP, optimizer, LR schedule, the config's
-data) and stepped interleaved, a, b, c, a, b, c, ...; repetition i of each trains on step i's
+The four runs are built in every process (Megatron DDP, optimizer, LR schedule, the config's
+data) and stepped interleaved, a, b, c, d, a, b, c, d, ...; repetition i of each trains on step i's
 global batch. Printed: per variant the median step time (slowest rank) with its min..max
 spread and the median CPU seconds (slowest rank's process time, less disturbed by a loaded
 machine), the ratios (c)/(b) and (c)/(a) of both, the copies per token, the losses ((b) and (c)

@@ -62,7 +62,7 @@ def test_train_step_benchmark_json():
                       "--ep", "2", "--steps", "2", "--warmup", "1", "--json", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    variants = {"plain", "virtual", "group_aware"}
+    variants = {"plain", "virtual", "group_aware", "hierarchical"}
     assert set(out["step_time_s"]) == set(out["step_time_spread_s"]) == variants
     assert all(len(times) == 2 for times in out["step_times_s"].values())
     for v in variants:

@@ -244,6 +244,9 @@ def test_benchmark_json():
     assert adjugate["alltoall_virtual_adjugates"] == adjugate["group_aware"]
     assert copies["alltoall_virtual_adjugates"] == pytest.approx(4 + adjugate["group_aware"])
     assert 1 <= copies["group_aware"] <= 2  # at most once per EP rank
+    # (d) hierarchical on one node (no torchrun, no parallel.ranks_per_node) is (c)
+    assert copies["hierarchical"] == copies["group_aware"]
+    assert out["bytes_per_token"]["hierarchical"] == out["bytes_per_token"]["group_aware"]
     # bytes: H=32 fp32 per row, plus one routing weight (stock) or E/ep = 8 weights (ours)
     assert out["bytes_per_token"]["alltoall"] == 4 * (32 + 1) * 4
     assert out["bytes_per_token"]["group_aware"] == pytest.approx(copies["group_aware"] * 40 * 4)

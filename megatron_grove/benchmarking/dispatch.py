@@ -1,15 +1,19 @@
-"""The dispatch benchmark: the same routed tokens through three MoE layers on ``ep`` processes.
+"""The dispatch benchmark: the same routed tokens through four MoE layers on ``ep`` processes.
 
     (a) ``alltoall``:                  Megatron's MoELayer + all-to-all, routed experts only;
     (b) ``alltoall_virtual_adjugates``: GroveMoELayer, adjugates as extra experts of Megatron's
                                         all-to-all (one row per (token, expert) and (token, group));
     (c) ``group_aware``:               GroveMoELayer on GroupAwareAlltoAllDispatcher (one row per
-                                        (token, EP rank)).
+                                        (token, EP rank));
+    (d) ``hierarchical``:              GroveMoELayer on GroveHierarchicalDispatcher (one row per
+                                        (token, node) across nodes, then per (token, rank);
+                                        nodes: torchrun's LOCAL_WORLD_SIZE, else one node,
+                                        where it is (c)).
 
 Each process (gloo on CPU, NCCL with one GPU each) routes ``tokens`` tokens uniformly at random
-(top-k of random scores, the same for all three layers: the router is bypassed) and times
+(top-k of random scores, the same for all four layers: the router is bypassed) and times
 forward + backward of each layer (slowest rank), the repetitions interleaved (a, b, c, a, b, c,
-...) so that a change in the machine's load hits the three alike; median over ``iters`` and its
+...) so that a change in the machine's load hits the four alike; median over ``iters`` and its
 spread (min, max). A *copy* is one token row the dispatcher sends to another rank or keeps
 locally for an expert (what enters the dispatch all-to-all); bytes are those of the rows and
 their routing weights in the dispatch direction (the combine sends the rows back).
@@ -24,11 +28,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from megatron_grove.benchmarking.processes import cpu_threads_per_rank, run_on_ranks
+from megatron_grove.benchmarking.processes import LinkMeter, cpu_threads_per_rank, run_on_ranks
 
-__all__ = ["VARIANTS", "DispatchBenchmark", "run_dispatch_benchmark", "format_dispatch_table"]
+__all__ = ["VARIANTS", "DispatchBenchmark", "run_dispatch_benchmark", "run_dispatch_rank",
+           "summarize_dispatch", "format_dispatch_table"]
 
-VARIANTS = ("alltoall", "alltoall_virtual_adjugates", "group_aware")
+VARIANTS = ("alltoall", "alltoall_virtual_adjugates", "group_aware", "hierarchical")
+_DISPATCHER = {"alltoall": "alltoall", "alltoall_virtual_adjugates": "alltoall",
+               "group_aware": "grove_alltoall", "hierarchical": "grove_hierarchical"}
 
 
 @dataclass
@@ -48,6 +55,9 @@ class DispatchBenchmark:
     warmup: int = 1
     device: str = "auto"  # auto: NCCL on GPUs when there are ep of them, else gloo on CPU
     seed: int = 0
+    # emulated cluster: the node's link device, whose kernel tx counter the node's first rank
+    # reads around every timed repetition (benchmarks/emulated_cluster.py)
+    link_device: str | None = None
 
     def problems(self) -> list[str]:
         """What is wrong with the setting (empty when it can run)."""
@@ -79,7 +89,7 @@ def _build_layer(args: DispatchBenchmark, variant: str, device: torch.device):
         f"moe.adjugate_ffn_hidden_size={args.adjugate_ffn}",
         f"moe.adjugate_scale={args.adjugate_scale}", "moe.allow_large_adjugate_scale=true",
         "moe.bias_update_rule=none",
-        f"moe.token_dispatcher_type={'grove_alltoall' if variant == 'group_aware' else 'alltoall'}",
+        f"moe.token_dispatcher_type={_DISPATCHER[variant]}",
         f"parallel.expert_model_parallel_size={args.ep}", f"runtime.device={device.type}"])
     return build_moe_layer(to_transformer_config(cfg)).to(device)
 
@@ -133,6 +143,8 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
         meters[variant] = _DispatchMeter(layer)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    link = LinkMeter(args.link_device)
+    link_bytes = {v: 0 for v in VARIANTS}
     for it in range(args.warmup + args.iters):
         for variant in VARIANTS:  # interleaved: a, b, c, a, b, c, ...
             layer, meter = layers[variant], meters[variant]
@@ -143,6 +155,7 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
             dist.barrier()
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            link.start()
             began, cpu_began = time.perf_counter(), time.process_time()
             y, _ = layer(inp)
             y.backward(torch.ones_like(y))
@@ -150,6 +163,9 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
                 torch.cuda.synchronize()
             spent = torch.tensor([time.perf_counter() - began, time.process_time() - cpu_began],
                                  dtype=torch.float64)
+            sent = link.stop()
+            if it >= args.warmup:
+                link_bytes[variant] += sent
             dist.all_reduce(spent, op=dist.ReduceOp.MAX)
             if it >= args.warmup:
                 times[variant].append(float(spent[0]))
@@ -158,24 +174,38 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
     for variant in VARIANTS:
         adjugate_rows = getattr(layers[variant], "grove_counters", {}).get("adjugate_rows", 0)
         meter = meters[variant]
-        totals = torch.tensor([meter.rows, meter.bytes, adjugate_rows], dtype=torch.float64)
+        totals = torch.tensor([meter.rows, meter.bytes, adjugate_rows, link_bytes[variant]],
+                              dtype=torch.float64)
         dist.all_reduce(totals)
         tokens = args.tokens * args.ep * args.iters
         result[variant] = {"copies": float(totals[0]) / tokens,
                            "bytes": float(totals[1]) / tokens,
                            "adjugate_evals": float(totals[2]) / tokens,
+                           "link_bytes": float(totals[3]) / args.iters,
                            "times": times[variant], "cpu_times": cpu_times[variant]}
     destroy_parallel()
     return {"per_variant": result, "device": str(device)} if rank == 0 else None
 
 
 def run_dispatch_benchmark(args: DispatchBenchmark) -> dict:
-    """Spawn ``args.ep`` processes, run the three layers (repetitions interleaved), return the
+    """Spawn ``args.ep`` processes, run the four layers (repetitions interleaved), return the
     summary: medians, their spread (min, max) and ratios."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.device_count() >= args.ep else "cpu"
     load_before = os.getloadavg()[0]
-    out = run_on_ranks(_worker, args.ep, args)
+    return summarize_dispatch(args, run_on_ranks(_worker, args.ep, args), load_before)
+
+
+def run_dispatch_rank(args: DispatchBenchmark) -> dict | None:
+    """This process's part of the benchmark when a launcher (torchrun) started it: rank and
+    rendezvous from the environment; rank 0 returns the raw result for
+    :func:`summarize_dispatch`, the others ``None``."""
+    return _worker(int(os.environ["RANK"]), "env://", args)
+
+
+def summarize_dispatch(args: DispatchBenchmark, out: dict, load_before: float) -> dict:
+    """Rank 0's raw result as the summary: medians, their spread (min, max) and ratios, and
+    with a link device the bytes that crossed the links per repetition (kernel counters)."""
     per, device = out["per_variant"], out["device"]
     median = {v: statistics.median(per[v]["times"]) for v in VARIANTS}
     cpu = {v: statistics.median(per[v]["cpu_times"]) for v in VARIANTS}
@@ -197,6 +227,9 @@ def run_dispatch_benchmark(args: DispatchBenchmark) -> dict:
         "cpu_time_s": cpu,
         "cpu_ratio_group_aware_vs_virtual": cpu["group_aware"] / cpu["alltoall_virtual_adjugates"],
         "cpu_ratio_group_aware_vs_alltoall": cpu["group_aware"] / cpu["alltoall"],
+        "time_ratio_hierarchical_vs_group_aware": median["hierarchical"] / median["group_aware"],
+        **({"link_bytes": {v: per[v]["link_bytes"] for v in VARIANTS}} if args.link_device
+           else {}),
     }
 
 

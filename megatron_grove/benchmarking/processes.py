@@ -10,7 +10,9 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-__all__ = ["run_on_ranks", "cpu_threads_per_rank"]
+from megatron_grove.benchmarking.emulated_cluster import link_tx_bytes
+
+__all__ = ["run_on_ranks", "cpu_threads_per_rank", "LinkMeter"]
 
 
 def cpu_threads_per_rank(world_size: int) -> int:
@@ -49,3 +51,35 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
     if status != "ok":
         raise RuntimeError(payload)
     return payload
+
+
+class LinkMeter:
+    """Bytes a node sent on its link ``device`` between :meth:`start` and :meth:`stop`, from the
+    kernel's counter (an emulated cluster's node link; see ``emulated_cluster``). Every rank
+    calls both; the node's first rank (``LOCAL_RANK`` 0) reads the counter, then all wait on a
+    barrier (:meth:`start`: no rank sends before the reading), or all wait on a barrier and
+    then it reads (:meth:`stop`: every rank's traffic is in). :meth:`stop` returns the bytes on
+    that rank, 0 on every other, so a sum over ranks is what crossed the links. Without a
+    device both are no-ops returning 0."""
+
+    def __init__(self, device: str | None) -> None:
+        self.device = device
+        self.reads = device is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0
+        self._began = 0
+
+    def start(self) -> None:
+        if self.device is None:
+            return
+        import torch.distributed as dist
+
+        if self.reads:
+            self._began = link_tx_bytes(self.device)
+        dist.barrier()
+
+    def stop(self) -> int:
+        if self.device is None:
+            return 0
+        import torch.distributed as dist
+
+        dist.barrier()
+        return link_tx_bytes(self.device) - self._began if self.reads else 0

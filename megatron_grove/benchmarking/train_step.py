@@ -1,15 +1,18 @@
 """The training-step benchmark: whole steps (forward, backward, optimizer) of one model on the
-same data with three MoE variants, on ``ep`` processes.
+same data with four MoE variants, on ``ep`` processes.
 
     (a) ``plain``:       the same routed MoE without adjugates (``moe.num_expert_groups=0``:
                          Megatron's ``MoELayer`` on Megatron's all-to-all);
     (b) ``virtual``:     Grove, adjugates as extra experts of Megatron's all-to-all
                          (``moe.token_dispatcher_type=alltoall``);
-    (c) ``group_aware``: Grove on ``GroupAwareAlltoAllDispatcher`` (``grove_alltoall``).
+    (c) ``group_aware``: Grove on ``GroupAwareAlltoAllDispatcher`` (``grove_alltoall``);
+    (d) ``hierarchical``: Grove on ``GroveHierarchicalDispatcher`` (``grove_hierarchical``: once
+                         per (token, node) across nodes; nodes = ``parallel.ranks_per_node`` or
+                         torchrun's ``LOCAL_WORLD_SIZE``, else one node, where it is (c)).
 
-Each process builds the three runs with :func:`megatron_grove.training.setup_training` (model in
+Each process builds the four runs with :func:`megatron_grove.training.setup_training` (model in
 Megatron DDP, optimizer, LR schedule, dataset) and then runs them interleaved, ``a, b, c, a, b,
-c, ...``, so that a change in the machine's load hits the three alike. Repetition ``i`` of every
+c, ...``, so that a change in the machine's load hits the four alike. Repetition ``i`` of every
 variant trains on step ``i``'s global batch. A step is what :func:`megatron_grove.training.train`
 does per step: zero the gradient buffers, Megatron's forward/backward schedule over the
 micro-batches, the optimizer and LR steps and the expert-bias update; its time is the slowest
@@ -25,18 +28,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_grove.benchmarking.processes import cpu_threads_per_rank, run_on_ranks
+from megatron_grove.benchmarking.processes import LinkMeter, cpu_threads_per_rank, run_on_ranks
 from megatron_grove.config import ConfigError, GroveConfig, load_config, validate_layout
 
 __all__ = ["VARIANTS", "TrainStepBenchmark", "variant_configs", "run_train_step_benchmark",
-           "format_train_step_table"]
+           "run_train_step_rank", "summarize_train_step", "format_train_step_table"]
 
-VARIANTS = ("plain", "virtual", "group_aware")
+VARIANTS = ("plain", "virtual", "group_aware", "hierarchical")
 
 _VARIANT_OVERRIDES = {
     "plain": ["moe.num_expert_groups=0", "moe.token_dispatcher_type=alltoall"],
     "virtual": ["moe.token_dispatcher_type=alltoall"],
     "group_aware": ["moe.token_dispatcher_type=grove_alltoall"],
+    "hierarchical": ["moe.token_dispatcher_type=grove_hierarchical"],
 }
 
 
@@ -50,10 +54,13 @@ class TrainStepBenchmark:
     steps: int = 5  # timed repetitions of each variant
     warmup: int = 1  # untimed repetitions of each variant first
     device: str = "cpu"  # cpu (gloo) | cuda (NCCL, one GPU per rank)
+    # emulated cluster: the node's link device, whose kernel tx counter the node's first rank
+    # reads around every step (benchmarks/emulated_cluster.py)
+    link_device: str | None = None
 
 
 def variant_configs(bench: TrainStepBenchmark) -> dict[str, GroveConfig]:
-    """The three runs' configs (``ConfigError`` if the setting is not valid): the benchmark's
+    """The four runs' configs (``ConfigError`` if the setting is not valid): the benchmark's
     config and overrides, EP = ``bench.ep``, nothing written (no checkpoint, no TensorBoard,
     no progress bar), at least ``warmup + steps`` iterations of data, then each variant's
     dispatcher and groups."""
@@ -80,9 +87,10 @@ def world_size(cfg: GroveConfig) -> int:
 
 
 def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
-                device: torch.device) -> tuple[float, float, float]:
+                device: torch.device, link: LinkMeter) -> tuple[float, float, float, int]:
     """One training step of ``setup`` on ``batches``: the slowest rank's wall-clock seconds
-    and CPU seconds (the process's, all threads), and the mean loss."""
+    and CPU seconds (the process's, all threads), the mean loss and the bytes this node's link
+    sent during the step (0 without a link; see :class:`LinkMeter`)."""
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -93,6 +101,7 @@ def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
     dist.barrier()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    link.start()
     began, cpu_began = time.perf_counter(), time.process_time()
     setup.model.zero_grad_buffer()
     setup.optimizer.zero_grad()
@@ -108,14 +117,17 @@ def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
         torch.cuda.synchronize()
     spent = torch.tensor([time.perf_counter() - began, time.process_time() - cpu_began],
                          dtype=torch.float64)
+    sent = link.stop()
     dist.all_reduce(spent, op=dist.ReduceOp.MAX)
     loss = torch.stack([d["lm loss"] for d in losses]).mean().detach().double().cpu()
     dist.all_reduce(loss)
-    return float(spent[0]), float(spent[1]), float(loss) / dist.get_world_size()
+    return float(spent[0]), float(spent[1]), float(loss) / dist.get_world_size(), sent
 
 
 def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
             configs: dict[str, GroveConfig]) -> dict | None:
+    import torch.distributed as dist
+
     from megatron_grove.moe.counters import collect_moe_counters
     from megatron_grove.runtime import destroy_parallel, initialize_parallel
     from megatron_grove.training import micro_batches, setup_training
@@ -125,7 +137,8 @@ def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
     p, t = first.parallel, first.train
     runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
                                   seed=t.seed, device=bench.device, init_method=init_method,
-                                  rank=rank, world_size=world_size(first), timeout_s=600)
+                                  rank=rank, world_size=world_size(first), timeout_s=600,
+                                  ranks_per_node=p.ranks_per_node)
     device = runtime.device
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_rank(world_size(first)))
@@ -134,26 +147,31 @@ def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     losses: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    link, link_bytes = LinkMeter(bench.link_device), {v: 0 for v in VARIANTS}
     counters: dict[str, dict] = {}
     for step in range(1, bench.warmup + bench.steps + 1):
         setup = setups["group_aware"]
         batches = micro_batches(setup.dataset, step, t.global_batch_size, t.micro_batch_size,
                                 setup.dp_rank, setup.dp_size)
         for variant in VARIANTS:  # interleaved: a, b, c, a, b, c, ...
-            elapsed, cpu, loss = _timed_step(setups[variant], configs[variant], batches,
-                                             forward_step, device)
+            elapsed, cpu, loss, sent = _timed_step(setups[variant], configs[variant], batches,
+                                                   forward_step, device, link)
             losses[variant].append(loss)
             if step > bench.warmup:
                 times[variant].append(elapsed)
                 cpu_times[variant].append(cpu)
+                link_bytes[variant] += sent
             if step == bench.warmup + bench.steps:
                 counters[variant] = collect_moe_counters(
                     setups[variant].model, t.global_batch_size * first.model.seq_length)
+    totals = torch.tensor([link_bytes[v] for v in VARIANTS], dtype=torch.float64)
+    dist.all_reduce(totals)
     destroy_parallel()
     if rank:
         return None
     return {"times": times, "cpu_times": cpu_times, "losses": losses, "counters": counters,
-            "device": str(device)}
+            "device": str(device),
+            "link_bytes": {v: float(b) / bench.steps for v, b in zip(VARIANTS, totals)}}
 
 
 def _mean(values: list[float]) -> float:
@@ -161,12 +179,26 @@ def _mean(values: list[float]) -> float:
 
 
 def run_train_step_benchmark(bench: TrainStepBenchmark) -> dict:
-    """Run the three variants interleaved on ``world_size`` spawned processes; the summary:
+    """Run the four variants interleaved on ``world_size`` spawned processes; the summary:
     median step time per variant with its spread (min, max) and the ratios, the losses, the
     copies per token, the machine's load average before and after."""
     configs = variant_configs(bench)
     load_before = os.getloadavg()[0]
     out = run_on_ranks(_worker, world_size(configs["group_aware"]), bench, configs)
+    return summarize_train_step(bench, configs, out, load_before)
+
+
+def run_train_step_rank(bench: TrainStepBenchmark) -> dict | None:
+    """This process's part of the benchmark when a launcher (torchrun) started it: rank and
+    rendezvous from the environment; rank 0 returns the raw result for
+    :func:`summarize_train_step`, the others ``None``."""
+    return _worker(int(os.environ["RANK"]), "env://", bench, variant_configs(bench))
+
+
+def summarize_train_step(bench: TrainStepBenchmark, configs: dict[str, GroveConfig], out: dict,
+                         load_before: float) -> dict:
+    """Rank 0's raw result as the summary (see :func:`run_train_step_benchmark`), with a link
+    device the bytes that crossed the links per step (kernel counters)."""
     times, losses = out["times"], out["losses"]
     median = {v: statistics.median(times[v]) for v in VARIANTS}
     cpu = {v: statistics.median(out["cpu_times"][v]) for v in VARIANTS}
@@ -191,6 +223,7 @@ def run_train_step_benchmark(bench: TrainStepBenchmark) -> dict:
         "step_cpu_s": cpu,
         "cpu_ratio_group_aware_vs_virtual": cpu["group_aware"] / cpu["virtual"],
         "cpu_ratio_group_aware_vs_plain": cpu["group_aware"] / cpu["plain"],
+        "ratio_hierarchical_vs_group_aware": median["hierarchical"] / median["group_aware"],
         "losses": losses,
         "loss_max_abs_diff_virtual_vs_group_aware": max(
             abs(a - b) for a, b in zip(losses["virtual"], losses["group_aware"])),
@@ -199,6 +232,7 @@ def run_train_step_benchmark(bench: TrainStepBenchmark) -> dict:
         "adjugate_evals_per_token": {
             v: _mean(out["counters"][v].get("adjugate_evals_per_token", []))
             for v in VARIANTS[1:]},
+        **({"link_bytes": out["link_bytes"]} if bench.link_device else {}),
     }
 
 
