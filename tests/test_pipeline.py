@@ -16,7 +16,7 @@ from helpers import FAST, TINY, in_world, losses, run_distributed, run_script, t
 from megatron_grove.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron_grove.config import ConfigError, config_to_dict, load_config, validate_layout
 from megatron_grove.data import heldout_text_path
-from megatron_grove.hf_conversion.megatron_io import load_megatron_state
+from megatron_grove.hf_conversion.hf_checkpoint import load_megatron_state
 from megatron_grove.training.metrics import read_metrics
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import setup_training, train_step

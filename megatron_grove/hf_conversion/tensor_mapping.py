@@ -3,7 +3,7 @@
 The Megatron side is the *global* state dict of our ``GPTModel`` as one process at TP=1,
 EP=1 holds it (``local_experts.{e}`` = global expert ``e``, adjugate ``g`` =
 ``adjugate_experts.local_experts.{g}``), without ``_extra_state`` entries and with the
-unpadded vocabulary (``[V, H]``; :mod:`.megatron_io` pads to Megatron's size). Per decoder
+unpadded vocabulary (``[V, H]``; :mod:`megatron_grove.checkpointing.model_io` pads to Megatron's size). Per decoder
 layer ``i`` (HF prefix ``model.layers.{i}.``, Megatron prefix ``decoder.layers.{i}.``)::
 
     HF                                     Megatron                       how
