@@ -28,6 +28,9 @@ main keys:
   train.iters / train.global_batch_size / train.micro_batch_size / train.seed / train.lr
   parallel.expert_model_parallel_size / parallel.tensor_model_parallel_size (TP > 1 with MoE
   needs parallel.sequence_parallel=true) / runtime.dtype (fp32|bf16)
+  parallel.pipeline_model_parallel_size (stages, 1F1B) / parallel.virtual_pipeline_model_
+  parallel_size (chunks per stage, interleaved) / parallel.num_layers_in_first_pipeline_stage
+  and num_layers_in_last_pipeline_stage (layer counts that do not divide)
   moe.num_experts / moe.router_topk / moe.num_expert_groups / moe.adjugate_ffn_hidden_size
   moe.adjugate_scale / moe.router_score_function / moe.bias_update_rule / moe.bias_update_rate
   moe.token_dispatcher_type: auto (default: grove_hierarchical with expert groups, once per
@@ -48,7 +51,7 @@ main keys:
   checkpoint.save / checkpoint.load (where a new run starts: a folder, or auto/null: from
   scratch) / checkpoint.save_interval / checkpoint.overwrite / logging.dir
   runtime.dist_timeout_s / train.max_skipped_steps
-  a checkpoint resumes at another TP/EP size, unless the distributed optimizer saved it with
+  a checkpoint resumes at another TP/EP/PP size, unless the distributed optimizer saved it with
   checkpoint.optimizer_format=dp_reshardable (default fully_reshardable)
   parallel.use_distributed_optimizer / parallel.recompute_granularity (none|selective|full)
 multi-node: one torchrun per node with --rdzv-backend c10d (see docs/multinode.md and

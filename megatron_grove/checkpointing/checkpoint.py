@@ -384,8 +384,8 @@ def _check_same_layout(folder: Path, config: dict[str, Any]) -> None:
 def load_checkpoint(root: str | Path, model: torch.nn.Module | list[torch.nn.Module], optimizer,
                     step: int | None = None, verify: bool = True) -> TrainState:
     """Collective: load model, optimizer, RNG and train state from the latest (or ``step``)
-    checkpoint under ``root``. Works under a different TP/EP layout than the one saved; the RNG
-    states are restored only when the world size is unchanged. A model-only checkpoint (e.g.
+    checkpoint under ``root``. Works under a different TP/EP/PP layout than the one saved; the
+    RNG states are restored only when the world size is unchanged. A model-only checkpoint (e.g.
     converted from Hugging Face, or ``optimizer`` None) loads the model only and returns step 0
     with ``scheduler`` None: training starts from those weights. ``verify=False`` skips the
     manifest check (for a folder the caller has just verified)."""
