@@ -89,6 +89,10 @@ def test_dispatcher_defaults_to_group_aware_when_there_are_groups():
     (["train.adam_beta2=1.0"], "train.adam_beta2=1.0: allowed 0 <= value < 1"),
     (["train.adam_eps=0"], "train.adam_eps=0.0: must be a finite number > 0"),
     (["train.max_skipped_steps=-1"], "train.max_skipped_steps=-1: must be >= 0"),
+    (["checkpoint.lock_stale_s=0"], "checkpoint.lock_stale_s=0: must be >= 1"),
+    (["logging.straggler_factor=1.0"], "logging.straggler_interval=50 / straggler_factor=1.0"),
+    (["runtime.hang_timeout_s=300"], "runtime.hang_timeout_s=300: allowed 1..runtime."
+                                     "dist_timeout_s-1=299"),
 ])
 def test_bad_config_names_key_and_allowed(overrides, needle):
     with pytest.raises(ConfigError) as err:

@@ -52,6 +52,24 @@ class _TimedWork:
         return getattr(self._work, attr)
 
 
+class _Inside:
+    def __init__(self, clock: CollectiveClock, name: str) -> None:
+        self.clock, self.name = clock, name
+
+    def __enter__(self) -> None:
+        clock = self.clock
+        clock._depth += 1
+        if clock._depth == 1:
+            clock.current = (self.name, time.monotonic())
+
+    def __exit__(self, *exc: object) -> None:
+        clock = self.clock
+        clock._depth -= 1
+        if clock._depth == 0 and clock.current is not None:
+            clock.waited_s += time.monotonic() - clock.current[1]
+            clock.current = None
+
+
 class CollectiveClock:
     """Seconds in collectives since installation (:attr:`waited_s`), the part of them this
     process did not run at all (:attr:`stalled_in_collectives_s`: stopped or starved, its own
@@ -77,27 +95,16 @@ class CollectiveClock:
                 self.stalled_in_collectives_s += now - last - every_s
             last = now
 
-    def inside(self, name: str):
-        clock = self
-
-        class _Inside:
-            def __enter__(self) -> None:
-                clock._depth += 1
-                if clock._depth == 1:
-                    clock.current = (name, time.monotonic())
-
-            def __exit__(self, *exc: object) -> None:
-                clock._depth -= 1
-                if clock._depth == 0 and clock.current is not None:
-                    clock.waited_s += time.monotonic() - clock.current[1]
-                    clock.current = None
-
-        return _Inside()
+    def inside(self, name: str) -> _Inside:
+        """A context: the main thread is in collective ``name`` meanwhile."""
+        return _Inside(self, name)
 
     def _wrap(self, name: str, fn: Callable) -> Callable:
+        main = threading.main_thread()
+
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            if threading.current_thread() is not threading.main_thread():
+            if threading.current_thread() is not main:
                 return fn(*args, **kwargs)
             if kwargs.get("async_op"):
                 work = fn(*args, **kwargs)

@@ -22,9 +22,11 @@ import threading
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
 from megatron_grove.job_exit import exit_now
 from megatron_grove.runtime.collective_clock import collective_clock
-from megatron_grove.runtime.distributed import _store, announce_failure
+from megatron_grove.runtime.distributed import announce_failure
 
 __all__ = ["HangWatchdog"]
 
@@ -47,7 +49,10 @@ class HangWatchdog:
         self.clock = collective_clock()
         self.step, self.latest = 0, ""
         self._last = time.monotonic()
-        self._store = _store()
+        self._closed = False
+        # the store itself, not distributed._store(): that one shortens the store's timeout
+        # for everything else in the run
+        self._store = dist.distributed_c10d._get_default_store()
         self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
 
     def start(self, step: int, latest: str) -> HangWatchdog:
@@ -55,12 +60,16 @@ class HangWatchdog:
         self._thread.start()
         return self
 
+    def close(self) -> None:
+        """Training ended: stop watching."""
+        self._closed = True
+
     def progress(self, step: int, latest: str) -> None:
         """Step ``step`` finished; ``latest``: the latest checkpoint, in words."""
         self.step, self.latest, self._last = step, latest, time.monotonic()
 
     def _watch(self) -> None:
-        while True:
+        while not self._closed:
             time.sleep(1.0)
             try:
                 alarmed = self._store.check([_ALARM])

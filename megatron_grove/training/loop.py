@@ -174,6 +174,8 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
                             latest_checkpoint(cfg, last_saved) if cfg.checkpoint.save else None)
         if stopping:
             break
+    if watchdog:
+        watchdog.close()
     bar.close()
     metrics.close()
     summary.skipped = skips.total
