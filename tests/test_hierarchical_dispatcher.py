@@ -3,7 +3,7 @@ nodes emulated by groups of ranks (parallel.ranks_per_node): the Grove layer on 
 Grove layer on grove_alltoall (outputs and gradients, 1e-6) at EP=4 as 2 nodes x 2, EP=8 as
 2 x 4 and 4 x 2, with a node and a rank that receive no token; one row per (token, node)
 across nodes; link counters against the analytic formula under uniform routing; one node is
-grove_alltoall; end-to-end training with TP=2 and the distributed optimizer."""
+grove_alltoall; end-to-end training with the distributed optimizer and with TP=2."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-from grove_reference import route
+from grove_reference import GroveWeights, route
 from helpers import (
+    ADJUGATE_FFN,
     ALL_KEYS,
     CASES,
+    FFN,
+    HIDDEN,
+    NUM_TOKENS,
     Case,
     Run,
     assert_matches,
@@ -54,8 +58,18 @@ def _compare(runs: list[Run], results: list[dict], nodes: int) -> None:
         assert ours["counters"]["dispatched_rows"] == _nodes_hit(run, nodes), run.case.id
 
 
+def _wide_run(dispatcher: str) -> Run:
+    """E=32, k=2, G=8: a node's 8 or 16 experts cross nodes as 2 (weight, column) pairs
+    (:class:`SelectedWeightsAlltoAll`), where the cases' nodes hold at most 2k experts."""
+    weights = GroveWeights.random(32, 8, HIDDEN, FFN, ADJUGATE_FFN, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    x, cotangent = (torch.randn(NUM_TOKENS, HIDDEN, generator=gen) for _ in range(2))
+    return Run(Case(32, 2, 8, "softmax"), dispatcher, weights, x, cotangent, adjugate_scale=0.25)
+
+
 def _pairs(cases, forced) -> list[Run]:
     return ([grove_run(case, d) for case in cases for d in ("grove_hierarchical", "grove_alltoall")]
+            + [_wide_run(d) for d in ("grove_hierarchical", "grove_alltoall")]
             + [forced_run(name, d) for name in forced
                for d in ("grove_hierarchical", "grove_alltoall")])
 

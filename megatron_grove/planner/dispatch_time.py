@@ -21,8 +21,8 @@ strategies (:data:`megatron_grove.moe.dispatchers.GROVE_DISPATCHERS`, each class
   of the two.
 
 Bytes per copy: the hidden vector and the strategy's routing values in the activation dtype (1
-weight for ``alltoall``, ``E/ep`` for ``grove_alltoall``, ``E/nodes`` on a hierarchical RDMA
-hop) on dispatch; the hidden vector on combine. Latency, congestion, load imbalance and overlap
+weight for ``alltoall``, ``E/ep`` for ``grove_alltoall``, the ``2 min(k, E/nodes)`` selected
+weights and columns on a hierarchical RDMA hop) on dispatch; the hidden vector on combine. Latency, congestion, load imbalance and overlap
 with compute are not modelled.
 """
 

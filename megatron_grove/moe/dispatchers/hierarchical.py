@@ -9,7 +9,9 @@ beside each row)::
 
     stage 1    across nodes, among the EP ranks with this local index (``inter_node``): one row
                per (token, destination node) ``[N1, H]`` with that node's ``E/nodes`` weights
-               ``[N1, E/nodes]``; received: ``[R1, H]``, ``[R1, E/nodes]`` (the "landing" rank)
+               ``[N1, E/nodes]``, sent as the selected weights and their columns (``2k``
+               values instead of ``E/nodes``, :class:`SelectedWeightsAlltoAll`); received:
+               ``[R1, H]``, ``[R1, E/nodes]`` (the "landing" rank)
     stage 2    inside the node (``intra_node``): the landing rank forwards each received row
                once per destination rank of its node ``[N2, H]`` with that rank's ``L`` weights
                (a row's selection = its non-zero weights); received ``[R2, H]``, ``[R2, L]``
@@ -45,7 +47,38 @@ from megatron_grove.moe.dispatchers.group_aware import GroupAwareAlltoAllDispatc
 from megatron_grove.moe.layout import ExpertLayout
 from megatron_grove.runtime.node_groups import node_groups
 
-__all__ = ["GroveHierarchicalDispatcher"]
+__all__ = ["GroveHierarchicalDispatcher", "SelectedWeightsAlltoAll", "selected_slots"]
+
+
+def selected_slots(width: int, topk: int) -> int:
+    """Routing slots of a stage-1 row: ``min(k, width)`` (selected weight, column) pairs when
+    that is fewer values than the ``width`` weights of the node, else 0 (send the weights)."""
+    slots = min(topk, width)
+    return slots if 2 * slots < width else 0
+
+
+class SelectedWeightsAlltoAll(GroupAwareAlltoAllDispatcher):
+    """Stage 1's transport: a row carries its destination node's selected weights and their
+    columns (``2 m`` values, ``m = min(k, E/nodes)``, :func:`selected_slots`) instead of all
+    ``E/nodes`` weights; the landing rank scatters them back to ``[R, E/nodes]``, the same
+    tensor. The columns travel in the rows' dtype, exact while ``E/nodes`` fits its mantissa."""
+
+    def token_dispatch(self, rows: torch.Tensor, weights: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``[N, H]`` and weights ``[N, E/nodes]`` -> received ``[R, H]``,
+        ``[R, E/nodes]``."""
+        width = weights.shape[1]
+        slots = selected_slots(width, self.config.moe_router_topk)
+        if not slots or width > 2 / torch.finfo(weights.dtype).eps:  # columns exact
+            return super().token_dispatch(rows, weights)
+        # the selected (non-zero) columns first; a row with fewer pads with zero-weight columns
+        columns = (weights != 0).to(torch.int8).argsort(dim=1, descending=True,
+                                                        stable=True)[:, :slots]
+        packed = torch.cat([weights.gather(1, columns), columns.to(weights.dtype)], dim=1)
+        received_rows, received = super().token_dispatch(rows, packed)
+        values, received_columns = received.split([slots, slots], dim=1)
+        return received_rows, values.new_zeros(values.shape[0], width).scatter(
+            1, received_columns.long(), values)
 
 
 class GroveHierarchicalDispatcher(GroupAwareAlltoAllDispatcher):
@@ -78,22 +111,25 @@ class GroveHierarchicalDispatcher(GroupAwareAlltoAllDispatcher):
                          nodes.local_index, pg_collection=inside)
         across = copy.copy(pg_collection)
         across.ep, across.tp_ep, across.expt_tp = nodes.inter_node, nodes.inter_node, None
-        self.across_nodes = GroupAwareAlltoAllDispatcher(
+        self.across_nodes = SelectedWeightsAlltoAll(
             config, ExpertLayout(E, G, nodes.nodes, lam), nodes.node, pg_collection=across)
 
     @classmethod
     def expected_copies(cls, num_experts: int, topk: int, num_groups: int, ep: int,
                         nodes: int = 1) -> ExpectedCopies:
         """On one node ``grove_alltoall``'s; else ``hits(E, k, nodes)`` stage-1 rows, of which
-        a share ``(nodes - 1)/nodes`` crosses nodes with the node's ``E/nodes`` weights, and
-        ``hits(E, k, ep) (P - 1)/P`` rows forwarded inside nodes with ``E/ep`` weights."""
+        a share ``(nodes - 1)/nodes`` crosses nodes with the node's selected weights and their
+        columns (or its ``E/nodes`` weights when fewer), and ``hits(E, k, ep) (P - 1)/P`` rows
+        forwarded inside nodes with ``E/ep`` weights."""
         if nodes == 1:
             return super().expected_copies(num_experts, topk, num_groups, ep)
         per_node, nodes_hit = ep // nodes, expected_blocks_hit(num_experts, topk, nodes)
+        width = num_experts // nodes
         return ExpectedCopies(
             copies=nodes_hit, internode=nodes_hit * (nodes - 1) / nodes,
             intranode=expected_blocks_hit(num_experts, topk, ep) * (per_node - 1) / per_node,
-            routing_values=num_experts // ep, internode_routing_values=num_experts // nodes,
+            routing_values=num_experts // ep,
+            internode_routing_values=2 * selected_slots(width, topk) or width,
             route="hierarchical")
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
