@@ -7,7 +7,8 @@ Runs ``tools/carve_cmoe.py`` (S3A3E8 of SmolLM2-135M from its ``.gguf`` by defau
 checkout in turn, ``--rounds`` times (alternating, so that both see the same machine load),
 prints the phases of each run from its ``carve.json`` with the load average, the ratios of the
 median construction times (read + calibration + clustering; wall and process CPU), and whether
-both checkouts wrote the same tensors (the HF-style export, bitwise: the same carved model, the same perplexity).
+both checkouts wrote the same tensors (the HF-style export, bitwise: the same carved model,
+the same perplexity).
 """
 
 from __future__ import annotations
