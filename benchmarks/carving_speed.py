@@ -5,9 +5,10 @@
 
 Runs ``tools/carve_cmoe.py`` (S3A3E8 of SmolLM2-135M from its ``.gguf`` by default) from each
 checkout in turn, ``--rounds`` times (alternating, so that both see the same machine load),
-prints the phases of each run from its ``carve.json`` with the load average, the ratio of the
-median construction times (read + calibration + clustering), and whether both checkouts wrote
-the same tensors (the HF-style export, bitwise: the same carved model, the same perplexity).
+prints the phases of each run from its ``carve.json`` with the load average, the ratios of the
+median construction times (read + calibration + clustering; wall and process CPU), and whether
+both checkouts wrote the same tensors (the HF-style export, bitwise: the same carved model,
+the same perplexity).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from safetensors.torch import load_file
 from megatron_grove.hf_conversion.gguf import smollm2_gguf_path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("read_s", "calibration_s", "clustering_s", "construction_s", "writing_s")
+PHASES = ("read_s", "calibration_s", "clustering_s", "construction_s", "writing_s",
+          "construction_cpu_s")
 
 
 def carve(checkout: Path, model: str, spec: list[str], output: Path) -> dict:
@@ -67,9 +69,11 @@ def main() -> int:
                 print(f"{name:8s} round {r}: {phases}  load {record['load_average_1min']}",
                       flush=True)
         same = same_tensors(Path(tmp) / "baseline0", Path(tmp) / "this0")
-    base, this = (statistics.median(x["construction_s"] for x in runs[n]) for n in checkouts)
-    print(f"median construction_s: baseline {base:.2f}, this {this:.2f}, "
-          f"ratio this/baseline {this / base:.2f}; same carved tensors: {same}")
+    for key in ("construction_s", "construction_cpu_s"):
+        base, this = (statistics.median(x[key] for x in runs[n]) for n in checkouts)
+        print(f"median {key}: baseline {base:.2f}, this {this:.2f}, "
+              f"ratio this/baseline {this / base:.2f}")
+    print(f"same carved tensors: {same}")
     return 0
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_grove.carving.neurons import ffn_hidden
 from megatron_grove.carving.cmoe import CarvedFFN
+from megatron_grove.carving.neurons import ffn_hidden
 
 __all__ = ["swiglu", "cmoe_router_probs", "carved_ffn_forward"]
 

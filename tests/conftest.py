@@ -1,7 +1,7 @@
 """Session-wide test set-up: CPU tests everywhere, GPU tests where there is a GPU.
 
 * Every test here runs on CPU, also on a GPU host: the in-process and forked-worker tests ask
-  for the CPU device, and the helpers hide any GPU from the processes they start (``helpers``).
+  for the CPU device, and the helpers hide any GPU from the processes they start (``processes``).
   Triton kernels on CPU tensors need Triton's interpreter, and ``triton.jit`` reads
   ``TRITON_INTERPRET`` when a kernel is *defined* (when :mod:`megatron_grove.kernels` is first
   imported), so it is set here, before any test module imports anything.

@@ -25,7 +25,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def kernels() -> dict[str, float]:
     """Every kernel case of the 33B layer shapes (8192 tokens, EP=8), fp32 and bf16: outputs and
     input gradients of the compiled Triton kernel against its torch reference, on CUDA."""
-    from helpers import ROOT
+    from processes import ROOT
     from megatron_grove.benchmarking.kernels import kernel_cases
     from megatron_grove.config import load_config
 
@@ -51,9 +51,16 @@ def kernels() -> dict[str, float]:
 
 def layer() -> dict[str, float]:
     """The group-aware Grove layer with the Triton backend on CUDA (a one-process NCCL world),
-    every test case of ``helpers.CASES``: output and gradients against the plain-torch reference
+    every test case of ``grove_layer_cases.CASES``: output and gradients against the plain-torch reference
     computed on CPU."""
-    from helpers import ALL_KEYS, CASES, build_layer, grove_run, load_weights, reference_of
+    from grove_layer_cases import (
+        ALL_KEYS,
+        build_layer,
+        CASES,
+        grove_run,
+        load_weights,
+        reference_of,
+    )
     from megatron_grove.runtime import single_process_world
 
     errors = {}

@@ -14,24 +14,22 @@ import pickle
 import pytest
 import torch
 
-from helpers import (
+from grove_layer_cases import (
     ALL_KEYS,
     CASES,
     FORCED_NAMES,
-    ROOT,
     assert_matches,
     forced_run,
     grove_run,
     reference_of,
-    run_distributed,
     run_layers,
-    run_script,
 )
 from megatron_grove.config import ConfigError, load_config
 from megatron_grove.megatron_config import to_transformer_config
 from megatron_grove.model import build_gpt_model
 from megatron_grove.runtime import acceleration
 from megatron_grove.runtime.acceleration import megatron_fields, resolve_acceleration
+from processes import ROOT, run_distributed, run_script
 
 
 @pytest.mark.parametrize("ep", (1, 2))

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import HIDDEN, in_worker, router_config, run_distributed
-from helpers import ROUTER_EXPERTS as EXPERTS
+from config_builders import HIDDEN, router_config
+from config_builders import ROUTER_EXPERTS as EXPERTS
 from megatron_grove.moe.balancing import paper_bias_update, update_expert_bias
 from megatron_grove.moe.router import GroveTopKRouter
+from processes import in_worker, run_distributed
 
 RATE = 0.01
 

@@ -9,8 +9,9 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-from helpers import in_world, transformer_config
+from config_builders import transformer_config
 from megatron_grove.moe.batched_experts import BatchedSequentialMLP, batched_experts_builder
+from processes import in_world
 
 H, F, EXPERTS = 16, 8, 4
 

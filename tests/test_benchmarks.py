@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import FAST, ROOT, TINY, run_script
+from processes import FAST, ROOT, TINY, run_script
 from benchmarks.gpu_check_steps import (
     BUDGET_S,
     REQUIRED_WHEELS,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import losses, torchrun
 from megatron_grove.data import embedded_train_files, tokenize_to_indexed_dataset
 from megatron_grove.data.datasets import split_into_documents
 from megatron_grove.data.tokenizer import load_tokenizer
 from megatron_grove.training.metrics import read_metrics
+from processes import losses, torchrun
 
 pytestmark = pytest.mark.e2e
 

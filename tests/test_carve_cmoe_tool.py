@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-import helpers
-from helpers import run_distributed, run_script
+import tiny_models
 from megatron_grove.data.tokenizer import default_tokenizer_path
+from processes import run_distributed, run_script
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +25,7 @@ SEQ = 32
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_llama")
-    helpers.tiny_llama(path, tokenizer_file=default_tokenizer_path(), vocab_size=4096,
+    tiny_models.tiny_llama(path, tokenizer_file=default_tokenizer_path(), vocab_size=4096,
                        hidden_size=32, intermediate_size=44, rope_theta=10000.0,
                        tie_word_embeddings=False, initializer_range=0.02)
     return path

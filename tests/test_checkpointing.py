@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import child_pids, processes_with_env, run_distributed
 from megatron_grove.checkpointing import (
     CheckpointError,
     TrainState,
@@ -29,6 +28,7 @@ from megatron_grove.checkpointing.manifest import MANIFEST_NAME
 from megatron_grove.config import load_config
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import setup_training
+from processes import child_pids, processes_with_env, run_distributed
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 SMALL = ["model.seq_length=16", "model.hidden_size=32", "model.num_attention_heads=2",

@@ -9,11 +9,11 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from carving_reference import carved_ffn_forward, cmoe_router_probs, swiglu
 from megatron_grove.carving.clustering import balanced_assignment, balanced_clusters
 from megatron_grove.carving.cmoe import carve_ffn
 from megatron_grove.carving.neurons import activation_markers, ffn_hidden
 from megatron_grove.carving.router_fit import representative_neurons
-from carving_reference import carved_ffn_forward, cmoe_router_probs, swiglu
 from megatron_grove.carving.router_fit import expert_activation_scores, linear_router
 
 
@@ -214,7 +214,7 @@ def test_exported_carved_ffn_routes_like_the_reference(router):
 def test_calibration_captures_every_ffns_input_and_activations(tmp_path):
     """The dense model built in memory from (config, state) is the saved one; one batched
     forward captures each layer's FFN input and h = silu(x W_g^T) * (x W_u^T)."""
-    from helpers import tiny_llama
+    from tiny_models import tiny_llama
     from megatron_grove.carving.dense_model import calibration_activations, dense_model
     from megatron_grove.hf_conversion.safetensors_io import HFTensors, read_hf_config
 

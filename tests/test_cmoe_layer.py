@@ -14,13 +14,14 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from helpers import run_distributed, transformer_config
-from megatron_grove.carving.cmoe import carve_ffn
 from carving_reference import carved_ffn_forward, swiglu
+from config_builders import transformer_config
+from megatron_grove.carving.cmoe import carve_ffn
 from megatron_grove.carving.weights import carved_ffn_to_megatron
 from megatron_grove.config import ConfigError, load_config
 from megatron_grove.megatron_config import to_transformer_config
 from megatron_grove.moe import build_moe_layer
+from processes import run_distributed
 
 HIDDEN, D_FFN, TOKENS = 16, 44, 24  # 44 % 8 != 0: four zero-padded neurons
 

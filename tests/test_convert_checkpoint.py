@@ -13,23 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 from grove_reference import GroveWeights, grove_forward
-from helpers import (
-    FAST,
-    ROOT,
-    all_tensors,
-    hf_perplexity,
-    in_world,
-    losses,
-    random_tokens,
-    run_distributed,
-    run_script,
-    tiny_qwen3_moe,
-    torchrun,
-)
-from helpers import our_perplexity as state_perplexity
 from megatron_grove.checkpointing.model_io import load_megatron_model
 from megatron_grove.evaluation import perplexity
 from megatron_grove.hf_conversion import load_hf_checkpoint
+from processes import FAST, ROOT, in_world, losses, run_distributed, run_script, torchrun
+from tiny_models import all_tensors, hf_perplexity, random_tokens, tiny_qwen3_moe
+from tiny_models import our_perplexity as state_perplexity
 
 SEQ = 32
 E, G, FA, LAM = 8, 4, 16, 0.05

@@ -3,7 +3,9 @@ difference, top-5 agreement); a deliberately perturbed tensor is caught (exit co
 
 import pytest
 
-from helpers import ROOT, grove_family_config, in_world, random_model_state, run_python
+from config_builders import grove_family_config
+from processes import ROOT, in_world, run_python
+from tiny_models import random_model_state
 
 PERTURBED = "model.layers.1.self_attn.o_proj.weight"
 

@@ -10,9 +10,9 @@ from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel import random as mp_random
 from megatron.core.transformer.moe import router, token_dispatcher
 
-from helpers import run_distributed, run_python
 from megatron_grove.runtime import cpu_patches
 from megatron_grove.runtime.cpu_patches import CPU_PATCHES, apply_cpu_patches
+from processes import run_distributed, run_python
 
 
 @pytest.fixture(autouse=True, scope="module")

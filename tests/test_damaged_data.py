@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, TINY, run_script
+from processes import FAST, TINY, run_script
 from megatron_grove.config import ConfigError
 from megatron_grove.data.blends import check_sources
 from megatron_grove.data.datasets import tokenize_to_indexed_dataset

@@ -15,7 +15,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from helpers import ROOT, run_script
 from megatron_grove.config import ConfigError
 from megatron_grove.data import (
     build_gpt_datasets,
@@ -30,6 +29,7 @@ from megatron_grove.data import datasets as data
 from megatron_grove.data import preprocess as preprocessing
 from megatron_grove.data.datasets import split_into_documents
 from megatron_grove.data.tokenizer import default_tokenizer_path, load_tokenizer
+from processes import ROOT, run_script
 
 PREPROCESS = ROOT / "tools" / "preprocess_data.py"
 

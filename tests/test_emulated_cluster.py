@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, TINY, child_env
+from processes import ROOT, TINY, child_env
 from megatron_grove.benchmarking import emulated_cluster
 from megatron_grove.benchmarking.emulated_cluster import ClusterUnavailable, check_can_emulate
 

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (
+from megatron_grove.checkpointing import checkpoint_dir, latest_iteration
+from megatron_grove.data.datasets import heldout_text_path
+from megatron_grove.training.metrics import read_metrics
+from processes import (
     child_env,
     in_world,
     losses,
@@ -24,9 +27,6 @@ from helpers import (
     torchrun_command,
     wait_for_steps,
 )
-from megatron_grove.checkpointing import checkpoint_dir, latest_iteration
-from megatron_grove.data.datasets import heldout_text_path
-from megatron_grove.training.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
 

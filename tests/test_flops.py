@@ -6,7 +6,6 @@ import pytest
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from helpers import TINY, run_distributed
 from megatron_grove.config import load_config
 from megatron_grove.model import causal_attention_mask
 from megatron_grove.moe.counters import collect_moe_counters, reset_moe_counters
@@ -14,6 +13,7 @@ from megatron_grove.moe.router import GroveTopKRouter
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import flops, micro_batches, setup_training
 from megatron_grove.training.flops import forward_flops_per_token, peak_tflops, throughput_record
+from processes import TINY, run_distributed
 
 
 def test_tiny_model_forward_flops_equal_the_hand_count():

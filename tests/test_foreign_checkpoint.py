@@ -4,7 +4,7 @@ holds (one line, a CheckpointError: exit 2)."""
 
 import pytest
 
-from helpers import TINY
+from processes import TINY
 from megatron_grove.checkpointing import CheckpointError
 from megatron_grove.config import load_config
 from megatron_grove.training.resume import choose_start

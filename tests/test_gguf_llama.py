@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_grove.hf_conversion.gguf import smollm2_gguf_path, smollm2_hf_dir, unpermute_rope_rows
 from megatron_grove.data import heldout_text_path
+from megatron_grove.hf_conversion.gguf import smollm2_gguf_path, smollm2_hf_dir, unpermute_rope_rows
 
 pytestmark = pytest.mark.e2e
 

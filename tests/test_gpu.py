@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT
+from processes import ROOT
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU "

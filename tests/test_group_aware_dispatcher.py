@@ -14,8 +14,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-from grove_reference import route
-from helpers import (
+from grove_layer_cases import (
     ALL_KEYS,
     CASES,
     FORCED_NAMES,
@@ -26,13 +25,10 @@ from helpers import (
     forced_run,
     grove_run,
     layer_config,
-    losses,
     reference_of,
-    run_distributed,
     run_layers,
-    run_script,
-    torchrun,
 )
+from grove_reference import route
 from megatron_grove.moe import ExpertLayout
 from megatron_grove.moe.dispatchers import (
     GroupAwareAlltoAllDispatcher,
@@ -43,6 +39,7 @@ from megatron_grove.moe.dispatchers.group_aware import (
     reduce_to_received_tokens,
 )
 from megatron_grove.training.metrics import read_metrics
+from processes import losses, run_distributed, run_script, torchrun
 
 
 def test_forced_routings_do_what_they_say():

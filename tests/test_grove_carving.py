@@ -13,16 +13,13 @@ import functools
 import pytest
 import torch
 
-from helpers import run_distributed, transformer_config
-from megatron_grove.carving.neurons import activation_markers, activation_rates, ffn_hidden
-from megatron_grove.carving.grove import (
-    GroveCarveSpec,
-    carve_grove_ffn,
-    grove_selection_gain,
-)
-from megatron_grove.carving.grove import carved_grove_ffn_to_megatron
 from carving_reference import cmoe_router_probs, swiglu
+from config_builders import transformer_config
+from megatron_grove.carving.grove import GroveCarveSpec, carve_grove_ffn, grove_selection_gain
+from megatron_grove.carving.grove import carved_grove_ffn_to_megatron
+from megatron_grove.carving.neurons import activation_markers, activation_rates, ffn_hidden
 from megatron_grove.moe import build_moe_layer
+from processes import run_distributed
 
 HIDDEN, D_FFN, TOKENS = 16, 46, 40  # 46 % 8 != 0; the groups need zero padding too
 SPEC = GroveCarveSpec(shared=2, experts=8, groups=3, per_group=2, adjugate=3, active=6,

@@ -12,14 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from grove_reference import GroveWeights, grove_forward
-from helpers import (
+from config_builders import HIDDEN
+from grove_layer_cases import (
     ADJUGATE_FFN,
     ALL_KEYS,
     CASES,
     DISPATCHERS,
     FFN,
-    HIDDEN,
     NUM_TOKENS,
     Case,
     Run,
@@ -27,14 +26,15 @@ from helpers import (
     case_data,
     grove_run,
     reference,
-    run_distributed,
     run_layers,
 )
+from grove_reference import GroveWeights, grove_forward
 from megatron_grove.config import ConfigError, load_config, validate_layout
 from megatron_grove.megatron_config import to_transformer_config
 from megatron_grove.model import build_gpt_model
 from megatron_grove.moe import ExpertLayout
 from megatron_grove.moe.dispatchers.virtual_experts import extend_to_virtual_experts
+from processes import run_distributed
 
 # --------------------------------------------------------------------------------------
 # tests

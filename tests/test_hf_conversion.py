@@ -7,24 +7,23 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (
-    all_tensors,
-    grove_family_config,
-    hf_perplexity,
-    in_world,
-    our_perplexity,
-    random_model_state,
-    random_tokens,
-    run_script,
-    tiny_llama,
-    tiny_qwen3_moe,
-)
+from config_builders import grove_family_config
 from megatron_grove.checkpointing.model_io import save_megatron_checkpoint
 from megatron_grove.hf_conversion import (
     HFFormatError,
     load_hf_checkpoint,
     load_megatron_state,
     save_hf_checkpoint,
+)
+from processes import in_world, run_script
+from tiny_models import (
+    all_tensors,
+    hf_perplexity,
+    our_perplexity,
+    random_model_state,
+    random_tokens,
+    tiny_llama,
+    tiny_qwen3_moe,
 )
 
 SEQ = 32

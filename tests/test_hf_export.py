@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import grove_family_config, in_world, random_model_state_here
+from config_builders import grove_family_config
 from megatron_grove.evaluation import window_perplexity
 from megatron_grove.hf_conversion import load_hf_checkpoint, save_hf_checkpoint
+from processes import in_world
+from tiny_models import random_model_state_here
 
 SEQ = 32
 ROUTING = ("router_score_function", "norm_topk_prob", "expert_bias_in_selection")

@@ -14,25 +14,23 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
+from config_builders import HIDDEN
 from grove_reference import GroveWeights, route
-from helpers import (
+from grove_layer_cases import (
     ADJUGATE_FFN,
+    FFN,
+    NUM_TOKENS,
     ALL_KEYS,
     CASES,
-    FFN,
-    HIDDEN,
-    NUM_TOKENS,
     Case,
     Run,
     assert_matches,
     forced_run,
     grove_run,
     layer_config,
-    losses,
-    run_distributed,
     run_layers,
-    torchrun,
 )
+from processes import losses, run_distributed, torchrun
 from megatron_grove.moe import ExpertLayout
 from megatron_grove.moe.dispatchers import GroveHierarchicalDispatcher
 from megatron_grove.runtime.node_groups import node_groups

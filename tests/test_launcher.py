@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import child_env, torchrun, torchrun_command, wait_for_steps, worker_pid
+from processes import child_env, torchrun, torchrun_command, wait_for_steps, worker_pid
 from megatron_grove.job_exit import WorkerExit
 from megatron_grove.launch import job_exit_code
 

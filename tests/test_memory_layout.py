@@ -6,11 +6,11 @@ import pytest
 import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from helpers import run_distributed
 from megatron_grove.config import ConfigError, load_config
 from megatron_grove.model import causal_attention_mask
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import micro_batches, setup_training
+from processes import run_distributed
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 SMALL = ["model.seq_length=16", "model.hidden_size=32", "model.num_attention_heads=2",

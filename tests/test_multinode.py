@@ -13,18 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (
-    FAST,
-    LAUNCH,
-    TINY,
-    child_env,
-    free_port,
-    losses,
-    processes_with_env,
-    torchrun,
-)
 from megatron_grove.checkpointing import latest_iteration
 from megatron_grove.training.metrics import read_metrics
+from processes import FAST, LAUNCH, TINY, child_env, free_port, losses, processes_with_env, torchrun
 
 pytestmark = pytest.mark.e2e
 

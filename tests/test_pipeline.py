@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FAST, TINY, in_world, losses, run_distributed, run_script, torchrun
+from processes import FAST, TINY, in_world, losses, run_distributed, run_script, torchrun
 from megatron_grove.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron_grove.config import ConfigError, config_to_dict, load_config, validate_layout
 from megatron_grove.data import heldout_text_path

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import ROOT, run_script
+from processes import ROOT, run_script
 
 pytestmark = pytest.mark.e2e  # every test runs launch/pretrain_grove.py --dry-run
 

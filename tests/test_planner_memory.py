@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_distributed
 from megatron_grove.config import load_config
 from megatron_grove.model import causal_attention_mask
 from megatron_grove.planner import plan_memory, plan_parameters
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import micro_batches, setup_training
+from processes import run_distributed
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 # alltoall: the estimate's per-copy terms are those of Megatron's dispatcher; the group-aware

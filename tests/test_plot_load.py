@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from helpers import run_script
 from megatron_grove.training import load_plots as plot_load
+from processes import run_script
 
 
 def _records():

@@ -11,19 +11,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from helpers import (
-    all_tensors,
-    hf_perplexity,
-    in_world,
-    random_model_state,
-    random_tokens,
-    run_script,
-    tiny_qwen3_moe,
-)
-from helpers import our_perplexity as state_perplexity
 from megatron_grove.config import load_config
 from megatron_grove.hf_conversion import load_hf_checkpoint, save_hf_checkpoint
 from megatron_grove.hf_conversion.hf_config import RELEASE_FLAVOUR, release_incompatibilities
+from processes import in_world, run_script
+from tiny_models import (
+    all_tensors,
+    hf_perplexity,
+    random_model_state,
+    random_tokens,
+    tiny_qwen3_moe,
+)
+from tiny_models import our_perplexity as state_perplexity
 
 SEQ = 32
 E, G, FA, LAM = 8, 4, 128, 0.05  # the released layout: 2 experts per group, 128, 0.05

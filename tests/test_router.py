@@ -9,10 +9,11 @@ import torch
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import TopKRouter
 
+from config_builders import HIDDEN, router_config
+from config_builders import ROUTER_EXPERTS as EXPERTS
 from grove_reference import route
-from helpers import HIDDEN, in_worker, router_config
-from helpers import ROUTER_EXPERTS as EXPERTS
 from megatron_grove.moe.router import GroveTopKRouter
+from processes import in_worker
 
 TOKENS = 24
 SCORE_FUNCTIONS = ("softmax", "sigmoid")

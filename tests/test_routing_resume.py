@@ -5,10 +5,10 @@ so."""
 
 import pytest
 
-from helpers import torchrun
 from megatron_grove.checkpointing import CheckpointError, TrainState
 from megatron_grove.config import config_to_dict, load_config, routing_differences
 from megatron_grove.training.resume import check_resume_routing
+from processes import torchrun
 
 
 def test_routing_differences_name_each_key_and_default_missing_ones():

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import child_env, losses, torchrun_command
+from processes import child_env, losses, torchrun_command
 from megatron_grove.checkpointing import run_lock
 from megatron_grove.checkpointing.run_lock import LOCK_NAME, RunLockHeld, _pid_start, take_run_lock
 

@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-from helpers import run_distributed
 from megatron_grove.runtime import (
     announce_failure,
     disk_full,
@@ -35,6 +34,7 @@ from megatron_grove.training.nonfinite import (
 )
 from megatron_grove.training.preemption import StopSignals
 from megatron_grove.training.preflight import dataset_problem, writable_dir_problem
+from processes import run_distributed
 
 
 def _strict(line: str):

@@ -11,13 +11,7 @@ import time
 
 import pytest
 
-from helpers import (
-    child_env,
-    processes_with_env,
-    torchrun_command,
-    wait_for_steps,
-    worker_pid,
-)
+from processes import child_env, processes_with_env, torchrun_command, wait_for_steps, worker_pid
 from megatron_grove.checkpointing import checkpoint_dir, latest_iteration
 from megatron_grove.checkpointing.manifest import verify_manifest
 from megatron_grove.training.metrics import read_metrics

@@ -32,7 +32,7 @@ def _stderr(verbose: bool) -> str:
     if verbose:
         env["MEGATRON_GROVE_VERBOSE"] = "1"
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stderr
 

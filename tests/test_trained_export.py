@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import all_tensors, run_script, torchrun
 from megatron_grove.data.datasets import heldout_text_path
 from megatron_grove.data.tokenizer import load_tokenizer
 from megatron_grove.evaluation import window_perplexity
+from processes import run_script, torchrun
+from tiny_models import all_tensors
 
 pytestmark = pytest.mark.e2e
 SEQ = 32

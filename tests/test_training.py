@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from helpers import TINY, losses, run_script, torchrun
 from megatron_grove.training.metrics import read_metrics
+from processes import TINY, losses, run_script, torchrun
 
 pytestmark = pytest.mark.e2e
 
