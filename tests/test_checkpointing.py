@@ -96,7 +96,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_load_without_checkpoint_says_what_to_do(tmp_path):
-    with pytest.raises(CheckpointError, match="no latest_checkpointed_iteration.txt"):
+    with pytest.raises(CheckpointError, match="empty; a checkpoint folder is checkpoint.save"):
         load_checkpoint(tmp_path, model=None, optimizer=None)
 
 
