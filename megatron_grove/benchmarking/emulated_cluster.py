@@ -71,8 +71,8 @@ class LinkSpec:
 def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(list(cmd), capture_output=True, text=True)
     if check and done.returncode:
-        raise ClusterUnavailable(f"`{' '.join(cmd)}` failed: "
-                                 f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise ClusterUnavailable(f"`{' '.join(cmd)}` failed: {said[-1] if said else 'no output'}")
     return done
 
 
@@ -209,11 +209,6 @@ class EmulatedCluster:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers.clear()
-
-    def remaining(self) -> list[str]:
-        """This cluster's namespaces that still exist (empty after :meth:`close`)."""
-        listed = _run(["ip", "netns", "list"], check=False).stdout.split()
-        return [name for name in listed if name.startswith(self.prefix + "-")]
 
 
 def _wait_for_listener(cluster: EmulatedCluster, port: int, launcher: subprocess.Popen,
