@@ -25,7 +25,7 @@ __all__ = [
     "CheckpointConfig", "LoggingConfig", "RuntimeConfig", "KernelsConfig", "PrecisionConfig",
     "GroveConfig",
     "load_config", "read_yaml_config", "apply_overrides", "config_to_dict", "config_from_dict",
-    "validate_layout", "ROUTING_KEYS", "routing_differences",
+    "validate_layout", "require_no_pipeline", "ROUTING_KEYS", "routing_differences",
 ]
 
 
@@ -112,12 +112,24 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per stage (interleaved)
+    # experts' own TP size (Megatron's expert_tensor_parallel_size); None = tensor_model_parallel_size.
+    # E.g. TP=2 attention with ETP=1 whole experts: experts then spread over EP x ETP ranks
+    expert_tensor_parallel_size: Optional[int] = None
+    # sequence split over CP ranks in attention (Megatron's; needs TransformerEngine attention: GPU)
+    context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False  # shard fp32 master weights + Adam moments over DP
     # activation recompute (Megatron's): none | selective (attention core) | full (whole layers)
     recompute_granularity: Literal["none", "selective", "full"] = "none"
     recompute_method: Literal["uniform", "block"] = "uniform"  # full only: how layers are chosen
     recompute_num_layers: int = 1  # full only: layers per recompute unit (uniform) / first N (block)
+
+    @property
+    def expert_tensor_parallel(self) -> int:
+        """The experts' TP size in force: ``expert_tensor_parallel_size``, else
+        ``tensor_model_parallel_size`` (Megatron's default)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
 
 @dataclass
@@ -185,6 +197,10 @@ class CheckpointConfig:
     # overwrite=true starts from checkpoint.load (or from scratch) instead and deletes the
     # checkpoints in checkpoint.save newer than that starting step.
     overwrite: bool = False
+    # true: Megatron's asynchronous dist-checkpoint save; a forked process writes the tensors while
+    # training goes on, and the checkpoint is published (manifest, rename, latest pointer) only
+    # once every rank's write has finished; at most one write in flight (docs/fault_tolerance.md)
+    async_save: bool = False
 
 
 @dataclass
@@ -401,8 +417,13 @@ def _validate(cfg: GroveConfig) -> None:
                        ("train.micro_batch_size", t.micro_batch_size),
                        ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
                        ("parallel.expert_model_parallel_size", p.expert_model_parallel_size),
-                       ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size)]:
+                       ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+                       ("parallel.context_parallel_size", p.context_parallel_size)]:
         _require(value >= 1, f"{key}={value}: must be >= 1")
+    for key, value in [("parallel.expert_tensor_parallel_size", p.expert_tensor_parallel_size),
+                       ("parallel.virtual_pipeline_model_parallel_size",
+                        p.virtual_pipeline_model_parallel_size)]:
+        _require(value is None or value >= 1, f"{key}={value}: must be >= 1 or null")
     _require(e.num_experts >= 0, f"moe.num_experts={e.num_experts}: must be >= 0 (0 = dense model)")
     if e.num_experts:
         for key, value in [("moe.router_topk", e.router_topk),
@@ -491,9 +512,10 @@ def _validate(cfg: GroveConfig) -> None:
     _require(cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0,
              f"logging.peak_tflops={cfg.logging.peak_tflops}: must be > 0 or null (null: the "
              "known peak of the GPU, none on CPU)")
-    _require(p.pipeline_model_parallel_size == 1,
-             f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}: pipeline "
-             "parallelism is not supported yet; allowed: 1")
+    _require(p.virtual_pipeline_model_parallel_size is None or p.pipeline_model_parallel_size > 1,
+             f"parallel.virtual_pipeline_model_parallel_size="
+             f"{p.virtual_pipeline_model_parallel_size}: interleaving needs "
+             "parallel.pipeline_model_parallel_size > 1; set it to null")
     if p.recompute_granularity == "full":
         _require(1 <= p.recompute_num_layers <= m.num_layers,
                  f"parallel.recompute_num_layers={p.recompute_num_layers}: allowed 1.."
@@ -572,22 +594,40 @@ def _validate_data(d: DataConfig) -> None:
     _require(split_shares(d.split)[0] > 0, f"data.split={d.split}: the training share must be > 0")
 
 
+def require_no_pipeline(cfg: GroveConfig) -> None:
+    """The trainer's limit (the planner plans pipeline layouts already)."""
+    p = cfg.parallel
+    _require(p.pipeline_model_parallel_size == 1,
+             f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}: pipeline "
+             "parallelism is not supported yet; allowed: 1")
+
+
 def validate_layout(cfg: GroveConfig, world_size: int) -> int:
-    """Check the parallel layout against the world size; return the data-parallel size."""
+    """Check the parallel layout against the world size; return the data-parallel size.
+
+    Megatron's two grids: attention and dense layers on TP x CP x PP x DP ranks, experts on
+    ETP x EP x PP x expert-DP ranks (the same ranks, factored differently)."""
     p, e, t = cfg.parallel, cfg.moe, cfg.train
     tp, ep, pp = (p.tensor_model_parallel_size, p.expert_model_parallel_size,
                   p.pipeline_model_parallel_size)
-    _require(world_size % (tp * pp) == 0,
-             f"parallel.tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp}: "
-             f"must divide the world size {world_size}")
-    dp = world_size // (tp * pp)
-    _require(dp % ep == 0 and ep <= world_size // (tp * pp),
-             f"parallel.expert_model_parallel_size={ep}: must divide the data-parallel size "
-             f"{dp} (= world size {world_size} / (tp {tp} x pp {pp})); allowed: "
-             f"{', '.join(str(d) for d in range(1, dp + 1) if dp % d == 0)}")
-    _require(e.num_experts > 0 or ep == 1,
+    cp, etp = p.context_parallel_size, p.expert_tensor_parallel
+    _require(world_size % (tp * cp * pp) == 0,
+             f"parallel.tensor_model_parallel_size={tp} x context_parallel_size={cp} x "
+             f"pipeline_model_parallel_size={pp}: must divide the world size {world_size}")
+    dp = world_size // (tp * cp * pp)
+    # the ranks EP spreads over: the DP size when experts share attention's TP and there is no CP
+    slots = world_size // (etp * pp)
+    if etp == tp and cp == 1:
+        what = f"the data-parallel size {dp} (= world size {world_size} / (tp {tp} x pp {pp}))"
+    else:
+        what = (f"world size {world_size} / (expert_tensor_parallel_size {etp} x pp {pp}) = "
+                f"{slots}")
+    _require(world_size % (etp * pp) == 0 and slots % ep == 0,
+             f"parallel.expert_model_parallel_size={ep}: must divide {what}; allowed: "
+             f"{', '.join(str(d) for d in range(1, slots + 1) if slots % d == 0) or 'none'}")
+    _require(e.num_experts > 0 or (ep == 1 and p.expert_tensor_parallel_size is None),
              f"parallel.expert_model_parallel_size={ep}: a dense model (moe.num_experts=0) has "
-             "no experts to distribute; allowed: 1")
+             "no experts to distribute; allowed: 1 (and expert_tensor_parallel_size null)")
     _require(e.num_experts % ep == 0,
              f"parallel.expert_model_parallel_size={ep}: must divide moe.num_experts="
              f"{e.num_experts}")

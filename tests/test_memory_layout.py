@@ -7,7 +7,7 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from helpers import run_distributed
-from megatron_grove.config import ConfigError, load_config
+from megatron_grove.config import ConfigError, load_config, require_no_pipeline
 from megatron_grove.model import causal_attention_mask
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import micro_batches, setup_training
@@ -86,5 +86,7 @@ def test_full_recompute_needs_a_layer_count_in_range():
 
 
 def test_pipeline_parallelism_is_refused_with_a_clear_message():
+    """The config (and the planner) accept a pipeline layout; the trainer refuses it."""
+    cfg = load_config(TINY, ["parallel.pipeline_model_parallel_size=2"])
     with pytest.raises(ConfigError, match="pipeline_model_parallel_size=2: pipeline parallelism"):
-        load_config(TINY, ["parallel.pipeline_model_parallel_size=2"])
+        require_no_pipeline(cfg)

@@ -74,9 +74,12 @@ def initialize_parallel(
     init_method: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    expert_tensor_parallel: int | None = None,
+    context_parallel: int = 1,
 ) -> ParallelRuntime:
     """Start torch.distributed (gloo on CPU, NCCL on GPU) and Megatron's parallel groups,
-    and seed Megatron's model-parallel RNG tracker."""
+    and seed Megatron's model-parallel RNG tracker. ``expert_tensor_parallel`` None: the
+    experts share attention's TP size (Megatron's default)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -95,6 +98,8 @@ def initialize_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
+        context_parallel_size=context_parallel,
         distributed_timeout_minutes=timeout_s / 60,  # Megatron makes a timedelta of it
     )
     torch.manual_seed(seed)

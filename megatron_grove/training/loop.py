@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from tqdm import tqdm
 
-from megatron_grove.config import GroveConfig, validate_layout
+from megatron_grove.config import GroveConfig, require_no_pipeline, validate_layout
 from megatron_grove.data.tokenizer import load_tokenizer
 from megatron_grove.megatron_config import (
     TORCH_DTYPES,
@@ -43,13 +43,21 @@ from megatron_grove.moe.balancing import update_expert_bias
 from megatron_grove.moe.counters import collect_moe_counters, reset_moe_counters
 from megatron_grove.runtime import ParallelRuntime, initialize_parallel
 from megatron_grove.runtime.acceleration import resolve_acceleration
+from megatron_grove.training.context_parallel import cp_rank_share
 from megatron_grove.training.data import build_training_data, micro_batches
 from megatron_grove.training.flops import peak_tflops, throughput_record
 from megatron_grove.training.metrics import MetricsWriter
 from megatron_grove.training.nonfinite import SkipCounter, step_health
 from megatron_grove.training.preemption import Preempted, StopSignals
 from megatron_grove.training.preflight import preflight
-from megatron_grove.training.resume import choose_start, latest_checkpoint, load_start, save_step
+from megatron_grove.checkpointing.async_save import AsyncCheckpointSaver, print_on_rank0
+from megatron_grove.training.resume import (
+    choose_start,
+    latest_checkpoint,
+    load_start,
+    publish_saves,
+    save_step,
+)
 from megatron_grove.training.validation import (
     validation_due,
     validation_line,
@@ -70,7 +78,7 @@ def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def _forward_step(attention_mask: torch.Tensor, device: torch.device,
                   data_iterator: Iterator[dict], model: torch.nn.Module):
-    batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+    batch = cp_rank_share({k: v.to(device) for k, v in next(data_iterator).items()})
     output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
     return output, functools.partial(_masked_mean_loss, batch["loss_mask"])
 
@@ -87,7 +95,7 @@ def freeze_untrainable(model: torch.nn.Module, trainable: str) -> None:
 
 
 def _dp_mean(value: torch.Tensor) -> float:
-    group = parallel_state.get_data_parallel_group()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     value = value.detach().clone()
     dist.all_reduce(value, group=group)
     return float(value) / dist.get_world_size(group)
@@ -127,6 +135,7 @@ class TrainingSetup:
 
 def setup_training(cfg: GroveConfig, runtime: ParallelRuntime) -> TrainingSetup:
     """Build data, model (wrapped in Megatron DDP), optimizer and LR schedule on this rank."""
+    require_no_pipeline(cfg)
     dp_size = validate_layout(cfg, runtime.world_size)
     dtype = TORCH_DTYPES[cfg.runtime.dtype]
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -187,7 +196,9 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
     p, t = cfg.parallel, cfg.train
     runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
                                   p.pipeline_model_parallel_size, seed=t.seed,
-                                  device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
+                                  device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s,
+                                  expert_tensor_parallel=p.expert_tensor_parallel_size,
+                                  context_parallel=p.context_parallel_size)
     is_first = runtime.rank == 0
     preflight(cfg, runtime.rank)
     start_point = choose_start(cfg)
@@ -213,13 +224,17 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
         print(f"logging.dir: this run starts at step 1; the earlier {metrics.path.name} was "
               f"moved to {metrics.set_aside}", flush=True)
     peak = peak_tflops(cfg.logging.peak_tflops, device)
-    mask = causal_attention_mask(cfg.model.seq_length, device)
+    # under CP, TE's causal attention masks each rank's share itself
+    mask = (causal_attention_mask(cfg.model.seq_length, device)
+            if p.context_parallel_size == 1 else None)
     forward_step = functools.partial(_forward_step, mask, device)
     forward_backward = get_forward_backward_func()
     bar = tqdm(total=t.iters, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not (is_first and cfg.logging.progress_bar))
     summary = TrainSummary()
     skips = SkipCounter(t.max_skipped_steps)
+    saver = (AsyncCheckpointSaver(log=print_on_rank0)
+             if cfg.checkpoint.save and cfg.checkpoint.async_save else None)
     for step in range(start + 1, t.iters + 1):
         began = time.perf_counter()
         batches = micro_batches(dataset, step, t.global_batch_size, t.micro_batch_size,
@@ -275,8 +290,12 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
         interval = cfg.checkpoint.save_interval
         if (cfg.checkpoint.save and health.finite
                 and (stopping or (interval and step % interval == 0))):
-            save_step(cfg, model, optimizer, scheduler, step, latest_checkpoint(cfg, last_saved))
-            last_saved = step
+            save_step(cfg, model, optimizer, scheduler, step, latest_checkpoint(cfg, last_saved),
+                      saver)
+            last_saved = step if saver is None else last_saved
+        if saver is not None:  # published once every rank's write is done; a stop waits for it
+            last_saved = publish_saves(cfg, saver, stopping,
+                                       latest_checkpoint(cfg, last_saved)) or last_saved
         if health.stop_requested:
             raise Preempted(health.stop_requested, step,
                             latest_checkpoint(cfg, last_saved) if cfg.checkpoint.save else None)
