@@ -112,8 +112,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per stage (interleaved)
-    # experts' own TP size (Megatron's expert_tensor_parallel_size); None = tensor_model_parallel_size.
+    # model chunks per pipeline stage (Megatron's interleaved schedule); None = one
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    # the experts' own TP size (Megatron's expert_tensor_parallel_size); None = the TP size.
     # E.g. TP=2 attention with ETP=1 whole experts: experts then spread over EP x ETP ranks
     expert_tensor_parallel_size: Optional[int] = None
     # sequence split over CP ranks in attention (Megatron's; needs TransformerEngine attention: GPU)

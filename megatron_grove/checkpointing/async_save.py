@@ -31,7 +31,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -79,12 +78,6 @@ def _background_writer(write: Callable[..., None], delay_s: float) -> Callable[.
     return run
 
 
-@dataclass
-class _Pending:
-    step: int
-    started: float
-
-
 class AsyncCheckpointSaver:
     """One rank's asynchronous saves; every method is collective (all ranks call it at the same
     points). ``log``: where the waits are reported (rank 0 passes a printer, others None)."""
@@ -93,22 +86,16 @@ class AsyncCheckpointSaver:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self._queue = AsyncCallsQueue(persistent=False)
-        self._pending: _Pending | None = None
         self._log = log or (lambda line: None)
-        self.last_published: int | None = None
-
-    @property
-    def pending_step(self) -> int | None:
-        """The step whose write is in flight (None: none is)."""
-        return self._pending.step if self._pending else None
+        self.pending_step: int | None = None  # the step whose write is in flight
 
     def save(self, root, model: torch.nn.Module, optimizer, state, optimizer_format: str) -> None:
         """Start saving ``state.step`` (see :func:`save_checkpoint_async`); a write still in
         flight is waited for first."""
         from megatron_grove.checkpointing.checkpoint import save_checkpoint_async
 
-        if self._pending is not None:
-            self._log(f"checkpoint: the write of step {self._pending.step} is still in flight; "
+        if self.pending_step is not None:
+            self._log(f"checkpoint: the write of step {self.pending_step} is still in flight; "
                       f"waiting for it before saving step {state.step} (at most one write at "
                       "a time)")
             self.wait()
@@ -117,7 +104,7 @@ class AsyncCheckpointSaver:
         if request.async_fn is not None:
             request = request._replace(async_fn=_background_writer(request.async_fn, delay))
         self._queue.schedule_async_request(request)
-        self._pending = _Pending(state.step, time.perf_counter())
+        self.pending_step = state.step
 
     def poll(self) -> int | None:
         """Publish the pending write if every rank has finished it; returns the step published
@@ -129,19 +116,12 @@ class AsyncCheckpointSaver:
         return self._finalize(blocking=True)
 
     def _finalize(self, blocking: bool) -> int | None:
-        if self._pending is None:
+        if self.pending_step is None:
             return None
-        done = self._queue.maybe_finalize_async_calls(blocking=blocking)
-        if not done:
+        if not self._queue.maybe_finalize_async_calls(blocking=blocking):
             return None
-        step, self._pending = self._pending.step, None
-        self.last_published = step
+        step, self.pending_step = self.pending_step, None
         return step
-
-    def abort(self) -> None:
-        """Stop a write in flight without publishing it (an error path: the run stops)."""
-        self._queue.close(abort=True)
-        self._pending = None
 
 
 def print_on_rank0(line: str) -> None:

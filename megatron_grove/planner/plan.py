@@ -122,7 +122,8 @@ def plan_parameters(cfg: GroveConfig) -> ParamPlan:
         hit_min = hit_max = 0
     base = counts["dense"] + moe_layers * e.router_topk * per_expert
     p = cfg.parallel
-    ep, tp, etp = p.expert_model_parallel_size, p.tensor_model_parallel_size, p.expert_tensor_parallel
+    ep, tp = p.expert_model_parallel_size, p.tensor_model_parallel_size
+    etp = p.expert_tensor_parallel
     # Megatron splits experts over EP x expert-TP (expert-TP defaults to TP)
     stage_params = [[c["dense"] // tp, c["expert"] // (ep * etp)] for c in per_stage]
     per_rank = max(dense + expert for dense, expert in stage_params)
@@ -263,7 +264,8 @@ def plan_memory(cfg: GroveConfig, plan: ParamPlan, world_size: int) -> MemoryPla
     from megatron_grove.planner.dispatch_volume import dispatch_volume, expected_blocks_hit
 
     m, e, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
-    tp, ep, etp = p.tensor_model_parallel_size, p.expert_model_parallel_size, p.expert_tensor_parallel
+    tp, ep = p.tensor_model_parallel_size, p.expert_model_parallel_size
+    etp = p.expert_tensor_parallel
     pp, cp = p.pipeline_model_parallel_size, p.context_parallel_size
     dp = world_size // (tp * cp * pp)
     edp = world_size // (ep * etp * pp)
@@ -337,7 +339,7 @@ def format_plan(plan: ParamPlan, memory: MemoryPlan | None = None) -> str:
                        f"ETP {plan.layout['expert_tensor_parallel_size']})"),
             ("gradient memory per rank (fp32 buffer)", gib(memory.grad_bytes)),
             ("optimizer state per rank", gib(memory.optimizer_bytes)),
-            ("activations per rank (1 micro-batch)", gib(memory.activation_bytes)),
+            ("activations per rank (micro-batches in flight)", gib(memory.activation_bytes)),
             ("  one layer without recompute", gib(memory.activation_bytes_per_layer)),
             ("total per rank (estimate)", gib(memory.total_bytes)),
             (f"all-to-all copies per token ({v['dispatcher']})", f"{v['copies_per_token']:.2f}"),

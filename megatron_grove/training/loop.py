@@ -31,6 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from tqdm import tqdm
 
+from megatron_grove.checkpointing.async_save import AsyncCheckpointSaver, print_on_rank0
 from megatron_grove.config import GroveConfig, require_no_pipeline, validate_layout
 from megatron_grove.data.tokenizer import load_tokenizer
 from megatron_grove.megatron_config import (
@@ -50,7 +51,6 @@ from megatron_grove.training.metrics import MetricsWriter
 from megatron_grove.training.nonfinite import SkipCounter, step_health
 from megatron_grove.training.preemption import Preempted, StopSignals
 from megatron_grove.training.preflight import preflight
-from megatron_grove.checkpointing.async_save import AsyncCheckpointSaver, print_on_rank0
 from megatron_grove.training.resume import (
     choose_start,
     latest_checkpoint,
