@@ -17,7 +17,9 @@ value and gradient, the group-aware Grove layer on CUDA against the plain-torch 
 ``train_bf16_triton`` (a short bf16 run of the tiny model with ``kernels.backend=triton``:
 losses, step time, tokens/s); ``train_step_benchmark`` (``benchmarks/train_step.py`` on the
 33B-shaped tiny MoE, one GPU, EP=1); ``train_te_fp8`` (the same short run on TransformerEngine
-with FP8, when ``transformer_engine.pytorch`` imports; skipped, saying so, otherwise).
+with FP8, when ``transformer_engine.pytorch`` imports; skipped, saying so, otherwise);
+``train_te_cp2`` (the same short run with context parallelism over 2 GPUs, TE attention; skipped,
+saying so, without TE or with one GPU).
 
 ``plan`` mode (any machine, no GPU needed) checks what it can: the wheels (tags, one version
 each, total size), that ``megatron.core`` imports from them, that every step's script and
@@ -73,6 +75,7 @@ class Step:
     config: Optional[str] = None
     overrides: list[str] = field(default_factory=list)
     needs_te: bool = False
+    gpus: int = 1  # GPUs the step needs (skipped, saying so, on a machine with fewer)
 
 
 def _last_json_line(proc: subprocess.CompletedProcess, work: Path) -> dict:
@@ -99,8 +102,8 @@ def _training_figures(proc: subprocess.CompletedProcess, work: Path) -> dict:
             "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in later)}
 
 
-def _train_command(*extra: str) -> list[str]:
-    return ["{python}", "-m", "torch.distributed.run", "--nproc-per-node", "1",
+def _train_command(*extra: str, nproc: int = 1) -> list[str]:
+    return ["{python}", "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", "29533", "launch/pretrain_grove.py",
             "--config", TINY, *TRAIN_OVERRIDES, "logging.dir={work}/run", *extra]
 
@@ -110,6 +113,9 @@ def gpu_steps() -> list[Step]:
     triton = ["kernels.backend=triton"]
     te_fp8 = ["precision.transformer_engine=true", "precision.fp8=hybrid",
               "precision.fp8_recipe=current"]
+    # context parallelism (TE attention) over 2 GPUs: Megatron's per-rank sequence halves
+    te_cp = ["precision.transformer_engine=true", "parallel.context_parallel_size=2",
+             "train.iters=10"]
     return [
         Step("gpu_tests", ["{python}", "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py",
                            "-p", "no:cacheprovider"], 150, _pytest_summary),
@@ -128,6 +134,8 @@ def gpu_steps() -> list[Step]:
              _last_json_line, config=TINY_33B_MOE),
         Step("train_te_fp8", _train_command(*te_fp8), 40, _training_figures, config=TINY,
              overrides=TRAIN_OVERRIDES + te_fp8, needs_te=True),
+        Step("train_te_cp2", _train_command(*te_cp, nproc=2), 30, _training_figures,
+             config=TINY, overrides=TRAIN_OVERRIDES + te_cp, needs_te=True, gpus=2),
     ]
 
 
@@ -171,7 +179,8 @@ def _environment(python: str) -> dict:
     code = ("import json, sys, torch\n"
             "info = {'python': sys.version.split()[0], 'torch': torch.__version__,\n"
             "        'cuda_available': torch.cuda.is_available(),\n"
-            "        'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}\n"
+            "        'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,\n"
+            "        'gpu_count': torch.cuda.device_count()}\n"
             "try:\n    import triton; info['triton'] = triton.__version__\n"
             "except Exception as exc: info['triton'] = f'not importable: {exc}'\n"
             "try:\n    import megatron.core; info['megatron_core'] = megatron.core.__version__\n"
@@ -278,6 +287,10 @@ def run_gpu_check(plan: bool, out: Path, site: Optional[Path] = None,
                     "reason": f"transformer_engine: {env.get('transformer_engine')}"}
             elif not env.get("cuda_available"):
                 report["steps"][step.name] = {"status": "skipped", "reason": "no CUDA GPU"}
+            elif env.get("gpu_count", 1) < step.gpus:
+                report["steps"][step.name] = {
+                    "status": "skipped",
+                    "reason": f"needs {step.gpus} GPUs, this machine has {env.get('gpu_count')}"}
             else:
                 report["steps"][step.name] = _run_step(step, python, work)
             _write_json(out, report)

@@ -1,11 +1,13 @@
 """What keeping long runs safe costs, measured (CPU; see benchmarks/resilience_runs.py).
 
     checksum  save / manifest / verify / load times of one training state of a config
+    async     training stall of an asynchronous save (checkpoint.async_save) vs a synchronous one
     rss       resident memory of every worker over a whole torchrun of a config
     signal    seconds from a signal to the workers' and torchrun's exit, and the step saved
     stragglers  the straggler exchange's cost per step (a run with it every step, one without)
 
     python benchmarks/resilience.py checksum --config configs/tiny_cpu.yaml [key=value ...]
+    python benchmarks/resilience.py async --config configs/tiny_cpu.yaml [key=value ...]
     python benchmarks/resilience.py rss --config configs/tiny_cpu.yaml train.iters=600
     python benchmarks/resilience.py signal --config configs/tiny_cpu.yaml --after-steps 20 \\
         checkpoint.save=/tmp/ckpt
@@ -21,11 +23,14 @@ import sys
 import tempfile
 
 from resilience_runs import (
+    AsyncSaveBenchmark,
     ChecksumBenchmark,
+    format_async_save_table,
     format_checksum_table,
     measure_rss,
     measure_signal_to_exit,
     measure_straggler_exchange,
+    run_async_save_benchmark,
     run_checksum_benchmark,
 )
 
@@ -34,12 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="resilience.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("checksum", "rss", "signal", "stragglers"))
+    parser.add_argument("what", choices=("checksum", "async", "rss", "signal", "stragglers"))
     parser.add_argument("--config", required=True, help="YAML run configuration")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="checksum: saves (default 3)")
-    parser.add_argument("--folder", help="checksum: save there (default: a temporary folder)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="checksum, async: saves (default 3)")
+    parser.add_argument("--step-s", type=float, default=0.25,
+                        help="async: seconds of each emulated training step (default 0.25)")
+    parser.add_argument("--folder", help="checksum, async: save there (default: a temporary folder)")
     parser.add_argument("--interval", type=float, default=2.0,
                         help="rss: seconds between samples (default 2)")
     parser.add_argument("--after-steps", type=int, default=10,
@@ -56,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             config=args.config, overrides=args.overrides, nproc=args.nproc,
             repeats=args.repeats, folder=args.folder))
         print(format_checksum_table(summary))
+    elif args.what == "async":
+        summary = run_async_save_benchmark(AsyncSaveBenchmark(
+            config=args.config, overrides=args.overrides, nproc=args.nproc,
+            repeats=args.repeats, step_s=args.step_s, folder=args.folder))
+        print(format_async_save_table(summary))
     else:
         with tempfile.TemporaryDirectory() as log_dir:
             if args.what == "rss":

@@ -4,6 +4,10 @@
   config saved ``repeats`` times by ``nproc`` spawned processes; per save the time of the whole
   save, of its manifest (hashing every file, as inside the save), of checking the manifest
   and of the load itself (each the slowest rank's).
+* :func:`run_async_save_benchmark`: the same state saved synchronously, then asynchronously
+  (``checkpoint.async_save``) while emulated training steps go on: the training stall of the
+  asynchronous save (its call and the per-step polls, publication included) against the
+  synchronous save's time.
 * :func:`measure_rss`: a real ``torchrun`` of ``launch/pretrain_grove.py``; the resident set
   of every worker sampled every ``interval_s`` with the step the run had reached.
 * :func:`measure_signal_to_exit`: the same run sent a signal after some steps: the seconds
@@ -27,6 +31,7 @@ import torch
 from megatron_grove.benchmarking.processes import cpu_threads_per_rank, run_on_ranks
 
 __all__ = ["ChecksumBenchmark", "run_checksum_benchmark", "format_checksum_table",
+           "AsyncSaveBenchmark", "run_async_save_benchmark", "format_async_save_table",
            "measure_rss", "measure_signal_to_exit"]
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "launch" / "pretrain_grove.py"
@@ -120,6 +125,112 @@ def format_checksum_table(summary: dict) -> str:
             ("load (median)", f"{summary['load_s']:.3f} s"),
             ("checking the manifest before it",
              f"{summary['verify_s']:.3f} s ({summary['verify_pct_of_load']:.1f} % of the load)")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+@dataclass
+class AsyncSaveBenchmark:
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    nproc: int = 2  # processes (EP = nproc unless the overrides set it)
+    repeats: int = 3
+    step_s: float = 0.25  # the training step the writes overlap (each followed by a poll)
+    folder: str | None = None
+
+
+def _async_save_worker(rank: int, init_method: str, bench: AsyncSaveBenchmark,
+                       folder: str) -> list[dict]:
+    import shutil
+
+    import torch.distributed as dist
+
+    from megatron_grove.checkpointing import TrainState, checkpoint_dir, save_checkpoint
+    from megatron_grove.checkpointing.async_save import AsyncCheckpointSaver
+    from megatron_grove.config import config_to_dict, load_config
+    from megatron_grove.runtime import destroy_parallel, initialize_parallel
+    from megatron_grove.training import setup_training
+
+    torch.set_num_threads(cpu_threads_per_rank(bench.nproc))
+    cfg = load_config(bench.config, [f"parallel.expert_model_parallel_size={bench.nproc}",
+                                     *bench.overrides])
+    p = cfg.parallel
+    runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
+                                  device="cpu", init_method=init_method, rank=rank,
+                                  world_size=bench.nproc, timeout_s=3600)
+    setup = setup_training(cfg, runtime)
+    model, optimizer = setup.model, setup.optimizer
+    model.zero_grad_buffer()
+    optimizer.step()  # Adam state exists, as in a real checkpoint
+
+    def state(step: int) -> TrainState:
+        return TrainState(step=step, consumed_samples=0,
+                          scheduler=setup.scheduler.state_dict(), config=config_to_dict(cfg))
+
+    saver = AsyncCheckpointSaver()
+    rows = []
+    for i in range(bench.repeats):
+        sync_step, async_step = 2 * i + 1, 2 * i + 2
+        sync_s = _timed(lambda: save_checkpoint(folder, model, optimizer, state(sync_step)))
+        dist.barrier()
+        began = time.perf_counter()
+        call_s = _timed(lambda: saver.save(folder, model, optimizer, state(async_step),
+                                           cfg.checkpoint.optimizer_format))
+        polls, steps, publishing = 0.0, 0, 0.0
+        while saver.pending_step is not None:
+            time.sleep(bench.step_s)  # the next training step
+            steps += 1
+            polled = time.perf_counter()
+            saver.poll()
+            polls += time.perf_counter() - polled
+            if saver.pending_step is None:  # this poll finalised and published the write
+                publishing = time.perf_counter() - polled
+        publish_s = _slowest(polls)
+        finalize_s = _slowest(publishing)
+        until_published = _slowest(time.perf_counter() - began)
+        size = sum(f.stat().st_size for f in checkpoint_dir(folder, async_step).rglob("*")
+                   if f.is_file())
+        rows.append({"sync_save_s": sync_s, "async_call_s": call_s, "async_polls_s": publish_s,
+                     "async_finalize_s": finalize_s,
+                     "async_stall_s": call_s + publish_s, "async_published_after_s":
+                     until_published, "steps_overlapped": steps, "bytes": size})
+        dist.barrier()
+        if rank == 0:  # keep the disk use to two checkpoints
+            for step in (sync_step, async_step):
+                shutil.rmtree(checkpoint_dir(folder, step), ignore_errors=True)
+        dist.barrier()
+    destroy_parallel()
+    return rows
+
+
+def run_async_save_benchmark(bench: AsyncSaveBenchmark) -> dict:
+    """Spawn ``bench.nproc`` CPU processes; per repeat a synchronous save, then an asynchronous
+    one overlapping emulated steps of ``bench.step_s`` (a poll after each): the training stall
+    of the async save (its call plus the polls, publishing included; the slowest rank's)
+    against the synchronous save's time; medians."""
+    with tempfile.TemporaryDirectory() as tmp:
+        payload = run_on_ranks(_async_save_worker, bench.nproc, bench,
+                               bench.folder or os.path.join(tmp, "ckpt"))
+    keys = ("sync_save_s", "async_call_s", "async_polls_s", "async_finalize_s",
+            "async_stall_s", "async_published_after_s")
+    median = {key: statistics.median(row[key] for row in payload) for key in keys}
+    return {"benchmark": asdict(bench), "runs": payload, "bytes": payload[0]["bytes"], **median,
+            "stall_pct_of_sync_save": 100 * median["async_stall_s"] / median["sync_save_s"]}
+
+
+def format_async_save_table(summary: dict) -> str:
+    rows = [("checkpoint size", f"{summary['bytes'] / 2**20:.1f} MiB "
+                                f"({summary['benchmark']['nproc']} processes)"),
+            ("synchronous save (median)", f"{summary['sync_save_s']:.3f} s"),
+            ("async save: the call (plan, common state, fork)", f"{summary['async_call_s']:.3f} s"),
+            ("async save: polls until published (one a step)",
+             f"{summary['async_polls_s']:.3f} s"),
+            ("  of which the finalising poll (metadata, manifest, rename)",
+             f"{summary['async_finalize_s']:.3f} s"),
+            ("async save: training stall", f"{summary['async_stall_s']:.3f} s "
+                                           f"({summary['stall_pct_of_sync_save']:.1f} % of the "
+                                           "synchronous save)"),
+            ("async save: published after", f"{summary['async_published_after_s']:.3f} s")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

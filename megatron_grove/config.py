@@ -121,6 +121,11 @@ class ParallelConfig:
     # layer counts that do not divide: the first / last stage's layers (null: an even share)
     num_layers_in_first_pipeline_stage: Optional[int] = None
     num_layers_in_last_pipeline_stage: Optional[int] = None
+    # the experts' own TP size (Megatron's expert_tensor_parallel_size); None = the TP size.
+    # E.g. TP=2 attention with ETP=1 whole experts: experts then spread over EP x ETP ranks
+    expert_tensor_parallel_size: Optional[int] = None
+    # sequence split over CP ranks in attention (Megatron's; needs TransformerEngine attention: GPU)
+    context_parallel_size: int = 1
     sequence_parallel: bool = False
     # ranks of one node (hierarchical dispatch: a token crosses nodes once per destination
     # node); null: torchrun's LOCAL_WORLD_SIZE. Set it to emulate nodes by groups of ranks
@@ -130,6 +135,12 @@ class ParallelConfig:
     recompute_granularity: Literal["none", "selective", "full"] = "none"
     recompute_method: Literal["uniform", "block"] = "uniform"  # full only: how layers are chosen
     recompute_num_layers: int = 1  # full only: layers per recompute unit (uniform) / first N (block)
+
+    @property
+    def expert_tensor_parallel(self) -> int:
+        """The experts' TP size in force: ``expert_tensor_parallel_size``, else
+        ``tensor_model_parallel_size`` (Megatron's default)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
 
 @dataclass
@@ -200,6 +211,10 @@ class CheckpointConfig:
     # one run per folder (checkpoint.save, logging.dir): a lock whose holder on another host
     # has not refreshed it for this long is taken over (on this host: when its pid is gone)
     lock_stale_s: int = 300
+    # true: Megatron's asynchronous dist-checkpoint save; a forked process writes the tensors while
+    # training goes on, and the checkpoint is published (manifest, rename, latest pointer) only
+    # once every rank's write has finished; at most one write in flight (docs/fault_tolerance.md)
+    async_save: bool = False
 
 
 @dataclass
@@ -425,11 +440,15 @@ def _validate(cfg: GroveConfig) -> None:
                        ("train.micro_batch_size", t.micro_batch_size),
                        ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
                        ("parallel.expert_model_parallel_size", p.expert_model_parallel_size),
-                       ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size)]:
+                       ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+                       ("parallel.context_parallel_size", p.context_parallel_size)]:
         _require(value >= 1, f"{key}={value}: must be >= 1")
     _require(p.ranks_per_node is None or p.ranks_per_node >= 1,
              f"parallel.ranks_per_node={p.ranks_per_node}: must be >= 1 or null (torchrun's "
              "LOCAL_WORLD_SIZE)")
+    _require(p.expert_tensor_parallel_size is None or p.expert_tensor_parallel_size >= 1,
+             f"parallel.expert_tensor_parallel_size={p.expert_tensor_parallel_size}: must be "
+             ">= 1 or null")
     _require(e.num_experts >= 0, f"moe.num_experts={e.num_experts}: must be >= 0 (0 = dense model)")
     if e.num_experts:
         for key, value in [("moe.router_topk", e.router_topk),
@@ -639,25 +658,36 @@ def _validate_data(d: DataConfig) -> None:
     _require(split_shares(d.split)[0] > 0, f"data.split={d.split}: the training share must be > 0")
 
 
+
 def validate_layout(cfg: GroveConfig, world_size: int) -> int:
-    """Check the parallel layout against the world size; return the data-parallel size."""
+    """Check the parallel layout against the world size; return the data-parallel size.
+
+    Megatron's two grids: attention and dense layers on TP x CP x PP x DP ranks, experts on
+    ETP x EP x PP x expert-DP ranks (the same ranks, factored differently)."""
     p, e, t = cfg.parallel, cfg.moe, cfg.train
     tp, ep, pp = (p.tensor_model_parallel_size, p.expert_model_parallel_size,
                   p.pipeline_model_parallel_size)
-    _require(world_size % (tp * pp) == 0,
-             f"parallel.tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp}: "
-             f"must divide the world size {world_size}")
+    cp, etp = p.context_parallel_size, p.expert_tensor_parallel
+    _require(world_size % (tp * cp * pp) == 0,
+             f"parallel.tensor_model_parallel_size={tp} x context_parallel_size={cp} x "
+             f"pipeline_model_parallel_size={pp}: must divide the world size {world_size}")
     _require(p.ranks_per_node is None or world_size % p.ranks_per_node == 0,
              f"parallel.ranks_per_node={p.ranks_per_node}: must divide the world size "
              f"{world_size} (ranks per node; default: torchrun's LOCAL_WORLD_SIZE)")
-    dp = world_size // (tp * pp)
-    _require(dp % ep == 0 and ep <= world_size // (tp * pp),
-             f"parallel.expert_model_parallel_size={ep}: must divide the data-parallel size "
-             f"{dp} (= world size {world_size} / (tp {tp} x pp {pp})); allowed: "
-             f"{', '.join(str(d) for d in range(1, dp + 1) if dp % d == 0)}")
-    _require(e.num_experts > 0 or ep == 1,
+    dp = world_size // (tp * cp * pp)
+    # the ranks EP spreads over: the DP size when experts share attention's TP and there is no CP
+    slots = world_size // (etp * pp)
+    if etp == tp and cp == 1:
+        what = f"the data-parallel size {dp} (= world size {world_size} / (tp {tp} x pp {pp}))"
+    else:
+        what = (f"world size {world_size} / (expert_tensor_parallel_size {etp} x pp {pp}) = "
+                f"{slots}")
+    _require(world_size % (etp * pp) == 0 and slots % ep == 0,
+             f"parallel.expert_model_parallel_size={ep}: must divide {what}; allowed: "
+             f"{', '.join(str(d) for d in range(1, slots + 1) if slots % d == 0) or 'none'}")
+    _require(e.num_experts > 0 or (ep == 1 and p.expert_tensor_parallel_size is None),
              f"parallel.expert_model_parallel_size={ep}: a dense model (moe.num_experts=0) has "
-             "no experts to distribute; allowed: 1")
+             "no experts to distribute; allowed: 1 (and expert_tensor_parallel_size null)")
     _require(e.num_experts % ep == 0,
              f"parallel.expert_model_parallel_size={ep}: must divide moe.num_experts="
              f"{e.num_experts}")

@@ -109,6 +109,8 @@ def to_transformer_config(cfg: GroveConfig, dtype: torch.dtype = torch.float32,
         num_layers_in_last_pipeline_stage=p.num_layers_in_last_pipeline_stage,
         pipeline_dtype=dtype,  # what crosses the stages (activations and their gradients)
         expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel,
+        context_parallel_size=p.context_parallel_size,
         sequence_parallel=p.sequence_parallel,
         recompute_granularity=None if p.recompute_granularity == "none" else p.recompute_granularity,
         recompute_method=p.recompute_method if p.recompute_granularity == "full" else None,

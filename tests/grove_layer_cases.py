@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from config_builders import HIDDEN, transformer_config
 from grove_reference import GroveWeights, grove_forward
@@ -96,23 +97,26 @@ def reference(case: Case) -> tuple[dict[str, torch.Tensor], int, int]:
     return expected, out.routed_evaluations, out.adjugate_evaluations
 
 
-def layer_config(run: Run, ep: int, device: str = "cpu") -> GroveTransformerConfig:
+def layer_config(run: Run, ep: int, device: str = "cpu", tp: int = 1,
+                 etp: Optional[int] = None) -> GroveTransformerConfig:
     """The run's one-layer config (local modules, no TransformerEngine), through the config
-    path."""
+    path; ``tp`` > 1 with sequence parallelism, ``etp``: the experts' TP size (None: ``tp``)."""
     case = run.case
     return transformer_config(
         device, precision__transformer_engine=False, model__num_layers=1,
-        model__hidden_size=HIDDEN, model__num_attention_heads=1,
+        model__hidden_size=HIDDEN, model__num_attention_heads=tp,
         model__ffn_hidden_size=FFN, moe__num_experts=case.experts, moe__ffn_hidden_size=FFN,
         moe__router_topk=case.topk, moe__router_score_function=case.score_function,
         moe__token_dispatcher_type=run.dispatcher, moe__num_expert_groups=case.groups,
         moe__adjugate_ffn_hidden_size=ADJUGATE_FFN, moe__adjugate_scale=run.adjugate_scale,
         moe__allow_large_adjugate_scale=True,
         moe__bias_update_rule="none" if run.expert_bias is None else "paper",
-        parallel__expert_model_parallel_size=ep, kernels__backend=run.kernels_backend)
+        parallel__expert_model_parallel_size=ep, kernels__backend=run.kernels_backend,
+        parallel__tensor_model_parallel_size=tp, parallel__sequence_parallel=tp > 1,
+        **({} if etp is None else {"parallel__expert_tensor_parallel_size": etp}))
 
 
-def build_layer(run: Run, ep: int, device: str = "cpu"):
+def build_layer(run: Run, ep: int, device: str = "cpu", tp: int = 1, etp: Optional[int] = None):
     """The run's layer, built by :func:`megatron_grove.moe.build_moe_layer` (``stock``:
     Megatron's ``MoELayer`` + ``TopKRouter``, on Megatron's MoE spec)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -121,7 +125,7 @@ def build_layer(run: Run, ep: int, device: str = "cpu"):
 
     from megatron_grove.moe import build_moe_layer
 
-    config = layer_config(run, ep, device)
+    config = layer_config(run, ep, device, tp, etp)
     if run.stock:
         submodules = get_moe_module_spec(use_te=False, num_experts=run.case.experts).keywords[
             "submodules"]
@@ -160,31 +164,40 @@ def _forward_backward(rank: int, runs: list[Run]) -> bytes:
     from megatron.core import parallel_state
 
     ep = parallel_state.get_expert_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    world = dist.get_world_size()
     results = []
     for run in runs:
-        layer = build_layer(run, ep)
-        load_weights(layer, run, rank)
-        rows = slice(rank * NUM_TOKENS // ep, (rank + 1) * NUM_TOKENS // ep)
+        layer = build_layer(run, ep, tp=tp, etp=etp)
+        load_weights(layer, run, ep_rank)
+        # every rank its own tokens (TP ranks: their sequence-parallel slice)
+        rows = slice(rank * NUM_TOKENS // world, (rank + 1) * NUM_TOKENS // world)
         x = run.x[rows].clone().unsqueeze(1).requires_grad_()  # [T, B=1, H]
         y, _ = layer(x)
         (y.squeeze(1) * run.cotangent[rows]).sum().backward()
         grads = {key: {i: p.grad.clone() for i, p in params.items()}
-                 for key, params in _expert_params(layer, rank).items()}
+                 for key, params in _expert_params(layer, ep_rank).items()}
         results.append({"y": y.detach().squeeze(1), "x_grad": x.grad.squeeze(1),
                         "router": layer.router.weight.grad.clone(), **grads,
                         "counters": dict(getattr(layer, "grove_counters", {}))})
     return pickle.dumps(results)
 
 
-def run_layers(runs: list[Run], ep: int, ranks_per_node: Optional[int] = None
+def run_layers(runs: list[Run], ep: int, world_size: Optional[int] = None, tp: int = 1,
+               etp: Optional[int] = None, ranks_per_node: Optional[int] = None
                ) -> list[dict[str, Any]]:
-    """Run ``runs`` on ``ep`` ranks (EP = world size; nodes of ``ranks_per_node`` ranks);
-    per run, the global tensors: outputs and input gradients concatenated over ranks, router
-    gradients summed (as data-parallel reduction would), expert gradients stacked by global
-    index, counters summed."""
+    """Run ``runs`` on ``world_size`` ranks (default EP; ``tp``: attention's TP size, with
+    sequence parallelism; ``etp``: the experts' TP size, None = ``tp``; nodes of
+    ``ranks_per_node`` ranks, None: one node), every rank on its own
+    share of the tokens; per run, the global tensors: outputs and input gradients concatenated
+    over ranks, router gradients summed (as data-parallel reduction would), expert gradients
+    by global index, summed over the ranks holding a replica of the expert, and stacked;
+    counters summed."""
     per_rank = [pickle.loads(r) for r in run_distributed(
-        _forward_backward, world_size=ep, expert_parallel=ep, args=(runs,),
-        ranks_per_node=ranks_per_node)]
+        _forward_backward, world_size=world_size or ep, tensor_parallel=tp, expert_parallel=ep,
+        expert_tensor_parallel=etp, ranks_per_node=ranks_per_node, args=(runs,))]
     merged = []
     for results in zip(*per_rank):
         out = {"y": torch.cat([r["y"] for r in results]),
@@ -194,7 +207,10 @@ def run_layers(runs: list[Run], ep: int, ranks_per_node: Optional[int] = None
                             for k in results[0]["counters"]},
                "rank_counters": [r["counters"] for r in results]}
         for key in GRAD_KEYS[1:]:
-            by_index = {i: g for r in results for i, g in r.get(key, {}).items()}
+            by_index: dict[int, torch.Tensor] = {}
+            for r in results:
+                for i, g in r.get(key, {}).items():
+                    by_index[i] = by_index[i] + g if i in by_index else g
             if by_index:
                 out[key] = torch.stack([by_index[i] for i in sorted(by_index)])
         merged.append(out)

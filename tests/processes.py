@@ -55,7 +55,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, tensor_parallel: in
                     expert_parallel: int = 1, seed: int = 1234, args: tuple = (),
                     timeout_s: float = 300, pipeline_parallel: int = 1,
                     virtual_pipeline: int | None = None,
-                    ranks_per_node: Optional[int] = None) -> list[Any]:
+                    ranks_per_node: Optional[int] = None,
+                    expert_tensor_parallel: Optional[int] = None,
+                    context_parallel: int = 1) -> list[Any]:
     """``fn(rank, *args)`` on ``world_size`` forked CPU processes (gloo, Megatron's groups set
     up; nodes of ``ranks_per_node`` ranks, None: one node); the return values (picklable) come
     back indexed by rank. An exception on any rank fails the caller with that rank's
@@ -66,7 +68,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, tensor_parallel: in
         init_file = os.path.join(tmp, "init")
         parallel = dict(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
                         pipeline_parallel=pipeline_parallel, virtual_pipeline=virtual_pipeline,
-                        seed=seed, ranks_per_node=ranks_per_node)
+                        expert_tensor_parallel=expert_tensor_parallel,
+                        context_parallel=context_parallel, seed=seed,
+                        ranks_per_node=ranks_per_node)
         procs = [ctx.Process(target=_worker,
                              args=(r, world_size, init_file, parallel, fn, args, queue))
                  for r in range(world_size)]
@@ -190,12 +194,12 @@ def torchrun_command(*overrides: str, nproc: int = 2, config: Path = TINY,
 
 
 def torchrun(*overrides: str, nproc: int = 2, check: bool = True, timeout: float = 600,
-             plain: bool = False) -> subprocess.CompletedProcess:
+             plain: bool = False, env: Optional[dict[str, str]] = None
+             ) -> subprocess.CompletedProcess:
     """Run the tiny config (+ FAST + ``overrides``) under our launcher (``plain``: torchrun)
-    on CPU."""
+    on CPU (``env``: extra environment variables)."""
     proc = subprocess.run(torchrun_command(*overrides, nproc=nproc, plain=plain),
-                          capture_output=True,
-                          text=True, timeout=timeout, env=child_env())
+                          capture_output=True, text=True, timeout=timeout, env=child_env(env))
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -83,4 +83,3 @@ def test_recompute_reruns_forward_and_gives_identical_gradients(recompute, layer
 def test_full_recompute_needs_a_layer_count_in_range():
     with pytest.raises(ConfigError, match="parallel.recompute_num_layers=3: allowed 1..model.num_layers=2"):
         load_config(TINY, ["parallel.recompute_granularity=full", "parallel.recompute_num_layers=3"])
-

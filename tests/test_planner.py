@@ -97,3 +97,22 @@ def test_dry_run_projects_the_all_to_all_at_scale():
                       "--gpus-per-node", "6")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("must be a multiple of 6")
+
+
+def test_235b_recipe_fits_on_32_nodes_with_two_pipeline_stages():
+    """configs/grovemoe_235b_a22b.yaml on 256 ranks: the Qwen3-235B-A22B shape plus 64
+    adjugates of FFN 256 per layer, two stages of 47 layers, TP=2 attention with whole experts
+    (ETP=1) over EP=32, under 80 GB per rank on every stage."""
+    plan = dry_run("grovemoe_235b_a22b.yaml", "--world-size", "256")
+    assert plan["params_per_expert"] == 3 * 4096 * 1536
+    assert plan["params_per_adjugate"] == 3 * 4096 * 256
+    assert plan["routed_expert_params"] == 94 * 128 * 3 * 4096 * 1536
+    assert 22e9 < plan["activated_params_min"] < plan["activated_params_max"] < 25e9
+    mem = plan["memory"]
+    assert [s["num_layers"] for s in mem["stages"]] == [47, 47]
+    assert [s["micro_batches_in_flight"] for s in mem["stages"]] == [2, 1]
+    assert (mem["data_parallel_size"], mem["expert_data_parallel_size"]) == (64, 4)
+    # whole experts: each rank holds 1/32 of a stage's experts and adjugates
+    stage_experts = (plan["routed_expert_params"] + plan["adjugate_params"]) // 2
+    assert plan["stage_params"][0][1] == stage_experts // 32
+    assert all(s["total_bytes"] < 80 * 2**30 for s in mem["stages"])

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from megatron_grove.config import load_config
-from megatron_grove.model import causal_attention_mask
+from megatron_grove.model import causal_attention_mask, padded_vocab_size
 from megatron_grove.planner import plan_memory, plan_parameters
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import micro_batches, setup_training
-from processes import run_distributed
+from processes import in_world, run_distributed
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 # alltoall: the estimate's per-copy terms are those of Megatron's dispatcher; the group-aware
@@ -52,3 +52,59 @@ def test_activation_estimate_is_close_to_the_saved_tensors(overrides):
     # measured here: the estimate is 15% below the saved bytes (13% before the adjugate bank's
     # grouped GEMM, which saves the stacked weights)
     assert 0.8 * measured < estimate <= measured
+
+
+def _plans(overrides_list, world):
+    from megatron_grove.planner import plan_memory, plan_parameters
+
+    out = []
+    for overrides in overrides_list:
+        cfg = load_config(TINY, overrides)
+        plan = plan_parameters(cfg)
+        out.append((plan, plan_memory(cfg, plan, world)))
+    return out
+
+
+def test_pipeline_stages_split_the_layers_and_hold_their_micro_batches():
+    """4 layers: PP=2 puts layers 0-1 (+ embedding) on stage 0 and 2-3 (+ final norm, output
+    layer) on stage 1, their parameters adding up to the PP=1 model's; 1F1B keeps 2 micro-batches
+    on stage 0 and 1 on stage 1; interleaved (VPP=2) places chunks 0, 2 / 1, 3 and keeps more;
+    ETP=1 under TP=2 keeps the experts whole (twice the expert parameters of ETP=2); CP=2 halves
+    the activations of one layer."""
+    base = ["model.num_layers=4", "model.vocab_size=4096", "train.global_batch_size=16",
+            "train.micro_batch_size=2", "parallel.expert_model_parallel_size=1"]
+    (one, m1), (two, m2), (vpp, mv), (etp2, _), (etp1, _), (cp1, c1), (cp2, c2) = in_world(
+        _plans, [base, base + ["parallel.pipeline_model_parallel_size=2"],
+                 base + ["parallel.pipeline_model_parallel_size=2",
+                         "parallel.virtual_pipeline_model_parallel_size=2"],
+                 base + ["parallel.tensor_model_parallel_size=2",
+                         "parallel.sequence_parallel=true"],
+                 base + ["parallel.tensor_model_parallel_size=2",
+                         "parallel.sequence_parallel=true",
+                         "parallel.expert_tensor_parallel_size=1"],
+                 base + ["parallel.tensor_model_parallel_size=1"],
+                 base + ["parallel.context_parallel_size=2"]], 4)
+    assert [s["layers"] for s in m2.stages] == [[0, 1], [2, 3]]
+    assert sum(d + e for d, e in two.stage_params) == one.params_per_rank == one.total_params
+    # stage 1 has the final norm (hidden weights) besides an output layer as large as stage
+    # 0's embedding (untied)
+    hidden = load_config(TINY, base).model.hidden_size
+    assert two.stage_params[1][0] - two.stage_params[0][0] == hidden
+    assert two.stage_params[0][0] > padded_vocab_size(4096, 1) * hidden
+    assert [s["micro_batches_in_flight"] for s in m2.stages] == [2, 1]
+    assert [s["micro_batches_in_flight"] for s in mv.stages] == [3, 2]  # 5 and 3 chunks of 1
+    assert mv.stages[0]["num_layers"] == 2 and m1.stages[0]["micro_batches_in_flight"] == 1
+    assert etp1.stage_params[0][1] == 2 * etp2.stage_params[0][1]
+    assert etp1.stage_params[0][0] == etp2.stage_params[0][0]
+    assert c2.activation_bytes_per_layer < 0.6 * c1.activation_bytes_per_layer
+
+
+def test_uneven_pipeline_split_is_one_line():
+    from megatron_grove.config import ConfigError
+    from megatron_grove.planner import stage_layers
+
+    cfg = load_config(TINY, ["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match="model.num_layers=3: must be a multiple of parallel."
+                                          "pipeline_model_parallel_size=2 x virtual_pipeline_"
+                                          "model_parallel_size=1"):
+        stage_layers(cfg)

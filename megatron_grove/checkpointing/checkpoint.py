@@ -18,7 +18,9 @@ first save; :func:`checkpoint_tokenizer` finds it.
 
 A checkpoint is written to ``.iter_XXXXXXX.tmp`` and renamed into place by rank 0 only after
 every rank finished and the manifest is written; ``latest_checkpointed_iteration.txt`` is
-replaced atomically after that. A process killed mid-save therefore leaves the previous
+replaced atomically after that. An asynchronous save (:func:`save_checkpoint_async`,
+:mod:`.async_save`) writes the tensors in a background process and does the manifest, the
+rename and the pointer in its finalisation, after every rank's write. A process killed mid-save therefore leaves the previous
 checkpoint as the latest loadable one (the stale ``.tmp`` folder is removed by the next save).
 Loading checks the manifest first (:func:`verify_checkpoint`): a damaged, truncated or
 incomplete checkpoint is a one-line :class:`CheckpointError` naming the file; one saved before
@@ -64,7 +66,8 @@ from megatron_grove.checkpointing.optimizer_state import (
 from megatron_grove.data.tokenizer import copy_tokenizer_files, default_tokenizer_path
 from megatron_grove.runtime.distributed import collective_failure, objects_from_all_ranks
 
-__all__ = ["CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint",
+__all__ = ["CheckpointError", "TrainState", "save_checkpoint", "save_checkpoint_async",
+           "load_checkpoint",
            "latest_iteration", "checkpoint_dir", "checkpoint_steps", "checkpoint_step",
            "remove_checkpoints_after", "resolve_checkpoint_folder", "verify_checkpoint",
            "read_checkpoint_config", "checkpoint_tokenizer", "TOKENIZER_DIR"]
@@ -181,23 +184,19 @@ def _keep_checkpoint_writes_in_process() -> None:
     first use in a ``multiprocessing`` *Manager*: a spawned server process (it imports torch:
     ~760 MB resident) that lives as long as the rank, and outlives it when the rank is killed
     with SIGKILL (torchrun then signals only its live workers' process groups, not the dead
-    one's). Our saves are synchronous: the writer's threads run in this process and the queue
-    never crosses a process boundary, so a plain in-process queue serves and no helper process
-    is started. Megatron keeps the queue in a module global and uses one that is already set."""
+    one's). A synchronous save's writer threads run in this process, so a plain in-process
+    queue serves and no helper process is started. Megatron keeps the queue in a module global
+    and uses the one set when a save is prepared."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
+    filesystem_async._results_queue = queue.Queue()
 
 
-def save_checkpoint(root: str | Path, model: torch.nn.Module | list[torch.nn.Module], optimizer,
-                    state: TrainState, optimizer_format: str = "fully_reshardable") -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder. ``optimizer``
-    None writes a model-only checkpoint (``state.scheduler`` should then be None).
-    ``optimizer_format``: the distributed optimizer's format (``checkpoint.optimizer_format``).
-    The folder gets a ``manifest.json`` (size and CRC-32 of every file) before it is published."""
-    _keep_checkpoint_writes_in_process()
-    root = Path(root)
+def _begin_save(root: Path, model: torch.nn.Module | list[torch.nn.Module], optimizer,
+                state: TrainState,
+                optimizer_format: str) -> tuple[Path, Path, dict[str, Any]]:
+    """Collective: clear stale temporary folders, create this save's; return (temporary folder,
+    final folder, the sharded state dict to write)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = checkpoint_dir(root, state.step)
     tmp = root / f".{final.name}.tmp"
@@ -213,12 +212,21 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module | list[torch.nn.Mod
     if rank == 0:
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(sharded, str(tmp))
+    return tmp, final, sharded
+
+
+def _save_rng(tmp: Path) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+
+
+def _publish(root: Path, tmp: Path, final: Path, state: TrainState) -> None:
+    """Collective, once every rank's files are in ``tmp``: the manifest, then (rank 0) the
+    atomic rename to ``final``, the ``latest`` pointer and the tokenizer."""
     _barrier()
     write_manifest(tmp)  # collective; ends once every rank's hashes reached rank 0
-    if rank == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -227,7 +235,42 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module | list[torch.nn.Mod
         os.replace(pointer, root / LATEST_FILE)
         _store_tokenizer(root, state.config)
     _barrier()
+
+
+def save_checkpoint(root: str | Path, model: torch.nn.Module | list[torch.nn.Module], optimizer,
+                    state: TrainState, optimizer_format: str = "fully_reshardable") -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder. ``optimizer``
+    None writes a model-only checkpoint (``state.scheduler`` should then be None).
+    ``optimizer_format``: the distributed optimizer's format (``checkpoint.optimizer_format``).
+    The folder gets a ``manifest.json`` (size and CRC-32 of every file) before it is published."""
+    _keep_checkpoint_writes_in_process()
+    root = Path(root)
+    tmp, final, sharded = _begin_save(root, model, optimizer, state, optimizer_format)
+    dist_checkpointing.save(sharded, str(tmp))
+    _save_rng(tmp)
+    _publish(root, tmp, final, state)
     return final
+
+
+def save_checkpoint_async(root: str | Path, model: torch.nn.Module | list[torch.nn.Module],
+                          optimizer, state: TrainState, optimizer_format: str = "fully_reshardable"):
+    """Collective: prepare the save of ``state.step`` and return Megatron's ``AsyncRequest``
+    whose call writes the tensors (to be scheduled on an ``AsyncCallsQueue``; see
+    :mod:`.async_save`). Written now, synchronously: the common state (rank 0) and each rank's
+    RNG file. The request's finalisation, run on every rank once every rank's write has
+    finished, writes Megatron's metadata, then the manifest, and only then renames the folder
+    into place and moves the ``latest`` pointer (:func:`_publish`): until then the previous
+    checkpoint stays the latest, whatever happens to the write."""
+    from megatron_grove.checkpointing.async_save import cross_process_write_results
+
+    cross_process_write_results()
+    root = Path(root)
+    tmp, final, sharded = _begin_save(root, model, optimizer, state, optimizer_format)
+    request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=True,
+                                      async_strategy="mcore")
+    _save_rng(tmp)
+    request.add_finalize_fn(lambda: _publish(root, tmp, final, state))
+    return request
 
 
 def resolve_checkpoint_folder(path: str | Path, step: int | None = None) -> Path:

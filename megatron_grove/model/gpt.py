@@ -88,7 +88,9 @@ def _global_expert_names(model: torch.nn.Module) -> dict[int, str]:
 @torch.no_grad()
 def init_params_layout_independent(model: torch.nn.Module, config: GroveTransformerConfig,
                                    seed: int) -> None:
-    """Re-initialise every weight from a seed of (seed, global parameter name, TP rank).
+    """Re-initialise every weight from a seed of (seed, global parameter name, TP rank of a
+    TP-split weight: the expert-TP rank for routed experts and adjugates; 0 for a weight
+    replicated over TP, such as the router).
 
     Megatron seeds expert initialisation per EP rank, and its CPU initialisation draws experts
     from the default stream, so the layers after the first MoE layer change with the number of
@@ -96,22 +98,31 @@ def init_params_layout_independent(model: torch.nn.Module, config: GroveTransfor
     pipeline split (for a fixed TP size): names are global (layer and expert indices).
     Megatron's init methods are kept: ``output_layer_init_method`` for the attention
     output and FFN down projections, ``init_method`` for the other matrices; norm weights keep
-    their ones.
+    their ones. So the experts at ETP = 1 and the routers are those of TP = 1, whatever
+    attention's TP size (before, each TP rank drew its own router, kept diverged copies in
+    training, and a resume replaced them all with TP rank 0's).
     """
     from megatron.core import parallel_state
 
     if not config.perform_initialization:
         return
-    tp_rank = (parallel_state.get_tensor_model_parallel_rank()
-               if parallel_state.model_parallel_is_initialized() else 0)
-    global_names = {**_global_layer_names(model), **_global_expert_names(model)}
+    initialised = parallel_state.model_parallel_is_initialized()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank() if initialised else 0
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank() if initialised else 0
+    expert_names = _global_expert_names(model)
+    global_names = {**_global_layer_names(model), **expert_names}
     for name, param in model.named_parameters():
         if "norm" in name or param.dim() < 2:
             continue
         scaled = name.endswith("linear_fc2.weight") or name.endswith("linear_proj.weight")
         init = config.output_layer_init_method if scaled else config.init_method
+        expert = expert_names.get(id(param))
+        # a TP-split weight draws its shard by (expert-)TP rank; a replicated one (the router)
+        # must be the same on every TP rank: it is saved once and loaded by all
+        split = getattr(param, "tensor_model_parallel", False)
+        shard = (tp_rank if expert is None else etp_rank) if split else 0
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_stable_seed(seed, global_names.get(id(param), name), tp_rank))
+            torch.manual_seed(_stable_seed(seed, global_names.get(id(param), name), shard))
             init(param)
 
 

@@ -6,9 +6,11 @@ from megatron_grove.planner.plan import (
                                          ParamPlan,
                                          activation_bytes_per_layer,
                                          format_plan,
+                                         micro_batches_in_flight,
                                          plan_memory,
                                          plan_parameters,
+                                         stage_layers,
 )
 
 __all__ = ["ParamPlan", "MemoryPlan", "plan_parameters", "plan_memory",
-           "activation_bytes_per_layer", "format_plan"]
+           "activation_bytes_per_layer", "format_plan", "stage_layers", "micro_batches_in_flight"]

@@ -12,6 +12,8 @@ Resolved once from the run config and the device, then carried by
   them; ``false`` never uses them.
 * ``precision.fp8`` (``e4m3`` | ``hybrid``) with ``precision.fp8_recipe`` (``delayed`` |
   ``current``, Megatron's ``tensorwise``) needs TE, a GPU and ``runtime.dtype=bf16``.
+* ``parallel.context_parallel_size > 1`` needs TE's attention (Megatron's context parallelism
+  runs in ``TEDotProductAttention``), hence a GPU.
 
 TransformerEngine is imported only here, lazily, and only when a GPU is in use: importing a
 broken TE breaks ``import megatron.core`` on CPU machines.
@@ -78,14 +80,19 @@ def resolve_acceleration(cfg: GroveConfig, device_type: Optional[str] = None) ->
     prec = cfg.precision
     want_te = prec.transformer_engine is True or prec.fp8 is not None
     te = prec.transformer_engine is not False and on_gpu and transformer_engine_available()
+    no_te = ("precision.transformer_engine=false" if prec.transformer_engine is False else
+             "no GPU is in use" if not on_gpu else "transformer_engine.pytorch does not import")
     if want_te and not te:
         key = (f"precision.fp8={prec.fp8}" if prec.fp8 is not None
                else "precision.transformer_engine=true")
-        why = ("precision.transformer_engine=false" if prec.transformer_engine is False else
-               "no GPU is in use" if not on_gpu else "transformer_engine.pytorch does not import")
-        raise ConfigError(f"{key} needs TransformerEngine on a GPU, but {why}; install the gpu "
+        raise ConfigError(f"{key} needs TransformerEngine on a GPU, but {no_te}; install the gpu "
                           "extra (pip install megatron-grove[gpu]) on a CUDA machine, or set "
                           "precision.fp8=null precision.transformer_engine=null")
+    cp = cfg.parallel.context_parallel_size
+    if cp > 1 and not te:
+        raise ConfigError(f"parallel.context_parallel_size={cp} needs TransformerEngine attention "
+                          f"on a GPU (Megatron's context parallelism), but {no_te}; set "
+                          "parallel.context_parallel_size=1 or run on GPUs with the gpu extra")
     if prec.fp8 is not None and cfg.runtime.dtype != "bf16":
         raise ConfigError(f"precision.fp8={prec.fp8} needs runtime.dtype=bf16 (FP8 GEMMs keep "
                           f"bf16 weights and activations), got runtime.dtype={cfg.runtime.dtype}")

@@ -81,10 +81,13 @@ def initialize_parallel(
     rank: int | None = None,
     world_size: int | None = None,
     ranks_per_node: int | None = None,
+    expert_tensor_parallel: int | None = None,
+    context_parallel: int = 1,
 ) -> ParallelRuntime:
     """Start torch.distributed (gloo on CPU, NCCL on GPU), Megatron's parallel groups and the
     EP group's node groups (:mod:`.node_groups`; ``ranks_per_node`` None: torchrun's
-    ``LOCAL_WORLD_SIZE``), and seed Megatron's model-parallel RNG tracker."""
+    ``LOCAL_WORLD_SIZE``), and seed Megatron's model-parallel RNG tracker.
+    ``expert_tensor_parallel`` None: the experts share attention's TP size (Megatron's default)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -104,6 +107,8 @@ def initialize_parallel(
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
+        context_parallel_size=context_parallel,
         distributed_timeout_minutes=timeout_s / 60,  # Megatron makes a timedelta of it
     )
     initialize_node_groups(resolve_ranks_per_node(ranks_per_node, dist.get_world_size()))

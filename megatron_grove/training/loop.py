@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from megatron_grove.checkpointing.async_save import AsyncCheckpointSaver, print_on_rank0
 from megatron_grove.config import GroveConfig
 from megatron_grove.runtime import initialize_parallel
 from megatron_grove.runtime.watchdog import HangWatchdog
@@ -26,7 +27,13 @@ from megatron_grove.training.metrics import MetricsWriter
 from megatron_grove.training.nonfinite import SkipCounter
 from megatron_grove.training.preemption import Preempted, StopSignals
 from megatron_grove.training.preflight import preflight
-from megatron_grove.training.resume import choose_start, latest_checkpoint, load_start, save_step
+from megatron_grove.training.resume import (
+    choose_start,
+    latest_checkpoint,
+    load_start,
+    publish_saves,
+    save_step,
+)
 from megatron_grove.training.setup import TrainingSetup, setup_training
 from megatron_grove.training.step import StepResult, dp_mean, forward_step_func, train_step
 from megatron_grove.training.stragglers import StragglerDetector, straggler_line
@@ -90,7 +97,9 @@ def _start(cfg: GroveConfig) -> tuple[TrainingSetup, int, int | None]:
                                   p.pipeline_model_parallel_size, seed=t.seed,
                                   virtual_pipeline=p.virtual_pipeline_model_parallel_size,
                                   device=cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s,
-                                  ranks_per_node=p.ranks_per_node)
+                                  ranks_per_node=p.ranks_per_node,
+                                  expert_tensor_parallel=p.expert_tensor_parallel_size,
+                                  context_parallel=p.context_parallel_size)
     is_first = runtime.rank == 0
     preflight(cfg, runtime.rank)
     start_point = choose_start(cfg)
@@ -130,6 +139,8 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
                disable=not (is_first and cfg.logging.progress_bar))
     summary, skips = TrainSummary(), SkipCounter(t.max_skipped_steps)
     stragglers = StragglerDetector(cfg.logging)
+    saver = (AsyncCheckpointSaver(log=print_on_rank0)
+             if cfg.checkpoint.save and cfg.checkpoint.async_save else None)
     watchdog = (HangWatchdog(cfg.runtime.hang_timeout_s, cfg.logging.dir, setup.runtime.rank,
                              setup.runtime.world_size).start(start,
                                                              latest_checkpoint(cfg, last_saved))
@@ -165,8 +176,11 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
         if (cfg.checkpoint.save and health.finite
                 and (stopping or (interval and step % interval == 0))):
             save_step(cfg, setup.model_chunks, setup.optimizer, setup.scheduler, step,
-                      latest_checkpoint(cfg, last_saved))
-            last_saved = step
+                      latest_checkpoint(cfg, last_saved), saver)
+            last_saved = step if saver is None else last_saved
+        if saver is not None:  # published once every rank's write is done; a stop waits for it
+            last_saved = publish_saves(cfg, saver, stopping,
+                                       latest_checkpoint(cfg, last_saved)) or last_saved
         if watchdog:
             watchdog.progress(step, latest_checkpoint(cfg, last_saved))
         if health.stop_requested:

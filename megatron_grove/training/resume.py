@@ -37,6 +37,7 @@ from megatron_grove.checkpointing import (
     save_checkpoint,
     verify_checkpoint,
 )
+from megatron_grove.checkpointing.async_save import AsyncCheckpointSaver
 from megatron_grove.config import GroveConfig, config_to_dict, routing_differences
 from megatron_grove.runtime.distributed import (
     collective_failure,
@@ -45,8 +46,8 @@ from megatron_grove.runtime.distributed import (
 )
 from megatron_grove.training.nonfinite import NonFiniteError, first_nonfinite_weight
 
-__all__ = ["StartPoint", "choose_start", "load_start", "save_step", "latest_checkpoint",
-           "check_resume_routing"]
+__all__ = ["StartPoint", "choose_start", "load_start", "save_step", "publish_saves",
+           "latest_checkpoint", "check_resume_routing"]
 
 
 @dataclass
@@ -166,8 +167,21 @@ def latest_checkpoint(cfg: GroveConfig, step: int | None) -> str:
     return f"the latest checkpoint is step {step} in {cfg.checkpoint.save}"
 
 
-def save_step(cfg: GroveConfig, model, optimizer, scheduler, step: int, latest: str) -> None:
-    """Collective: save step ``step`` to ``checkpoint.save``. Non-finite weights are a
+def _save_failed(cfg: GroveConfig, step: int, exc: BaseException, latest: str) -> BaseException:
+    """The one-line :class:`CheckpointError` for a failed save of ``step`` (interrupts and
+    failed collectives are returned as they are, to be re-raised)."""
+    if isinstance(exc, KeyboardInterrupt) or collective_failure(exc) is not None:
+        return exc
+    first = next(iter(str(exc).strip().splitlines()), "")
+    why = disk_full(exc, cfg.checkpoint.save) or f"{type(exc).__name__}: {first[:200]}"
+    return CheckpointError(f"checkpoint.save: saving step {step} failed: {why} ({latest}); "
+                           "fix that, then run the same command to resume")
+
+
+def save_step(cfg: GroveConfig, model, optimizer, scheduler, step: int, latest: str,
+              saver: AsyncCheckpointSaver | None = None) -> None:
+    """Collective: save step ``step`` to ``checkpoint.save`` (with ``saver``: start its
+    asynchronous save, published later by :func:`publish_saves`). Non-finite weights are a
     :class:`NonFiniteError` (nothing written); a failed write a one-line
     :class:`CheckpointError` (a full disk says so and where). ``latest``:
     :func:`latest_checkpoint` before this save."""
@@ -175,15 +189,26 @@ def save_step(cfg: GroveConfig, model, optimizer, scheduler, step: int, latest: 
     if bad:
         raise NonFiniteError(f"step {step}: weight {bad} is non-finite; not saving it ({latest}); "
                              "lower train.lr or check the data, then resume")
+    state = TrainState(step=step, consumed_samples=step * cfg.train.global_batch_size,
+                       scheduler=scheduler.state_dict(), config=config_to_dict(cfg))
     try:
-        save_checkpoint(cfg.checkpoint.save, model, optimizer,
-                        TrainState(step=step, consumed_samples=step * cfg.train.global_batch_size,
-                                   scheduler=scheduler.state_dict(), config=config_to_dict(cfg)),
-                        optimizer_format=cfg.checkpoint.optimizer_format)
+        if saver is None:
+            save_checkpoint(cfg.checkpoint.save, model, optimizer, state,
+                            optimizer_format=cfg.checkpoint.optimizer_format)
+        else:
+            saver.save(cfg.checkpoint.save, model, optimizer, state,
+                       cfg.checkpoint.optimizer_format)
     except BaseException as exc:  # torch's CheckpointException is a BaseException
-        if isinstance(exc, KeyboardInterrupt) or collective_failure(exc) is not None:
-            raise
-        first = next(iter(str(exc).strip().splitlines()), "")
-        why = disk_full(exc, cfg.checkpoint.save) or f"{type(exc).__name__}: {first[:200]}"
-        raise CheckpointError(f"checkpoint.save: saving step {step} failed: {why} ({latest}); "
-                              "fix that, then run the same command to resume") from None
+        raise _save_failed(cfg, step, exc, latest) from None
+
+
+def publish_saves(cfg: GroveConfig, saver: AsyncCheckpointSaver, wait: bool,
+                  latest: str) -> int | None:
+    """Collective: publish the asynchronous save in flight once every rank has written it
+    (``wait``: block until then). Returns the step published now, or None; a failed write is
+    the one-line :class:`CheckpointError` of :func:`save_step`."""
+    step = saver.pending_step
+    try:
+        return saver.wait() if wait else saver.poll()
+    except BaseException as exc:
+        raise _save_failed(cfg, step, exc, latest) from None

@@ -25,6 +25,7 @@ from megatron_grove.config import GroveConfig
 from megatron_grove.model import causal_attention_mask
 from megatron_grove.moe.balancing import training_routers, update_expert_bias
 from megatron_grove.moe.counters import collect_moe_counters, reset_moe_counters
+from megatron_grove.training.context_parallel import cp_rank_share
 from megatron_grove.training.data import micro_batches
 from megatron_grove.training.nonfinite import StepHealth, step_health
 from megatron_grove.training.setup import TrainingSetup
@@ -43,7 +44,7 @@ def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def _forward_step(attention_mask: torch.Tensor, device: torch.device,
                   data_iterator: Iterator[dict], model: torch.nn.Module):
-    batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+    batch = cp_rank_share({k: v.to(device) for k, v in next(data_iterator).items()})
     output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
     return output, functools.partial(_masked_mean_loss, batch["loss_mask"])
 
@@ -59,8 +60,10 @@ def forward_step_func(cfg: GroveConfig, device: torch.device):
     """Megatron's ``forward_step_func`` for this run: a micro-batch (``tokens``,
     ``position_ids``, ``labels``, ``loss_mask``, each ``[b, s]``) -> the per-token losses
     ``[b, s]`` and the loss function (mean over the unmasked tokens)."""
-    return functools.partial(_forward_step, causal_attention_mask(cfg.model.seq_length, device),
-                             device)
+    # under CP, TE's causal attention masks each rank's share itself
+    mask = (causal_attention_mask(cfg.model.seq_length, device)
+            if cfg.parallel.context_parallel_size == 1 else None)
+    return functools.partial(_forward_step, mask, device)
 
 
 def last_stage_losses(outputs: list[dict], num_microbatches: int,
@@ -92,8 +95,9 @@ def _expert_load_of_all_stages(model_chunks: list[torch.nn.Module],
 
 
 def dp_mean(value: torch.Tensor) -> float:
-    """Collective over the data-parallel group: the mean of the 0-d ``value``."""
-    group = parallel_state.get_data_parallel_group()
+    """Collective over the data-parallel (x context-parallel) group: the mean of the 0-d
+    ``value``."""
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     value = value.detach().clone()
     dist.all_reduce(value, group=group)
     return float(value) / dist.get_world_size(group)
