@@ -99,12 +99,19 @@ def test_pipeline_stages_split_the_layers_and_hold_their_micro_batches():
     assert c2.activation_bytes_per_layer < 0.6 * c1.activation_bytes_per_layer
 
 
-def test_uneven_pipeline_split_is_one_line():
+def test_pipeline_stages_follow_the_first_and_last_stage_keys():
+    """Stages of unequal size as the trainer builds them (Megatron's first/last-stage layer
+    counts); a count that does not divide is one line naming those keys."""
     from megatron_grove.config import ConfigError
     from megatron_grove.planner import stage_layers
 
-    cfg = load_config(TINY, ["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"])
-    with pytest.raises(ConfigError, match="model.num_layers=3: must be a multiple of parallel."
-                                          "pipeline_model_parallel_size=2 x virtual_pipeline_"
-                                          "model_parallel_size=1"):
-        stage_layers(cfg)
+    cfg = load_config(TINY, ["model.num_layers=5", "parallel.pipeline_model_parallel_size=3",
+                             "parallel.num_layers_in_first_pipeline_stage=1"])
+    assert stage_layers(cfg) == [[0], [1, 2], [3, 4]]
+    cfg = load_config(TINY, ["model.num_layers=8", "parallel.pipeline_model_parallel_size=2",
+                             "parallel.virtual_pipeline_model_parallel_size=2"])
+    assert stage_layers(cfg) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    with pytest.raises(ConfigError, match="model.num_layers=3: cannot be split over parallel."
+                                          "pipeline_model_parallel_size=2 stages.*"
+                                          "num_layers_in_first_pipeline_stage"):
+        load_config(TINY, ["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"])

@@ -67,19 +67,28 @@ def _vocab_size(cfg: GroveConfig) -> int:
 
 
 def stage_layers(cfg: GroveConfig) -> list[list[int]]:
-    """The decoder layers (0-based) of each pipeline stage: ``L / (PP x VPP)`` consecutive
-    layers per model chunk, chunk ``c`` of stage ``s`` being virtual stage ``c PP + s``
-    (Megatron's interleaved placement). ConfigError when the layers do not divide."""
+    """The decoder layers (0-based) of each pipeline stage: ``num_layers_in_first/last_
+    pipeline_stage`` on the first / last stage (when set), an even share of the rest on each
+    other; each stage's layers in ``VPP`` equal chunks, chunk ``c`` of stage ``s`` being virtual
+    stage ``c PP + s`` (Megatron's interleaved placement). The config's validation has checked
+    that the layers divide so."""
     p, layers = cfg.parallel, cfg.model.num_layers
     pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size or 1
-    if layers % (pp * vpp):
-        raise ConfigError(f"model.num_layers={layers}: must be a multiple of parallel."
-                          f"pipeline_model_parallel_size={pp} x virtual_pipeline_model_parallel_"
-                          f"size={vpp} for the planner's even split")
-    per_chunk = layers // (pp * vpp)
-    return [[layer for chunk in range(vpp)
-             for layer in range((chunk * pp + s) * per_chunk, (chunk * pp + s + 1) * per_chunk)]
-            for s in range(pp)]
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    counts = [None] * pp
+    if pp > 1:
+        counts[0], counts[-1] = first, last
+    fixed = sum(c for c in counts if c is not None)
+    even = counts.count(None)
+    counts = [c if c is not None else (layers - fixed) // even for c in counts]
+    chunks = [[] for _ in range(pp)]
+    start = 0
+    for chunk in range(vpp):
+        for stage in range(pp):
+            size = counts[stage] // vpp
+            chunks[stage] += range(start, start + size)
+            start += size
+    return chunks
 
 
 def _layer_of(name: str) -> int | None:
