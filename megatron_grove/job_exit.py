@@ -4,7 +4,8 @@ Workers end through :func:`exit_now` (``os._exit`` after the cleanups registered
 :func:`at_exit`, e.g. releasing the run lock): it skips the interpreter's teardown of torch
 and Megatron, which a dead peer can block. Under :mod:`megatron_grove.launch` (which sets
 ``MEGATRON_GROVE_EXIT_DIR``) a worker that exits non-zero first writes ``rank{R}.json``
-there: ``{"rank", "code", "time"}``. The launcher reads these to exit with the job's own code,
+there: ``{"rank", "code", "time"}`` (a worker whose launcher died, e.g. SIGKILLed, removes
+the folder instead: nobody would read or remove it). The launcher reads these to exit with the job's own code,
 also after a signal to the launcher, when torchrun's agent keeps no worker exit codes.
 """
 
@@ -12,15 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["EXIT_DIR_ENV", "WorkerExit", "at_exit", "exit_now", "read_exits"]
+__all__ = ["EXIT_DIR_ENV", "LAUNCHER_PID_ENV", "WorkerExit", "at_exit", "exit_now", "read_exits"]
 
 EXIT_DIR_ENV = "MEGATRON_GROVE_EXIT_DIR"
+LAUNCHER_PID_ENV = "MEGATRON_GROVE_LAUNCHER_PID"
 _cleanups: list[Callable[[], None]] = []
 
 
@@ -46,7 +49,10 @@ def exit_now(code: int) -> None:
         except Exception:
             pass
     folder = os.environ.get(EXIT_DIR_ENV)
-    if folder and code != 0:
+    if folder and os.environ.get(LAUNCHER_PID_ENV) != str(os.getppid()):
+        shutil.rmtree(folder, ignore_errors=True)  # the launcher died: nobody reads it, or
+        # removes it
+    elif folder and code != 0:
         rank = int(os.environ.get("RANK", "0"))
         try:
             tmp = Path(folder) / f".rank{rank}.json.tmp"

@@ -31,7 +31,7 @@ import signal
 import sys
 import tempfile
 
-from megatron_grove.job_exit import EXIT_DIR_ENV, WorkerExit, read_exits
+from megatron_grove.job_exit import EXIT_DIR_ENV, LAUNCHER_PID_ENV, WorkerExit, read_exits
 
 __all__ = ["job_exit_code", "main"]
 
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     failures: dict[int, tuple[int, float]] = {}
     stopped_by = None
     with tempfile.TemporaryDirectory(prefix="megatron-grove-exits-") as folder:
-        os.environ[EXIT_DIR_ENV] = folder  # the workers inherit it
+        os.environ.update({EXIT_DIR_ENV: folder, LAUNCHER_PID_ENV: str(os.getpid())})  # the
+        # workers inherit them
         try:
             run(args)
         except ChildFailedError as exc:
