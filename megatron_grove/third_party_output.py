@@ -27,6 +27,8 @@ BANNERS: tuple[tuple[str, type[Warning], str], ...] = (
     ("full scope is deprecated", UserWarning, r"megatron\."),
     # defined when megatron.core.models is imported; we do not use MIMO models
     ("MimoModelConfig is experimental", UserWarning, r"megatron\."),
+    # torch.distributed.checkpoint read outside a process group (the tools read configs so)
+    ("torch.distributed is disabled, unavailable or uninitialized", UserWarning, r"torch\."),
 )
 
 # logger name -> message starts it logs that are banners
