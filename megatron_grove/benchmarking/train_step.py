@@ -89,6 +89,7 @@ def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
 
     from megatron_grove.moe.balancing import update_expert_bias
     from megatron_grove.moe.counters import reset_moe_counters
+    from megatron_grove.training.loss import reduce_step_loss
 
     t = cfg.train
     dist.barrier()
@@ -110,9 +111,8 @@ def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
     spent = torch.tensor([time.perf_counter() - began, time.process_time() - cpu_began],
                          dtype=torch.float64)
     dist.all_reduce(spent, op=dist.ReduceOp.MAX)
-    loss = torch.stack([d["lm loss"] for d in losses]).mean().detach().double().cpu()
-    dist.all_reduce(loss)
-    return float(spent[0]), float(spent[1]), float(loss) / dist.get_world_size()
+    loss = reduce_step_loss(losses, t.per_token_loss).value
+    return float(spent[0]), float(spent[1]), loss
 
 
 def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,

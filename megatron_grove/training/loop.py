@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -45,6 +44,7 @@ from megatron_grove.runtime import ParallelRuntime, initialize_parallel
 from megatron_grove.runtime.acceleration import resolve_acceleration
 from megatron_grove.training.data import build_training_data, micro_batches
 from megatron_grove.training.flops import peak_tflops, throughput_record
+from megatron_grove.training.loss import masked_token_loss, reduce_step_loss
 from megatron_grove.training.metrics import MetricsWriter
 from megatron_grove.training.nonfinite import SkipCounter, step_health
 from megatron_grove.training.preemption import Preempted, StopSignals
@@ -60,19 +60,13 @@ from megatron_grove.training.validation import (
 __all__ = ["TrainingSetup", "TrainSummary", "setup_training", "train", "freeze_untrainable"]
 
 
-def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Per-token losses ``[b, s]`` -> mean over unmasked tokens (+ a detached copy to log)."""
-    mask = loss_mask.reshape(-1).float()
-    loss = torch.sum(output.reshape(-1).float() * mask) / mask.sum().clamp(min=1)
-    # clone: Megatron's schedule divides the returned loss by the micro-batch count in place
-    return loss, {"lm loss": loss.detach().clone()}
-
-
 def _forward_step(attention_mask: torch.Tensor, device: torch.device,
                   data_iterator: Iterator[dict], model: torch.nn.Module):
     batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+    # chat data brings its own (per-conversation) masks; plain data uses the causal one
+    attention_mask = batch.get("attention_mask", attention_mask)
     output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
-    return output, functools.partial(_masked_mean_loss, batch["loss_mask"])
+    return output, functools.partial(masked_token_loss, batch["loss_mask"])
 
 
 def freeze_untrainable(model: torch.nn.Module, trainable: str) -> None:
@@ -84,13 +78,6 @@ def freeze_untrainable(model: torch.nn.Module, trainable: str) -> None:
         param.requires_grad_(".router." in name)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"train.trainable={trainable}: the model has no such parameters")
-
-
-def _dp_mean(value: torch.Tensor) -> float:
-    group = parallel_state.get_data_parallel_group()
-    value = value.detach().clone()
-    dist.all_reduce(value, group=group)
-    return float(value) / dist.get_world_size(group)
 
 
 def _build_optimizer(cfg: GroveConfig, model: torch.nn.Module, dtype: torch.dtype):
@@ -231,8 +218,8 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
                                   model=[model], num_microbatches=len(batches),
                                   seq_length=cfg.model.seq_length,
                                   micro_batch_size=t.micro_batch_size, forward_only=False)
-        local_loss = torch.stack([d["lm loss"] for d in losses]).mean()
-        health = step_health(local_loss, model, stop and stop.received)  # all ranks agree
+        step_loss = reduce_step_loss(losses, t.per_token_loss)
+        health = step_health(step_loss.local, model, stop and stop.received)  # all ranks agree
         grad_norm = None
         if health.finite:
             _, grad_norm, _ = optimizer.step()
@@ -241,21 +228,22 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
                                              cfg.moe.bias_update_rate)
         else:  # skipped: no weight, Adam, LR or expert-bias update; loads still counted
             expert_load = update_expert_bias([model], "none", 0.0)
-        loss = _dp_mean(local_loss)
+        loss = step_loss.value
         elapsed = time.perf_counter() - began
         counters = collect_moe_counters(model, t.global_batch_size * cfg.model.seq_length)
         record = {
             "step": step, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "step_time_s": elapsed, "skipped": not health.finite,
+            "step_time_s": elapsed, "skipped": not health.finite, "loss_tokens": step_loss.tokens,
             **throughput_record(cfg, setup.padded_vocab_size, counters, elapsed,
                                 runtime.world_size, peak),
             "expert_load": [[int(x) for x in layer.tolist()] for layer in expert_load],
             **counters,
         }
         if validation_due(cfg, step, setup.valid_dataset is not None):
-            record.update(validation_record(_dp_mean(validation_loss(
-                cfg, model, setup.valid_dataset, forward_step, dp_rank, dp_size))))
+            val_loss = reduce_step_loss(validation_loss(
+                cfg, model, setup.valid_dataset, forward_step, dp_rank, dp_size), t.per_token_loss)
+            record.update(validation_record(val_loss.value), val_loss_tokens=val_loss.tokens)
             summary.last_validation = record
             if is_first:
                 bar.write(validation_line(step, t.iters, record))

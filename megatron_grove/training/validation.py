@@ -32,10 +32,10 @@ def validation_due(cfg: GroveConfig, step: int, has_data: bool) -> bool:
 
 
 def validation_loss(cfg: GroveConfig, model: torch.nn.Module, dataset, forward_step: Callable,
-                    dp_rank: int, dp_size: int) -> torch.Tensor:
-    """This data-parallel rank's mean validation loss (a 0-d tensor; average it over the
-    data-parallel group). ``forward_step`` is the training's forward step (Megatron's
-    ``forward_step_func``)."""
+                    dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+    """This data-parallel rank's loss reports, one per micro-batch of every validation batch
+    (reduce them with :func:`megatron_grove.training.loss.reduce_step_loss`).
+    ``forward_step`` is the training's forward step (Megatron's ``forward_step_func``)."""
     t = cfg.train
     forward_backward = get_forward_backward_func()
     losses = []
@@ -50,10 +50,10 @@ def validation_loss(cfg: GroveConfig, model: torch.nn.Module, dataset, forward_s
                                        num_microbatches=len(batches),
                                        seq_length=cfg.model.seq_length,
                                        micro_batch_size=t.micro_batch_size, forward_only=True)
-                losses += [d["lm loss"] for d in out]
+                losses += out
     finally:
         model.train()
-    return torch.stack(losses).mean()
+    return losses
 
 
 def validation_record(loss: float) -> dict[str, float]:
