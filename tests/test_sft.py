@@ -7,6 +7,7 @@ import json
 import pytest
 
 from helpers import losses, run_script, torchrun
+from megatron_grove.checkpointing.checkpoint import latest_iteration
 from megatron_grove.data import build_gpt_datasets
 from megatron_grove.data.chat import ChatTemplate
 from megatron_grove.data.chat_preprocess import preprocess_chat
@@ -30,10 +31,10 @@ def chat_data(tmp_path_factory):
     return folder
 
 
-def _sft(chat_data, *overrides):
+def _sft(chat_data, *overrides, check=True):
     return torchrun(f"model.seq_length={SEQ}", "train.per_token_loss=true",
                     f"data.path={chat_data / 'train'}", f"data.valid_path={chat_data / 'valid'}",
-                    "data.split=null", "train.eval_interval=4", "train.eval_iters=2", *overrides)
+                    "data.split=null", "train.eval_interval=4", "train.eval_iters=2", *overrides, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,18 @@ def test_resume_is_identical_to_uninterrupted_on_chat_data(chat_data, sft_ep2, t
         assert resumed[step] == straight[step], step
     assert read_metrics(log / "metrics.jsonl")[-1]["val_loss"] == \
         read_metrics(sft_ep2 / "log" / "metrics.jsonl")[-1]["val_loss"]
+
+
+def test_nonfinite_guard_stops_a_diverging_sft_run_with_a_finite_checkpoint(chat_data, tmp_path):
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log"
+    proc = _sft(chat_data, "parallel.expert_model_parallel_size=2", "train.lr=1e6",
+                "train.max_skipped_steps=1", "checkpoint.save_interval=1",
+                f"checkpoint.save={ckpt}", f"logging.dir={log}", check=False)
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr
+    records = read_metrics(log / "metrics.jsonl")
+    skipped = [r["step"] for r in records if r["skipped"]]
+    assert len(skipped) == 2 and skipped[1] == skipped[0] + 1
+    assert latest_iteration(ckpt) == (skipped[0] - 1 or None)  # none saved from a skip on
 
 
 def test_chat_generation_from_checkpoint_and_its_hf_export(sft_ep2, tmp_path):

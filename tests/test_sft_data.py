@@ -315,3 +315,18 @@ def test_generation_stops_at_the_end_of_the_turn():
                                eos=tokenizer.eod, stop=template.turn_ended)
     assert template.answer_of(tokenizer.decode(new)) == ("Brutus.", True)
     assert "and more" not in tokenizer.decode(new)
+
+
+def test_stale_loss_mask_is_refused_in_one_line(tmp_path):
+    from megatron_grove.config import ConfigError
+    from megatron_grove.data import check_sources
+
+    source = _chat_jsonl(tmp_path / "chat.jsonl", [{"prompt": "Who?", "response": "Brutus."}])
+    prefix = str(tmp_path / "data")
+    preprocess_chat([str(source)], prefix, progress=False)
+    check_sources(([prefix], None), None, "100,0,0")  # matching: accepted
+    tokenize_to_indexed_dataset(["other text, written over the chat data"], prefix,
+                                load_tokenizer())
+    with pytest.raises(ConfigError, match=r"^data.path: .*data\.loss_mask does not match .*"
+                                          r"tools/preprocess_data\.py --chat$"):
+        check_sources(([prefix], None), None, "100,0,0")

@@ -38,7 +38,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_grove.config import SPLIT_PARTS, ConfigError, split_shares
-from megatron_grove.data.chat import is_chat_prefix
+from megatron_grove.data.chat import is_chat_prefix, loss_mask_prefix
 from megatron_grove.data.chat_dataset import PackedChatDataset
 from megatron_grove.data.datasets import cache_root
 from megatron_grove.data.tokenizer import JsonTokenizer
@@ -68,15 +68,26 @@ def _split_documents(num_documents: int, split: str) -> list[Optional[range]]:
             for bookends in matrix]
 
 
+def _same_documents(prefix: str, other: str) -> bool:
+    """Whether the indexed datasets ``prefix`` and ``other`` hold documents of equal lengths."""
+    a, b = IndexedDataset(prefix), IndexedDataset(other)  # kept alive: their arrays are mmaps
+    return bool(numpy.array_equal(a.sequence_lengths, b.sequence_lengths))
+
+
 def check_sources(train: Blend, valid: Optional[Blend], split: Optional[str]) -> None:
     """Refuse, with a one-line :class:`ConfigError`, data Megatron's builder cannot serve: a
-    prefix without its ``.bin``/``.idx``, or a split part of non-zero share that gets no
+    prefix without its ``.bin``/``.idx``, a chat prefix whose loss mask does not match its
+    documents, or a split part of non-zero share that gets no
     document of some prefix (the builder would loop forever looking for its tokens)."""
     for key, blend in (("data.path", train), ("data.valid_path", valid)):
         for prefix in (blend[0] if blend is not None else []):
             if not IndexedDataset.exists(prefix):
                 raise ConfigError(f"{key}: no indexed dataset {prefix}.bin / {prefix}.idx; "
                                   "write one with tools/preprocess_data.py")
+            if is_chat_prefix(prefix) and not _same_documents(prefix, loss_mask_prefix(prefix)):
+                raise ConfigError(f"{key}: {loss_mask_prefix(prefix)} does not match {prefix} "
+                                  "(written by another run?); write both again with "
+                                  "tools/preprocess_data.py --chat")
     if split is None:
         return
     for prefix in train[0]:

@@ -148,12 +148,18 @@ class ChatTemplate:
         return cls(template, tokenizer, specials)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        """The conversation as text, as ``transformers``' ``apply_chat_template`` renders it."""
+        """The conversation as text, as ``transformers``' ``apply_chat_template`` renders it
+        (ValueError when the template refuses it)."""
+        from jinja2 import TemplateError
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        rendered, _ = render_jinja_template(conversations=[messages], chat_template=self.template,
-                                            add_generation_prompt=add_generation_prompt,
-                                            **self.special_tokens)
+        try:
+            rendered, _ = render_jinja_template(conversations=[messages],
+                                                chat_template=self.template,
+                                                add_generation_prompt=add_generation_prompt,
+                                                **self.special_tokens)
+        except TemplateError as err:  # a template's own raise_exception(), or a bad template
+            raise ValueError(f"chat template: {str(err).splitlines()[0]}") from None
         return rendered[0]
 
     def segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:

@@ -73,11 +73,6 @@ class PackedChatDataset(GPTDataset):
         self.loss_masks: Optional[IndexedDataset] = None
         if dataset_path is not None and is_chat_prefix(dataset_path):
             self.loss_masks = IndexedDataset(loss_mask_prefix(dataset_path))
-            if not numpy.array_equal(self.loss_masks.sequence_lengths,
-                                     indexed_dataset.sequence_lengths):
-                raise ValueError(f"{loss_mask_prefix(dataset_path)} does not match "
-                                 f"{dataset_path} (written by another run?); write both again "
-                                 "with tools/preprocess_data.py --chat")
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split,
                          config)
 

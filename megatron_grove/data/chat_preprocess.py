@@ -89,7 +89,7 @@ def preprocess_chat(files: list[str], output_prefix: str, tokenizer: Optional[st
     template_text, source, specials = load_chat_template(tokenizer)
     try:
         template = ChatTemplate(template_text, token_ids, specials)
-    except Exception as err:  # a template that cannot render the probe conversation
+    except ValueError as err:  # a template that cannot render the probe conversation
         raise InputError(f"chat template from {source}: {str(err).splitlines()[0]}") from None
     result = ChatPreprocessResult(0, 0, 0, 0, template_source=source)
     began = time.perf_counter()
