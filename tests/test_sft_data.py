@@ -330,3 +330,50 @@ def test_stale_loss_mask_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.path: .*data\.loss_mask does not match .*"
                                           r"tools/preprocess_data\.py --chat$"):
         check_sources(([prefix], None), None, "100,0,0")
+
+
+def _per_token_gradients(rank, prefix):
+    """The trainer's step (Megatron's schedule and finalize_model_grads, 2 data-parallel ranks
+    of 2 micro-batches each) vs autograd of the mean over the global batch's loss tokens."""
+    import functools
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_grove.config import load_config
+    from megatron_grove.model import causal_attention_mask
+    from megatron_grove.runtime import current_runtime
+    from megatron_grove.training import micro_batches, setup_training
+    from megatron_grove.training.loop import _forward_step
+
+    cfg = load_config(str(ROOT / "configs" / "tiny_cpu.yaml"), [
+        "model.seq_length=48", "model.hidden_size=64", "model.ffn_hidden_size=128",
+        "moe.ffn_hidden_size=64", "parallel.expert_model_parallel_size=1", "train.iters=2",
+        "train.lr_warmup_iters=1",
+        "train.global_batch_size=8", "train.micro_batch_size=2", "train.per_token_loss=true",
+        f"data.path={prefix}", "data.split=100,0,0", "train.eval_iters=0"])
+    setup = setup_training(cfg, current_runtime(torch.device("cpu")))
+    module = setup.model.module
+    params = [p for p in module.parameters() if p.requires_grad]
+    every = [b for r in range(2) for b in micro_batches(setup.dataset, 1, 8, 2, r, 2)]
+    losses = [module(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"])
+              for b in every]
+    total = sum((loss * b["loss_mask"]).sum() for loss, b in zip(losses, every))
+    tokens = sum(b["loss_mask"].sum() for b in every)
+    expected = torch.autograd.grad(total / tokens, params)
+    setup.model.zero_grad_buffer()
+    batches = micro_batches(setup.dataset, 1, 8, 2, setup.dp_rank, setup.dp_size)
+    get_forward_backward_func()(
+        forward_step_func=functools.partial(_forward_step, causal_attention_mask(48, "cpu"),
+                                            torch.device("cpu")),
+        data_iterator=iter(batches), model=[setup.model], num_microbatches=len(batches),
+        seq_length=48, micro_batch_size=2, forward_only=False)
+    worst = max(float((p.main_grad - e).abs().max() / e.abs().max().clamp(min=1e-12))
+                for p, e in zip(params, expected))
+    uneven = [float(b["loss_mask"].sum()) for b in every]
+    return worst, uneven
+
+
+def test_per_token_loss_gradients_are_those_of_the_global_token_mean(chat_prefix):
+    for worst, uneven in run_distributed(_per_token_gradients, 2, args=(chat_prefix,)):
+        assert len(set(uneven)) > 1  # micro-batches with different numbers of loss tokens
+        assert worst < 1e-5
