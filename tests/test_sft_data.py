@@ -377,3 +377,9 @@ def test_per_token_loss_gradients_are_those_of_the_global_token_mean(chat_prefix
     for worst, uneven in run_distributed(_per_token_gradients, 2, args=(chat_prefix,)):
         assert len(set(uneven)) > 1  # micro-batches with different numbers of loss tokens
         assert worst < 1e-5
+
+
+def test_template_that_rewrites_earlier_turns_is_refused():
+    last_only = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
+    with pytest.raises(ValueError, match="does not render turn 2 as the continuation"):
+        ChatTemplate(last_only, load_tokenizer())
