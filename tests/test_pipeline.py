@@ -20,7 +20,8 @@ from megatron_grove.hf_conversion.hf_checkpoint import load_megatron_state
 from megatron_grove.training.metrics import read_metrics
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import setup_training, train_step
-from megatron_grove.training.step import dp_mean, forward_step_func
+from megatron_grove.training.loss import reduce_step_loss
+from megatron_grove.training.step import forward_step_func
 from megatron_grove.training.validation import validation_loss
 
 STEPS = 8
@@ -71,8 +72,9 @@ def _train(rank: int, overrides: list[str], first: int, last: int, save: str | N
                             TrainState(step=step, consumed_samples=step * 8,
                                        scheduler=setup.scheduler.state_dict(),
                                        config=config_to_dict(cfg)))
-    out["val_loss"] = dp_mean(validation_loss(cfg, setup.model_chunks, setup.valid_dataset,
-                                              forward_step, setup.dp_rank, setup.dp_size))
+    out["val_loss"] = reduce_step_loss(validation_loss(cfg, setup.model_chunks, setup.valid_dataset,
+                                                       forward_step, setup.dp_rank, setup.dp_size),
+                                       cfg.train.per_token_loss).value
     return out
 
 
