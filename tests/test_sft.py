@@ -77,6 +77,21 @@ def test_expert_parallel_matches_data_parallel_on_chat_data(chat_data, sft_ep2, 
     assert val1 == pytest.approx(val2, rel=1e-5)
 
 
+def test_pipeline_parallel_matches_expert_parallel_on_chat_data(chat_data, sft_ep2, tmp_path):
+    """PP=2 (one layer per stage): the loss reports exist on the last stage only; the loss and
+    the loss tokens rank 0 logs (first stage) are broadcast from there."""
+    _sft(chat_data, "parallel.expert_model_parallel_size=1",
+         "parallel.pipeline_model_parallel_size=2", f"logging.dir={tmp_path}")
+    pp2, ep2 = (read_metrics(log / "metrics.jsonl") for log in (tmp_path, sft_ep2 / "log"))
+    assert [r["step"] for r in pp2] == [r["step"] for r in ep2]
+    for a, b in zip(pp2, ep2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+        assert a["loss_tokens"] == b["loss_tokens"], a["step"]
+        if "val_loss" in b:
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5), a["step"]
+            assert a["val_loss_tokens"] == b["val_loss_tokens"], a["step"]
+
+
 def test_resume_is_identical_to_uninterrupted_on_chat_data(chat_data, sft_ep2, tmp_path):
     ckpt, log = tmp_path / "ckpt", tmp_path / "log"
     _sft(chat_data, "parallel.expert_model_parallel_size=2", "train.exit_at_iter=4",
