@@ -47,6 +47,9 @@ main keys:
   or data.valid_path (separate validation prefix or blend; data.path is then trained on whole)
   train.eval_interval / train.eval_iters: validation loss every N steps and after the last, on
   the same eval_iters global batches each time (eval_iters=0: none)
+  chat data (tools/preprocess_data.py --chat; docs/sft.md): loss on the assistant's tokens,
+  conversations packed whole; train.per_token_loss=true: the mean over the global batch's loss
+  tokens (Megatron's calculate_per_token_loss; configs/sft_*.yaml set it)
   logging.peak_tflops: per-device peak for MFU (default: bf16 peak of a known GPU; none on CPU)
   checkpoint.save / checkpoint.load (where a new run starts: a folder, or auto/null: from
   scratch) / checkpoint.save_interval / checkpoint.overwrite / logging.dir

@@ -160,6 +160,10 @@ class TrainConfig:
     clip_grad: float = 1.0
     exit_at_iter: Optional[int] = None  # stop (and save, if checkpoint.save) after this step
     trainable: Literal["all", "router"] = "all"  # router: train only the routers' parameters
+    # the loss of a step: false = the mean of the micro-batches' per-token means; true = the
+    # mean over the loss tokens of the global batch (Megatron's calculate_per_token_loss; what
+    # chat data needs, where micro-batches hold uneven numbers of assistant tokens)
+    per_token_loss: bool = False
     # validation: every eval_interval steps and after the last step, on the same eval_iters
     # global batches of the validation data each time; eval_iters=0: no validation
     eval_interval: int = 1000

@@ -13,7 +13,8 @@ Two backends (:func:`load_generator`):
 ``temperature`` 0 is greedy decoding (both backends give the same tokens); otherwise tokens are
 drawn from ``softmax(logits / temperature)`` over the ``top_k`` most likely ones (0: all), from
 a generator seeded with ``seed`` (reproducible per backend, not across them). Generation stops
-after ``max_new_tokens`` or at the end-of-document token.
+after ``max_new_tokens``, at the end-of-document token, or when ``stop(new ids)`` says so (chat:
+the end of the assistant's turn, :meth:`megatron_grove.data.chat.ChatTemplate.turn_ended`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Sampling", "pick_next", "generate_with_logits", "Generator", "load_generator"]
+__all__ = ["Sampling", "pick_next", "generate_with_logits", "Generator", "load_generator", "Stop"]
+
+Stop = Callable[[list[int]], bool]
+"""Whether generation should end after these new token ids."""
 
 
 @dataclass
@@ -49,16 +53,17 @@ def pick_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generat
 @torch.no_grad()
 def generate_with_logits(logits_of: Callable[[torch.Tensor], torch.Tensor], prompt: list[int],
                          sampling: Sampling, context: int, eos: Optional[int] = None,
-                         device: torch.device | str = "cpu") -> list[int]:
+                         device: torch.device | str = "cpu", stop: Optional[Stop] = None
+                         ) -> list[int]:
     """New tokens after ``prompt``; ``logits_of(ids [1, n] on device) -> [1, n, V]`` sees at
-    most the last ``context`` tokens."""
+    most the last ``context`` tokens; ``stop(new ids)`` True ends generation."""
     generator = torch.Generator().manual_seed(sampling.seed)
     ids = list(prompt)
     for _ in range(sampling.max_new_tokens):
         window = torch.tensor([ids[-context:]], dtype=torch.int64, device=device)
         token = pick_next(logits_of(window)[0, -1].cpu(), sampling, generator)
         ids.append(token)
-        if token == eos:
+        if token == eos or (stop is not None and stop(ids[len(prompt):])):
             break
     return ids[len(prompt):]
 
@@ -66,16 +71,29 @@ def generate_with_logits(logits_of: Callable[[torch.Tensor], torch.Tensor], prom
 @dataclass
 class Generator:
     """A loaded checkpoint ready to generate: ``backend`` (what runs it), its tokenizer folder
-    (None when it carries none) and ``generate(prompt ids, sampling, eos) -> new ids``."""
+    (None when it carries none) and ``generate(prompt ids, sampling, eos, stop=None) -> new
+    ids``."""
 
     backend: str
     tokenizer_dir: Optional[str]
-    generate: Callable[[list[int], Sampling, Optional[int]], list[int]]
+    generate: Callable[..., list[int]]
 
 
-def _transformers_generate(model) -> Callable[[list[int], Sampling, Optional[int]], list[int]]:
+def _transformers_generate(model) -> Callable[..., list[int]]:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _StopWhen(StoppingCriteria):
+        def __init__(self, stop: Stop, prompt_length: int) -> None:
+            self.stop, self.prompt_length = stop, prompt_length
+
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            done = self.stop(input_ids[0, self.prompt_length:].tolist())
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool,
+                              device=input_ids.device)
+
     @torch.no_grad()
-    def generate(prompt: list[int], sampling: Sampling, eos: Optional[int]) -> list[int]:
+    def generate(prompt: list[int], sampling: Sampling, eos: Optional[int],
+                 stop: Optional[Stop] = None) -> list[int]:
         torch.manual_seed(sampling.seed)
         ids = torch.tensor([prompt], dtype=torch.int64, device=model.device)
         sample = sampling.temperature > 0
@@ -83,7 +101,9 @@ def _transformers_generate(model) -> Callable[[list[int], Sampling, Optional[int
                              max_new_tokens=sampling.max_new_tokens, do_sample=sample,
                              temperature=sampling.temperature if sample else None,
                              top_k=(sampling.top_k or None) if sample else None, top_p=None,
-                             eos_token_id=eos, pad_token_id=eos, use_cache=True)
+                             eos_token_id=eos, pad_token_id=eos, use_cache=True,
+                             stopping_criteria=StoppingCriteriaList(
+                                 [_StopWhen(stop, len(prompt))] if stop else []))
         return out[0, len(prompt):].tolist()
 
     return generate
@@ -116,9 +136,10 @@ def load_generator(path: str | Path, backend: str = "auto",
     loaded = load_for_evaluation(path, "fp32", device)
     model, cfg = loaded.model.eval(), loaded.config
 
-    def generate(prompt: list[int], sampling: Sampling, eos: Optional[int]) -> list[int]:
+    def generate(prompt: list[int], sampling: Sampling, eos: Optional[int],
+                 stop: Optional[Stop] = None) -> list[int]:
         return generate_with_logits(lambda ids: gpt_logits(model, ids, cfg.model.vocab_size),
-                                    prompt, sampling, cfg.model.seq_length, eos, device)
+                                    prompt, sampling, cfg.model.seq_length, eos, device, stop)
 
     return Generator(f"our model code ({loaded.format} checkpoint, no KV cache)",
                      loaded.tokenizer_dir, generate)

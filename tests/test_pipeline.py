@@ -20,12 +20,15 @@ from megatron_grove.hf_conversion.hf_checkpoint import load_megatron_state
 from megatron_grove.training.metrics import read_metrics
 from megatron_grove.runtime import current_runtime
 from megatron_grove.training import setup_training, train_step
-from megatron_grove.training.step import dp_mean, forward_step_func
+from megatron_grove.training.loss import reduce_step_loss
+from megatron_grove.training.step import forward_step_func
 from megatron_grove.training.validation import validation_loss
 
 STEPS = 8
 SAVED_AT = 4
 PP4 = ["model.num_layers=4", "train.eval_iters=2"]
+EP_DEPENDENT_COUNTERS = {"copies_sent_per_token", "intranode_copies_per_token",
+                         "internode_copies_per_token"}
 
 
 def _layout(pp: int = 1, vpp: int | None = None, tp: int = 1, ep: int = 2) -> dict:
@@ -71,8 +74,9 @@ def _train(rank: int, overrides: list[str], first: int, last: int, save: str | N
                             TrainState(step=step, consumed_samples=step * 8,
                                        scheduler=setup.scheduler.state_dict(),
                                        config=config_to_dict(cfg)))
-    out["val_loss"] = dp_mean(validation_loss(cfg, setup.model_chunks, setup.valid_dataset,
-                                              forward_step, setup.dp_rank, setup.dp_size))
+    out["val_loss"] = reduce_step_loss(validation_loss(cfg, setup.model_chunks, setup.valid_dataset,
+                                                       forward_step, setup.dp_rank, setup.dp_size),
+                                       cfg.train.per_token_loss).value
     return out
 
 
@@ -96,13 +100,13 @@ def _same_on_every_rank(results: list[dict]) -> dict:
 def _assert_same_run(actual: dict, expected: dict, steps, same_ep: bool = True,
                      validation: bool = True) -> None:
     """Losses to 1e-5, the same tokens per expert and MoE counters (the copies a token is
-    sent in, in all and within / across nodes, depend on the EP size; the expert evaluations
-    do not)."""
+    sent in, to any rank, to its node's or to other nodes, depend on the EP size, the expert
+    evaluations do not)."""
     for step in steps:
         assert actual["loss"][step] == pytest.approx(expected["loss"][step], rel=1e-5), step
         assert actual["expert_load"][step] == expected["expert_load"][step], step
         for key, values in expected["counters"][step].items():
-            if "copies" in key and not same_ep:  # rows sent depend on the EP layout
+            if key in EP_DEPENDENT_COUNTERS and not same_ep:
                 continue
             assert actual["counters"][step][key] == pytest.approx(values, rel=1e-6), key
     if validation:  # after the last step

@@ -16,6 +16,17 @@ Example::
 
 Train on it with ``data.path=data/mix``, or blend several with
 ``data.path=[[0.7,data/web],[0.3,data/books]]``.
+
+Chat data (``--chat``, in one process): each JSONL line is a conversation, ``{"messages":
+[{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` or ``{"prompt": ...,
+"response": ...}`` (+ ``"system"``), rendered by the tokenizer's chat template (its
+``chat_template``; ChatML when it has none) and written with its per-token loss mask (1 on the
+assistant's tokens, end of turn included) to PREFIX.loss_mask.{bin,idx}. A bad record (not JSON,
+no assistant turn, unknown role, empty content) stops with one line naming file and line;
+``--skip-bad`` leaves such records out and counts them. See docs/sft.md.
+
+    python tools/preprocess_data.py --chat --input chat.jsonl --output-prefix data/chat \\
+        --tokenizer checkpoints/my_model/hf
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import argparse
 import sys
 
 from megatron_grove.cli import fail
+from megatron_grove.data.chat_preprocess import preprocess_chat
 from megatron_grove.data.preprocess import InputError, preprocess
 
 
@@ -45,7 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="tokenising processes (default 1: in this process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--chat", action="store_true",
+                        help="chat JSONL: conversations + per-token loss mask (docs/sft.md)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="--chat: leave bad records out and count them, instead of stopping")
     args = parser.parse_args(argv)
+    if args.chat:
+        return _main_chat(args)
+    if args.skip_bad:
+        return fail("preprocess_data.py", "--skip-bad: applies to --chat input only")
     try:
         result = preprocess(args.input, args.output_prefix, args.json_key, args.tokenizer,
                             workers=args.workers, progress=not args.no_progress)
@@ -56,6 +76,24 @@ def main(argv: list[str] | None = None) -> int:
           f"{result.tokens} tokens from {result.input_bytes / 1e6:.1f} MB in "
           f"{result.seconds:.1f} s: {result.mb_per_s:.2f} MB/s, {result.tokens_per_s:,.0f} "
           f"tokens/s with {result.workers} worker(s)")
+    return 0
+
+
+def _main_chat(args: argparse.Namespace) -> int:
+    if args.workers != 1:
+        return fail("preprocess_data.py", f"--workers {args.workers}: --chat runs in one process")
+    try:
+        result = preprocess_chat(args.input, args.output_prefix, args.tokenizer,
+                                 skip_bad=args.skip_bad, progress=not args.no_progress)
+    except (InputError, OSError, ValueError) as err:
+        return fail("preprocess_data.py", err)
+    for example in result.skipped_examples:
+        print(f"skipped {example}", file=sys.stderr)
+    skipped = f", {result.skipped_bad} bad records skipped" if result.skipped_bad else ""
+    print(f"wrote {args.output_prefix}.{{bin,idx}} + .loss_mask.{{bin,idx}}: "
+          f"{result.conversations} conversations{skipped}, {result.tokens} tokens, "
+          f"{result.loss_tokens} loss tokens ({result.loss_tokens / result.tokens:.1%}), "
+          f"template: {result.template_source}, in {result.seconds:.1f} s")
     return 0
 
 

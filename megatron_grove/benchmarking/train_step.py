@@ -89,13 +89,15 @@ def world_size(cfg: GroveConfig) -> int:
 def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
                 device: torch.device, link: LinkMeter) -> tuple[float, float, float, int]:
     """One training step of ``setup`` on ``batches``: the slowest rank's wall-clock seconds
-    and CPU seconds (the process's, all threads), the mean loss and the bytes this node's link
-    sent during the step (0 without a link; see :class:`LinkMeter`)."""
+    and CPU seconds (the process's, all threads), the step's loss (``StepLoss.value``) and the
+    bytes this node's link sent during the step (0 without a link; see :class:`LinkMeter`)."""
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_grove.moe.balancing import update_expert_bias
     from megatron_grove.moe.counters import reset_moe_counters
+    from megatron_grove.training.loss import reduce_step_loss
+    from megatron_grove.training.step import last_stage_losses
 
     t = cfg.train
     dist.barrier()
@@ -119,9 +121,9 @@ def _timed_step(setup, cfg: GroveConfig, batches: list, forward_step,
                          dtype=torch.float64)
     sent = link.stop()
     dist.all_reduce(spent, op=dist.ReduceOp.MAX)
-    loss = torch.stack([d["lm loss"] for d in losses]).mean().detach().double().cpu()
-    dist.all_reduce(loss)
-    return float(spent[0]), float(spent[1]), float(loss) / dist.get_world_size(), sent
+    loss = reduce_step_loss(last_stage_losses(losses, len(batches), device),
+                            t.per_token_loss).value
+    return float(spent[0]), float(spent[1]), loss, sent
 
 
 def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,

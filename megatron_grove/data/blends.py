@@ -13,6 +13,11 @@ Validation data comes one of Megatron's two ways:
 * **separate validation data** (``blend_per_split``): the training source is used whole and
   the validation source is another prefix or blend.
 
+Chat data (a prefix with a ``PREFIX.loss_mask`` beside it, written by
+``tools/preprocess_data.py --chat``) is served packed, with its loss mask and per-conversation
+attention masks, by :class:`~megatron_grove.data.chat_dataset.PackedChatDataset`, which then
+serves every prefix of the blend (the plain ones exactly as ``GPTDataset`` does).
+
 Everything here runs on CPU, with or without ``torch.distributed`` initialised; with it, every
 rank must call :func:`build_gpt_datasets` (rank 0 builds the index caches first, the others
 load them), and the cache must be one all ranks see.
@@ -33,11 +38,14 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_grove.config import SPLIT_PARTS, ConfigError, split_shares
+from megatron_grove.data.chat import is_chat_prefix, loss_mask_prefix
+from megatron_grove.data.chat_dataset import PackedChatDataset
 from megatron_grove.data.datasets import cache_root
 from megatron_grove.data.integrity import indexed_dataset_problem
 from megatron_grove.data.tokenizer import JsonTokenizer
 
-__all__ = ["Blend", "megatron_blend", "check_sources", "build_gpt_datasets", "samples_per_prefix"]
+__all__ = ["Blend", "megatron_blend", "check_sources", "build_gpt_datasets", "samples_per_prefix",
+           "has_chat_data"]
 
 Blend = tuple[list[str], Optional[list[float]]]
 """Megatron's blend: prefixes and their weights (None for a single prefix)."""
@@ -61,14 +69,26 @@ def _split_documents(num_documents: int, split: str) -> list[Optional[range]]:
             for bookends in matrix]
 
 
+def _same_documents(prefix: str, other: str) -> bool:
+    """Whether the indexed datasets ``prefix`` and ``other`` hold documents of equal lengths."""
+    a, b = IndexedDataset(prefix), IndexedDataset(other)  # kept alive: their arrays are mmaps
+    return bool(numpy.array_equal(a.sequence_lengths, b.sequence_lengths))
+
+
 def check_sources(train: Blend, valid: Optional[Blend], split: Optional[str]) -> None:
     """Refuse, with a one-line :class:`ConfigError`, data Megatron's builder cannot serve: a
-    prefix whose ``.bin``/``.idx`` are missing or damaged (:func:`indexed_dataset_problem`), or a split part of non-zero share that gets no
-    document of some prefix (the builder would loop forever looking for its tokens)."""
+    prefix whose ``.bin``/``.idx`` are missing or damaged (:func:`indexed_dataset_problem`), a
+    chat prefix whose loss mask does not match its documents, or a split part of non-zero share
+    that gets no document of some prefix (the builder would loop forever looking for its
+    tokens)."""
     for key, blend in (("data.path", train), ("data.valid_path", valid)):
         for prefix in (blend[0] if blend is not None else []):
             if problem := indexed_dataset_problem(prefix):
                 raise ConfigError(f"{key}={prefix}: {problem}")
+            if is_chat_prefix(prefix) and not _same_documents(prefix, loss_mask_prefix(prefix)):
+                raise ConfigError(f"{key}: {loss_mask_prefix(prefix)} does not match {prefix} "
+                                  "(written by another run?); write both again with "
+                                  "tools/preprocess_data.py --chat")
     if split is None:
         return
     for prefix in train[0]:
@@ -78,6 +98,12 @@ def check_sources(train: Blend, valid: Optional[Blend], split: Optional[str]) ->
                 raise ConfigError(
                     f"data.split={split}: its {part} part gets none of the {documents} documents "
                     f"of {prefix}; raise that share, set it to 0, or give data.valid_path")
+
+
+def has_chat_data(*sources: Optional[Blend]) -> bool:
+    """Whether any prefix of the blends ``sources`` (None: none) is chat data."""
+    return any(is_chat_prefix(prefix) for blend in sources if blend is not None
+               for prefix in blend[0])
 
 
 def build_gpt_datasets(train: Blend, valid: Optional[Blend], split: Optional[str],
@@ -98,7 +124,8 @@ def build_gpt_datasets(train: Blend, valid: Optional[Blend], split: Optional[str
         tokenizer: the tokenizer the datasets were written with (``eod``/``pad``).
         cache_dir: root of the index cache (``CACHE/gpt_dataset_indices``); see
             :func:`megatron_grove.data.cache_root`.
-        create_attention_mask: include the ``[1, S, S]`` causal mask in each sample.
+        create_attention_mask: include the ``[1, S, S]`` causal mask in each sample (always,
+            when there is chat data).
 
     Returns:
         ``(train, valid)``: ``GPTDataset`` or, for a blend, ``BlendedDataset``; ``valid`` is
@@ -107,10 +134,14 @@ def build_gpt_datasets(train: Blend, valid: Optional[Blend], split: Optional[str
         int64 (the next token); ``loss_mask`` [S] float32 (1.0, 0.0 on padding);
         ``position_ids`` [S] int64 (0..S-1); with ``create_attention_mask``,
         ``attention_mask`` [1, S, S] bool, True where attention is masked (above the
-        diagonal); a ``BlendedDataset`` adds ``dataset_id`` (the prefix's index).
+        diagonal); a ``BlendedDataset`` adds ``dataset_id`` (the prefix's index). With chat
+        data (:func:`has_chat_data`) the datasets are ``PackedChatDataset``: chat samples carry
+        their loss mask, a block-diagonal causal ``attention_mask`` and per-conversation
+        ``position_ids``.
     """
     if (split is None) == (valid is None):
         raise ValueError("give either a split string or separate validation data")
+    chat = has_chat_data(train, valid)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -122,11 +153,12 @@ def build_gpt_datasets(train: Blend, valid: Optional[Blend], split: Optional[str
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
-        create_attention_mask=create_attention_mask,
+        create_attention_mask=create_attention_mask or chat,
     )
     # every part gets a size (0 for the test part, never read): Megatron needs one for each
     # part of a weighted blend
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, [*num_samples, 0], lambda: True, config)
+    builder = BlendedMegatronDatasetBuilder(PackedChatDataset if chat else GPTDataset,
+                                            [*num_samples, 0], lambda: True, config)
     train_dataset, valid_dataset, _ = builder.build()
     return train_dataset, valid_dataset
 

@@ -104,27 +104,48 @@ def write_indexed_dataset(documents: Iterable[Sequence[int] | numpy.ndarray], ou
     Returns:
         The number of documents written.
     """
-    dtype = DType.optimal_dtype(vocab_size)
-    output_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(output_dir, exist_ok=True)
-    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
-    builder = IndexedDatasetBuilder(get_bin_path(tmp_prefix), dtype=dtype)
+    return write_parallel_indexed_datasets(((ids,) for ids in documents), [output_prefix],
+                                           [DType.optimal_dtype(vocab_size)])
+
+
+def write_parallel_indexed_datasets(rows: Iterable[Sequence[Sequence[int] | numpy.ndarray]],
+                                    output_prefixes: Sequence[str],
+                                    dtypes: Sequence[type]) -> int:
+    """Write several indexed datasets side by side, one document of each per row of ``rows``
+    (e.g. token ids and their loss mask), as :func:`write_indexed_dataset` writes one: under
+    temporary names, every ``.bin`` renamed into place first, then the ``.idx`` files in reverse
+    order, ``output_prefixes[0]``'s last; on any failure nothing is left behind.
+
+    Returns:
+        The number of rows (documents of each dataset) written.
+    """
+    tmp_prefixes = [f"{prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex}" for prefix in output_prefixes]
+    for prefix in output_prefixes:
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    builders = [IndexedDatasetBuilder(get_bin_path(tmp), dtype=dtype)
+                for tmp, dtype in zip(tmp_prefixes, dtypes)]
     count = 0
     try:
-        for ids in documents:
-            builder.add_item(torch.from_numpy(numpy.asarray(ids, dtype=dtype)))
-            builder.end_document()
+        for row in rows:
+            for builder, ids, dtype in zip(builders, row, dtypes):
+                builder.add_item(torch.from_numpy(numpy.asarray(ids, dtype=dtype)))
+                builder.end_document()
             count += 1
         if not count:
-            raise EmptyDatasetError(f"no documents to write to {output_prefix}")
-        builder.finalize(get_idx_path(tmp_prefix))
-        os.replace(get_bin_path(tmp_prefix), get_bin_path(output_prefix))
-        os.replace(get_idx_path(tmp_prefix), get_idx_path(output_prefix))
+            raise EmptyDatasetError(f"no documents to write to {output_prefixes[0]}")
+        for builder, tmp in zip(builders, tmp_prefixes):
+            builder.finalize(get_idx_path(tmp))
+        for tmp, prefix in zip(tmp_prefixes, output_prefixes):
+            os.replace(get_bin_path(tmp), get_bin_path(prefix))
+        for tmp, prefix in reversed(list(zip(tmp_prefixes, output_prefixes))):
+            os.replace(get_idx_path(tmp), get_idx_path(prefix))
     finally:
-        builder.data_file.close()
-        for path in (get_bin_path(tmp_prefix), get_idx_path(tmp_prefix)):
-            if os.path.exists(path):
-                os.remove(path)
+        for builder in builders:
+            builder.data_file.close()
+        for tmp in tmp_prefixes:
+            for path in (get_bin_path(tmp), get_idx_path(tmp)):
+                if os.path.exists(path):
+                    os.remove(path)
     return count
 
 

@@ -31,14 +31,16 @@ __all__ = ["TrainingData", "build_training_data", "resolve_sources", "micro_batc
 
 def micro_batches(dataset, step: int, global_batch_size: int, micro_batch_size: int,
                   dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
-    """The micro-batches of 1-based ``step`` for one data-parallel rank; each value ``[mbs, s]``."""
+    """The micro-batches of 1-based ``step`` for one data-parallel rank; each value ``[mbs, s]``
+    (chat data adds ``attention_mask`` ``[mbs, 1, s, s]``, True = masked)."""
     per_rank = global_batch_size // dp_size
     first = (step - 1) * global_batch_size + dp_rank * per_rank
     out = []
     for start in range(first, first + per_rank, micro_batch_size):
         samples = [dataset[i] for i in range(start, start + micro_batch_size)]
         out.append({key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                    for key in ("tokens", "labels", "loss_mask", "position_ids")})
+                    for key in ("tokens", "labels", "loss_mask", "position_ids",
+                                "attention_mask") if key in samples[0]})
     return out
 
 
@@ -85,7 +87,8 @@ def build_training_data(cfg: GroveConfig, tokenizer: JsonTokenizer) -> TrainingD
     num_train = t.iters * t.global_batch_size
     num_valid = t.eval_iters * t.global_batch_size
     train, valid = build_gpt_datasets(train_source, valid_source, split, cfg.model.seq_length,
-                                      (num_train, num_valid), t.seed, tokenizer)
+                                      (num_train, num_valid), t.seed, tokenizer,
+                                      create_attention_mask=False)
     names = (train_source[0] if cfg.data.path is not None else ["the embedded corpus"])
     of = f"split {split}" if split else "all of data.path"
     summary = [f"data: training on {num_train} samples of {cfg.model.seq_length} tokens "

@@ -23,6 +23,7 @@ from megatron_grove.config import GroveConfig
 from megatron_grove.runtime import initialize_parallel
 from megatron_grove.runtime.watchdog import HangWatchdog
 from megatron_grove.training.flops import peak_tflops, throughput_record
+from megatron_grove.training.loss import reduce_step_loss
 from megatron_grove.training.metrics import MetricsWriter
 from megatron_grove.training.nonfinite import SkipCounter
 from megatron_grove.training.preemption import Preempted, StopSignals
@@ -35,7 +36,7 @@ from megatron_grove.training.resume import (
     save_step,
 )
 from megatron_grove.training.setup import TrainingSetup, setup_training
-from megatron_grove.training.step import StepResult, dp_mean, forward_step_func, train_step
+from megatron_grove.training.step import StepResult, forward_step_func, train_step
 from megatron_grove.training.stragglers import StragglerDetector, straggler_line
 from megatron_grove.training.validation import (
     validation_due,
@@ -74,7 +75,7 @@ def _step_record(cfg: GroveConfig, setup: TrainingSetup, step: int, result: Step
         "step": step, "loss": result.loss,
         "lr": setup.scheduler.get_lr(setup.optimizer.param_groups[0]),
         "grad_norm": result.grad_norm, "step_time_s": result.elapsed_s,
-        "skipped": not result.health.finite,
+        "skipped": not result.health.finite, "loss_tokens": result.loss_tokens,
         **throughput_record(cfg, setup.padded_vocab_size, result.counters, result.elapsed_s,
                             setup.runtime.world_size, peak),
         "expert_load": result.expert_load, **result.counters,
@@ -154,9 +155,10 @@ def train(cfg: GroveConfig, stop: StopSignals | None = None) -> TrainSummary:
         for found in exchange.get("stragglers", []) if is_first else []:
             bar.write(straggler_line(step, found), file=sys.stderr)
         if validation_due(cfg, step, setup.valid_dataset is not None):
-            record.update(validation_record(dp_mean(validation_loss(
+            val_loss = reduce_step_loss(validation_loss(
                 cfg, setup.model_chunks, setup.valid_dataset, forward_step, setup.dp_rank,
-                setup.dp_size))))
+                setup.dp_size), t.per_token_loss)
+            record.update(validation_record(val_loss.value), val_loss_tokens=val_loss.tokens)
             summary.last_validation = record
             if is_first:
                 bar.write(validation_line(step, t.iters, record))

@@ -27,26 +27,20 @@ from megatron_grove.moe.balancing import training_routers, update_expert_bias
 from megatron_grove.moe.counters import collect_moe_counters, reset_moe_counters
 from megatron_grove.training.context_parallel import cp_rank_share
 from megatron_grove.training.data import micro_batches
+from megatron_grove.training.loss import masked_token_loss, reduce_step_loss
 from megatron_grove.training.nonfinite import StepHealth, step_health
 from megatron_grove.training.setup import TrainingSetup
 
-__all__ = ["StepResult", "train_step", "forward_step_func", "dp_mean", "last_stage_losses",
-           "stage_data"]
-
-
-def _masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Per-token losses ``[b, s]`` -> mean over unmasked tokens (+ a detached copy to log)."""
-    mask = loss_mask.reshape(-1).float()
-    loss = torch.sum(output.reshape(-1).float() * mask) / mask.sum().clamp(min=1)
-    # clone: Megatron's schedule divides the returned loss by the micro-batch count in place
-    return loss, {"lm loss": loss.detach().clone()}
+__all__ = ["StepResult", "train_step", "forward_step_func", "last_stage_losses", "stage_data"]
 
 
 def _forward_step(attention_mask: torch.Tensor, device: torch.device,
                   data_iterator: Iterator[dict], model: torch.nn.Module):
     batch = cp_rank_share({k: v.to(device) for k, v in next(data_iterator).items()})
+    # chat data brings its own (per-conversation) masks; plain data uses the causal one
+    attention_mask = batch.get("attention_mask", attention_mask)
     output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
-    return output, functools.partial(_masked_mean_loss, batch["loss_mask"])
+    return output, functools.partial(masked_token_loss, batch["loss_mask"])
 
 
 def stage_data(batches: list[dict], num_chunks: int):
@@ -58,8 +52,10 @@ def stage_data(batches: list[dict], num_chunks: int):
 
 def forward_step_func(cfg: GroveConfig, device: torch.device):
     """Megatron's ``forward_step_func`` for this run: a micro-batch (``tokens``,
-    ``position_ids``, ``labels``, ``loss_mask``, each ``[b, s]``) -> the per-token losses
-    ``[b, s]`` and the loss function (mean over the unmasked tokens)."""
+    ``position_ids``, ``labels``, ``loss_mask``, each ``[b, s]``; chat data adds its
+    ``attention_mask`` ``[b, 1, s, s]``, True = masked, used instead of the causal one) -> the
+    per-token losses ``[b, s]`` and the loss function
+    (:func:`~.loss.masked_token_loss`: loss sum and loss tokens)."""
     # under CP, TE's causal attention masks each rank's share itself
     mask = (causal_attention_mask(cfg.model.seq_length, device)
             if cfg.parallel.context_parallel_size == 1 else None)
@@ -68,16 +64,17 @@ def forward_step_func(cfg: GroveConfig, device: torch.device):
 
 def last_stage_losses(outputs: list[dict], num_microbatches: int,
                       device: torch.device) -> torch.Tensor:
-    """A schedule's ``"lm loss"`` values, ``[num_microbatches]`` fp32 on every rank: only the
-    last pipeline stage computes them, so under pipeline parallelism they are broadcast from
-    there over the pipeline group."""
+    """A schedule's ``"lm loss"`` reports, ``[num_microbatches, 2]`` fp32 (loss sum, loss
+    tokens; :func:`~.loss.masked_token_loss`) on every rank: only the last pipeline stage
+    computes them, so under pipeline parallelism they are broadcast from there over the
+    pipeline group (the loss tokens with them)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return torch.stack([d["lm loss"] for d in outputs])
-    losses = (torch.stack([d["lm loss"] for d in outputs]).detach().float() if outputs
-              else torch.zeros(num_microbatches, dtype=torch.float32, device=device))
-    dist.broadcast(losses, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+    reports = (torch.stack([d["lm loss"] for d in outputs]).detach().float() if outputs
+               else torch.zeros(num_microbatches, 2, dtype=torch.float32, device=device))
+    dist.broadcast(reports, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                    group=parallel_state.get_pipeline_model_parallel_group())
-    return losses
+    return reports
 
 
 def _expert_load_of_all_stages(model_chunks: list[torch.nn.Module],
@@ -94,20 +91,12 @@ def _expert_load_of_all_stages(model_chunks: list[torch.nn.Module],
     return [merged[number] for number in sorted(merged)]
 
 
-def dp_mean(value: torch.Tensor) -> float:
-    """Collective over the data-parallel (x context-parallel) group: the mean of the 0-d
-    ``value``."""
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    value = value.detach().clone()
-    dist.all_reduce(value, group=group)
-    return float(value) / dist.get_world_size(group)
-
-
 @dataclass
 class StepResult:
     """What one step did, the same on every rank (every pipeline stage's layers included)."""
 
-    loss: float  # mean over micro-batches and data-parallel ranks (non-finite when skipped)
+    loss: float  # the step's loss (:class:`~.loss.StepLoss`; non-finite when skipped)
+    loss_tokens: int  # loss tokens of the global batch
     grad_norm: float  # NaN when the step was skipped
     health: StepHealth  # what the ranks agreed on: finite or not, stop signals received
     expert_load: list[list[int]]  # tokens per expert ``[layers][E]`` of this step
@@ -133,8 +122,9 @@ def train_step(setup: TrainingSetup, cfg: GroveConfig, step: int, forward_step,
         forward_step_func=forward_step, data_iterator=stage_data(batches, len(chunks)),
         model=chunks, num_microbatches=len(batches), seq_length=cfg.model.seq_length,
         micro_batch_size=t.micro_batch_size, forward_only=False)
-    local_loss = last_stage_losses(outputs, len(batches), setup.runtime.device).mean()
-    health = step_health(local_loss, chunks, stop_signal)  # all ranks agree
+    step_loss = reduce_step_loss(last_stage_losses(outputs, len(batches), setup.runtime.device),
+                                 t.per_token_loss)
+    health = step_health(step_loss.local, chunks, stop_signal)  # all ranks agree
     grad_norm = math.nan
     if health.finite:
         _, norm, _ = optimizer.step()
@@ -143,9 +133,8 @@ def train_step(setup: TrainingSetup, cfg: GroveConfig, step: int, forward_step,
         loads = update_expert_bias(chunks, cfg.moe.bias_update_rule, cfg.moe.bias_update_rate)
     else:  # skipped: no weight, Adam, LR or expert-bias update; loads still counted
         loads = update_expert_bias(chunks, "none", 0.0)
-    loss = dp_mean(local_loss)
     elapsed = time.perf_counter() - began
     counters = collect_moe_counters(chunks, t.global_batch_size * cfg.model.seq_length)
-    return StepResult(loss=loss, grad_norm=grad_norm, health=health,
-                      expert_load=_expert_load_of_all_stages(chunks, loads),
+    return StepResult(loss=step_loss.value, loss_tokens=step_loss.tokens, grad_norm=grad_norm,
+                      health=health, expert_load=_expert_load_of_all_stages(chunks, loads),
                       counters=counters, elapsed_s=elapsed)

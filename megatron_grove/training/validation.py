@@ -3,8 +3,9 @@
 Each validation runs Megatron's forward-only schedule (``forward_only=True``, ``torch.no_grad``,
 the model in eval mode) over the same ``train.eval_iters`` global batches: the first
 ``eval_iters * global_batch_size`` samples of the validation dataset, each data-parallel rank
-reading its slice as in training. The loss is the mean over micro-batches of the per-token
-mean (the training loss's definition), averaged over the data-parallel ranks, so it does not
+reading its slice as in training. The loss is the training loss's definition
+(:mod:`.loss`: with ``train.per_token_loss`` the mean over all loss tokens, else the mean over
+micro-batches of the per-token mean, averaged over the data-parallel ranks), so it does not
 depend on the expert-, tensor- or pipeline-parallel layout (the last stage computes it and
 broadcasts it to the other stages). Nothing the training reads changes: the
 routers count tokens for balancing only with gradients enabled, and the Grove counters are
@@ -35,9 +36,10 @@ def validation_due(cfg: GroveConfig, step: int, has_data: bool) -> bool:
 
 def validation_loss(cfg: GroveConfig, model_chunks: list[torch.nn.Module], dataset,
                     forward_step: Callable, dp_rank: int, dp_size: int) -> torch.Tensor:
-    """This data-parallel rank's mean validation loss (a 0-d tensor, on every pipeline stage;
-    average it over the data-parallel group). ``forward_step`` is the training's forward step
-    (Megatron's ``forward_step_func``)."""
+    """This data-parallel rank's loss reports ``[micro-batches, 2]`` (loss sum, loss tokens),
+    one row per micro-batch of every validation batch, on every pipeline stage (reduce them
+    over the data-parallel group with :func:`megatron_grove.training.loss.reduce_step_loss`).
+    ``forward_step`` is the training's forward step (Megatron's ``forward_step_func``)."""
     t = cfg.train
     forward_backward = get_forward_backward_func()
     losses = []
@@ -58,7 +60,7 @@ def validation_loss(cfg: GroveConfig, model_chunks: list[torch.nn.Module], datas
     finally:
         for chunk in model_chunks:
             chunk.train()
-    return torch.cat(losses).mean()
+    return torch.cat(losses)
 
 
 def validation_record(loss: float) -> dict[str, float]:
