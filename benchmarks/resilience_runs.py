@@ -63,18 +63,12 @@ def _timed(fn) -> float:
     return _slowest(time.perf_counter() - began)
 
 
-def _checksum_worker(rank: int, init_method: str, bench: ChecksumBenchmark,
-                     folder: str) -> list[dict]:
-    from megatron_grove.checkpointing import (
-        TrainState,
-        checkpoint_dir,
-        load_checkpoint,
-        save_checkpoint,
-        verify_checkpoint,
-    )
-    from megatron_grove.checkpointing.manifest import write_manifest
-    from megatron_grove.config import config_to_dict, load_config
-    from megatron_grove.runtime import destroy_parallel, initialize_parallel
+def _training_state(rank: int, init_method: str, bench):
+    """Collective: this rank's run of ``bench.config`` (+ overrides) at EP = ``bench.nproc``,
+    after one zero-gradient optimizer step, so Adam state exists as in a real checkpoint ->
+    (config, training setup)."""
+    from megatron_grove.config import load_config
+    from megatron_grove.runtime import initialize_parallel
     from megatron_grove.training import setup_training
 
     torch.set_num_threads(cpu_threads_per_rank(bench.nproc))
@@ -85,9 +79,26 @@ def _checksum_worker(rank: int, init_method: str, bench: ChecksumBenchmark,
                                   device="cpu", init_method=init_method, rank=rank,
                                   world_size=bench.nproc, timeout_s=3600)
     setup = setup_training(cfg, runtime)
+    setup.model.zero_grad_buffer()
+    setup.optimizer.step()
+    return cfg, setup
+
+
+def _checksum_worker(rank: int, init_method: str, bench: ChecksumBenchmark,
+                     folder: str) -> list[dict]:
+    from megatron_grove.checkpointing import (
+        TrainState,
+        checkpoint_dir,
+        load_checkpoint,
+        save_checkpoint,
+        verify_checkpoint,
+    )
+    from megatron_grove.checkpointing.manifest import write_manifest
+    from megatron_grove.config import config_to_dict
+    from megatron_grove.runtime import destroy_parallel
+
+    cfg, setup = _training_state(rank, init_method, bench)
     model, optimizer = setup.model, setup.optimizer
-    model.zero_grad_buffer()
-    optimizer.step()  # Adam state exists, as in a real checkpoint
     rows = []
     for step in range(1, bench.repeats + 1):
         state = TrainState(step=step, consumed_samples=0,
@@ -147,21 +158,11 @@ def _async_save_worker(rank: int, init_method: str, bench: AsyncSaveBenchmark,
 
     from megatron_grove.checkpointing import TrainState, checkpoint_dir, save_checkpoint
     from megatron_grove.checkpointing.async_save import AsyncCheckpointSaver
-    from megatron_grove.config import config_to_dict, load_config
-    from megatron_grove.runtime import destroy_parallel, initialize_parallel
-    from megatron_grove.training import setup_training
+    from megatron_grove.config import config_to_dict
+    from megatron_grove.runtime import destroy_parallel
 
-    torch.set_num_threads(cpu_threads_per_rank(bench.nproc))
-    cfg = load_config(bench.config, [f"parallel.expert_model_parallel_size={bench.nproc}",
-                                     *bench.overrides])
-    p = cfg.parallel
-    runtime = initialize_parallel(p.tensor_model_parallel_size, p.expert_model_parallel_size,
-                                  device="cpu", init_method=init_method, rank=rank,
-                                  world_size=bench.nproc, timeout_s=3600)
-    setup = setup_training(cfg, runtime)
+    cfg, setup = _training_state(rank, init_method, bench)
     model, optimizer = setup.model, setup.optimizer
-    model.zero_grad_buffer()
-    optimizer.step()  # Adam state exists, as in a real checkpoint
 
     def state(step: int) -> TrainState:
         return TrainState(step=step, consumed_samples=0,

@@ -64,3 +64,26 @@ def router_config(score_function: str = "softmax", rule: str = "paper", topk: in
     for name, value in megatron_fields.items():
         setattr(config, name, value)
     return config
+
+
+# A small EP=2 run of the tiny config, for checkpoint tests (forked gloo workers).
+SMALL_RUN = ["model.seq_length=16", "model.hidden_size=32", "model.num_attention_heads=2",
+             "model.num_query_groups=1", "model.ffn_hidden_size=64", "moe.ffn_hidden_size=32",
+             "train.iters=4", "train.lr_warmup_iters=1", "parallel.expert_model_parallel_size=2"]
+
+
+def small_model_and_optimizer(*overrides: str):
+    """In a running world: the SMALL_RUN model (+ ``overrides``) and its optimizer after one
+    (zero-gradient) optimizer step, so Adam state exists as in a real checkpoint."""
+    import torch
+
+    from megatron_grove.runtime import current_runtime
+    from megatron_grove.training import setup_training
+
+    setup = setup_training(load_config(ROOT / "configs" / "tiny_cpu.yaml",
+                                       [*SMALL_RUN, *overrides]),
+                           current_runtime(torch.device("cpu")))
+    setup.model.zero_grad_buffer()
+    setup.optimizer.step()
+    return setup.model, setup.optimizer
+

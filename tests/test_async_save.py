@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from config_builders import small_model_and_optimizer
 from processes import losses, processes_with_env, run_distributed, torchrun
-from megatron_grove.training.metrics import read_metrics
 from megatron_grove.checkpointing import (
     TrainState,
     latest_iteration,
@@ -19,21 +19,7 @@ from megatron_grove.checkpointing import (
     verify_checkpoint,
 )
 from megatron_grove.checkpointing.async_save import SLOW_WRITE_ENV, AsyncCheckpointSaver
-from megatron_grove.config import load_config
-from megatron_grove.runtime import current_runtime
-from megatron_grove.training import setup_training
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
-SMALL = ["model.seq_length=16", "model.hidden_size=32", "model.num_attention_heads=2",
-         "model.num_query_groups=1", "model.ffn_hidden_size=64", "moe.ffn_hidden_size=32",
-         "train.iters=4", "train.lr_warmup_iters=1", "parallel.expert_model_parallel_size=2"]
-
-
-def _setup():
-    setup = setup_training(load_config(TINY, SMALL), current_runtime(torch.device("cpu")))
-    setup.model.zero_grad_buffer()
-    setup.optimizer.step()
-    return setup.model, setup.optimizer
+from megatron_grove.training.metrics import read_metrics
 
 
 def _state(step):
@@ -49,7 +35,7 @@ def _async_saves(rank, root, slow_s):
     """Step 1 saved synchronously; step 2 asynchronously while the weights change right after
     the save call (as the next training steps do); a third save while step 2 is in flight."""
     os.environ[SLOW_WRITE_ENV] = str(slow_s)
-    model, optimizer = _setup()
+    model, optimizer = small_model_and_optimizer()
     save_checkpoint(root, model, optimizer, _state(1))
     lines = []
     saver = AsyncCheckpointSaver(log=lines.append)
@@ -97,7 +83,7 @@ def test_async_save_publishes_after_the_write_and_holds_the_state_at_the_call(tm
 
 def _die_during_async_write(rank, root):
     os.environ[SLOW_WRITE_ENV] = "30"
-    model, optimizer = _setup()
+    model, optimizer = small_model_and_optimizer()
     save_checkpoint(root, model, optimizer, _state(1))
     saver = AsyncCheckpointSaver()
     saver.save(root, model, optimizer, _state(2), "fully_reshardable")

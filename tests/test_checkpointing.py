@@ -26,23 +26,9 @@ from megatron_grove.checkpointing import checkpoint as checkpoint_module
 from megatron_grove.checkpointing import manifest as manifest_module
 from megatron_grove.checkpointing.manifest import MANIFEST_NAME
 from megatron_grove.config import load_config
-from megatron_grove.runtime import current_runtime
-from megatron_grove.training import setup_training
+from config_builders import small_model_and_optimizer
 from processes import child_pids, processes_with_env, run_distributed
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
-SMALL = ["model.seq_length=16", "model.hidden_size=32", "model.num_attention_heads=2",
-         "model.num_query_groups=1", "model.ffn_hidden_size=64", "moe.ffn_hidden_size=32",
-         "train.iters=4", "train.lr_warmup_iters=1", "parallel.expert_model_parallel_size=2"]
-
-
-def _setup(*overrides):
-    """Model + optimizer after one (zero-gradient) optimizer step, so Adam state exists."""
-    setup = setup_training(load_config(TINY, [*SMALL, *overrides]),
-                           current_runtime(torch.device("cpu")))
-    setup.model.zero_grad_buffer()
-    setup.optimizer.step()
-    return setup.model, setup.optimizer
 
 
 def _state(step):
@@ -55,7 +41,7 @@ def _weights(model):
 
 
 def _save_then_die_during_second_save(rank, root):
-    model, optimizer = _setup()
+    model, optimizer = small_model_and_optimizer()
     save_checkpoint(root, model, optimizer, _state(1))
     with torch.no_grad():
         for p in model.parameters():
@@ -66,7 +52,7 @@ def _save_then_die_during_second_save(rank, root):
 
 
 def _load_then_save(rank, root):
-    model, optimizer = _setup()
+    model, optimizer = small_model_and_optimizer()
     before = _weights(model)
     with torch.no_grad():
         for p in model.parameters():
@@ -103,7 +89,7 @@ def test_load_without_checkpoint_says_what_to_do(tmp_path):
 def _save_and_list_helpers(rank, root, legacy):
     """Save step 1 (``legacy``: as before checksums existed: no manifest, no integrity mark);
     return this rank's child processes right after the save."""
-    model, optimizer = _setup()
+    model, optimizer = small_model_and_optimizer()
     if legacy:
         checkpoint_module.write_manifest = lambda folder: None
         checkpoint_module._INTEGRITY = None
@@ -113,7 +99,7 @@ def _save_and_list_helpers(rank, root, legacy):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Step-1 checkpoints of the SMALL model at EP=2: with a manifest, and a legacy one."""
+    """Step-1 checkpoints of the SMALL_RUN model at EP=2: with a manifest, and a legacy one."""
     root = tmp_path_factory.mktemp("saved")
     for legacy in (False, True):
         helpers = run_distributed(_save_and_list_helpers, world_size=2, expert_parallel=2,
@@ -194,7 +180,7 @@ def test_checkpoint_saved_before_manifests_loads_with_a_warning(saved, tmp_path)
 
 
 def _load_into_wider_model(rank, root):
-    model, optimizer = _setup("model.hidden_size=64")
+    model, optimizer = small_model_and_optimizer("model.hidden_size=64")
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(root, model, optimizer)
     return str(err.value)
@@ -264,7 +250,7 @@ def _rss_mib() -> float:
 
 
 def _save_repeatedly(rank, root):
-    model, optimizer = _setup()
+    model, optimizer = small_model_and_optimizer()
     rss = []
     for step in range(1, 11):
         save_checkpoint(root, model, optimizer, _state(step))

@@ -21,7 +21,7 @@ from collections import Counter
 
 import torch
 
-from megatron_grove.config import ConfigError, GroveConfig
+from megatron_grove.config import GroveConfig
 from megatron_grove.megatron_config import TORCH_DTYPES, to_transformer_config
 from megatron_grove.model import build_gpt_model
 
