@@ -172,6 +172,25 @@ def test_large_files_are_hashed_in_pieces(saved, tmp_path, monkeypatch):
         f"{shard.name}: checksum mismatch: its bytes changed after the save"]
 
 
+def test_files_hashed_by_their_writer_are_not_read_again(saved, tmp_path, monkeypatch):
+    folder = _copy(saved, tmp_path)
+    reference = manifest_module.write_manifest(folder)
+    shard, other = sorted(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)[-2:]
+    manifest_module.record_written_files(folder, [shard, other], rank=0)
+    with open(folder / manifest_module.HASHED_DIR / "rank_00000.json", "r+") as f:
+        records = json.load(f)  # a record whose file changed size since is not trusted
+        records[other.name]["size"] += 1
+        f.seek(0), f.truncate(), json.dump(records, f)
+    read = []
+    crc32 = manifest_module._crc32
+    monkeypatch.setattr(manifest_module, "_crc32",
+                        lambda path, *a: read.append(Path(path).name) or crc32(path, *a))
+    assert manifest_module.write_manifest(folder) == reference
+    assert shard.name not in read and other.name in read
+    assert not (folder / manifest_module.HASHED_DIR).exists()
+    assert manifest_module.verify_manifest(folder) == []
+
+
 def test_checkpoint_saved_before_manifests_loads_with_a_warning(saved, tmp_path):
     folder = _copy(saved, tmp_path, legacy=True)
     assert not (folder / MANIFEST_NAME).exists()

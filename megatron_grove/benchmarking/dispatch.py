@@ -12,8 +12,8 @@
 
 Each process (gloo on CPU, NCCL with one GPU each) routes ``tokens`` tokens uniformly at random
 (top-k of random scores, the same for all four layers: the router is bypassed) and times
-forward + backward of each layer (slowest rank), the repetitions interleaved (a, b, c, a, b, c,
-...) so that a change in the machine's load hits the four alike; median over ``iters`` and its
+forward + backward of each layer (slowest rank), the repetitions interleaved (a, b, c, d, b, c,
+d, a, ...: :func:`~megatron_grove.benchmarking.processes.rotated`) so that a change in the machine's load hits the four alike; median over ``iters`` and its
 spread (min, max). A *copy* is one token row the dispatcher sends to another rank or keeps
 locally for an expert (what enters the dispatch all-to-all); bytes are those of the rows and
 their routing weights in the dispatch direction (the combine sends the rows back).
@@ -28,7 +28,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from megatron_grove.benchmarking.processes import LinkMeter, cpu_threads_per_rank, run_on_ranks
+from megatron_grove.benchmarking.processes import (
+    LinkMeter,
+    cpu_threads_per_rank,
+    rotated,
+    run_on_ranks,
+)
 
 __all__ = ["VARIANTS", "DispatchBenchmark", "run_dispatch_benchmark", "run_dispatch_rank",
            "summarize_dispatch", "format_dispatch_table"]
@@ -146,7 +151,7 @@ def _worker(rank: int, init_method: str, args: DispatchBenchmark) -> dict | None
     link = LinkMeter(args.link_device)
     link_bytes = {v: 0 for v in VARIANTS}
     for it in range(args.warmup + args.iters):
-        for variant in VARIANTS:  # interleaved: a, b, c, a, b, c, ...
+        for variant in rotated(VARIANTS, it):  # interleaved, the order rotating
             layer, meter = layers[variant], meters[variant]
             if it == args.warmup:
                 meter.rows = meter.bytes = 0

@@ -12,7 +12,16 @@ import torch.multiprocessing as mp
 
 from megatron_grove.benchmarking.emulated_cluster import link_tx_bytes
 
-__all__ = ["run_on_ranks", "cpu_threads_per_rank", "LinkMeter"]
+__all__ = ["run_on_ranks", "cpu_threads_per_rank", "LinkMeter", "rotated"]
+
+
+def rotated(variants: tuple[str, ...], repetition: int) -> tuple[str, ...]:
+    """The order of ``variants`` in repetition ``repetition`` of an interleaved benchmark:
+    rotated by one each repetition (a, b, c, d; b, c, d, a; ...), so that no variant always
+    runs right after the same one or always last (the last of a round measured a few percent
+    slower here, whatever it was)."""
+    shift = repetition % len(variants)
+    return variants[shift:] + variants[:shift]
 
 
 def cpu_threads_per_rank(world_size: int) -> int:

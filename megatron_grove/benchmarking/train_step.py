@@ -11,8 +11,8 @@ same data with four MoE variants, on ``ep`` processes.
                          torchrun's ``LOCAL_WORLD_SIZE``, else one node, where it is (c)).
 
 Each process builds the four runs with :func:`megatron_grove.training.setup_training` (model in
-Megatron DDP, optimizer, LR schedule, dataset) and then runs them interleaved, ``a, b, c, a, b,
-c, ...``, so that a change in the machine's load hits the four alike. Repetition ``i`` of every
+Megatron DDP, optimizer, LR schedule, dataset) and then runs them interleaved, ``a, b, c, d, b, c,
+d, a, ...`` (:func:`~megatron_grove.benchmarking.processes.rotated`), so that a change in the machine's load hits the four alike. Repetition ``i`` of every
 variant trains on step ``i``'s global batch. A step is what :func:`megatron_grove.training.train`
 does per step: zero the gradient buffers, Megatron's forward/backward schedule over the
 micro-batches, the optimizer and LR steps and the expert-bias update; its time is the slowest
@@ -28,7 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_grove.benchmarking.processes import LinkMeter, cpu_threads_per_rank, run_on_ranks
+from megatron_grove.benchmarking.processes import (
+    LinkMeter,
+    cpu_threads_per_rank,
+    rotated,
+    run_on_ranks,
+)
 from megatron_grove.config import ConfigError, GroveConfig, load_config, validate_layout
 
 __all__ = ["VARIANTS", "TrainStepBenchmark", "variant_configs", "run_train_step_benchmark",
@@ -155,7 +160,7 @@ def _worker(rank: int, init_method: str, bench: TrainStepBenchmark,
         setup = setups["group_aware"]
         batches = micro_batches(setup.dataset, step, t.global_batch_size, t.micro_batch_size,
                                 setup.dp_rank, setup.dp_size)
-        for variant in VARIANTS:  # interleaved: a, b, c, a, b, c, ...
+        for variant in rotated(VARIANTS, step):  # interleaved, the order rotating
             elapsed, cpu, loss, sent = _timed_step(setups[variant], configs[variant], batches,
                                                    forward_step, device, link)
             losses[variant].append(loss)

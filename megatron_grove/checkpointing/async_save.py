@@ -31,10 +31,13 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from megatron_grove.checkpointing.manifest import record_written_files
 
 __all__ = ["AsyncCheckpointSaver", "cross_process_write_results", "print_on_rank0",
            "SLOW_WRITE_ENV"]
@@ -66,7 +69,10 @@ def _die_with_parent() -> None:
 
 def _background_writer(write: Callable[..., None], delay_s: float) -> Callable[..., None]:
     """``write`` as the forked writer runs it: one torch thread (the parent's OpenMP pool does
-    not survive the fork), dies with its rank, after the test-only delay."""
+    not survive the fork), dies with its rank, after the test-only delay; once written, the
+    files are hashed here for the manifest (:func:`record_written_files`), off the training's
+    path. ``write``'s arguments are Megatron's: ``(rank, write buckets, results queue)``, each
+    bucket ``(file path, file name, data)``, the files in the checkpoint's temporary folder."""
 
     def run(*args: Any, **kwargs: Any) -> None:
         _die_with_parent()
@@ -74,6 +80,12 @@ def _background_writer(write: Callable[..., None], delay_s: float) -> Callable[.
         if delay_s > 0:
             time.sleep(delay_s)
         write(*args, **kwargs)
+        rank, paths = args[0], [Path(bucket[0]) for bucket in args[1]]
+        try:
+            if paths:
+                record_written_files(paths[0].parent, paths, rank)
+        except OSError:  # then write_manifest reads them itself (and names what is wrong)
+            pass
 
     return run
 

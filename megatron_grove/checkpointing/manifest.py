@@ -15,6 +15,12 @@ threads (``zlib.crc32`` releases the GIL), and the results meet on every rank. E
 reads about ``1 / world size`` of the checkpoint once more; right after a save the files are
 usually still in the page cache.
 
+An asynchronous save's background writer hashes the files it has just written itself
+(:func:`record_written_files`, into ``.hashed/rank_N.json`` of the temporary folder), while
+training goes on; :func:`write_manifest` then reads only the files no writer recorded (or whose
+size changed since) and removes ``.hashed/``: the same CRC-32s of the same bytes, computed off
+the training's path.
+
 CRC-32 detects accidental damage (flipped, zeroed or random bytes, truncation); it is not a
 defence against deliberate tampering.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import shutil
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,13 +41,14 @@ import torch.distributed as dist
 
 from megatron_grove.runtime.distributed import object_from_rank0, objects_from_all_ranks
 
-__all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "FileProblem", "write_manifest",
-           "verify_manifest"]
+__all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "FileProblem", "record_written_files",
+           "write_manifest", "verify_manifest"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "megatron_grove.manifest/1"
 PIECE_BYTES = 64 << 20  # one CRC-32 per piece of a file: the unit of parallel hashing
 _THREADS = 4  # pieces hashed at once per rank
+HASHED_DIR = ".hashed"  # per-rank records of files hashed by their writer, until the manifest
 
 
 @dataclass(frozen=True)
@@ -103,29 +111,68 @@ def _in_threads(fn, items: list) -> list:
         return list(pool.map(fn, items))
 
 
+def _piece_count(size: int) -> int:
+    return max(1, -(-size // PIECE_BYTES))
+
+
+def record_written_files(folder: str | Path, paths: list[str | Path], rank: int) -> None:
+    """Hash the files ``paths`` that this rank has just written under ``folder`` and record
+    their sizes and CRC-32s in ``folder/.hashed/rank_<rank>.json`` (written atomically), for
+    :func:`write_manifest`. Not collective: an asynchronous save's writer process calls it."""
+    folder = Path(folder)
+    records = {}
+    for path in map(Path, paths):
+        size = path.stat().st_size
+        records[str(path.relative_to(folder))] = {"size": size, "crc32": _in_threads(
+            lambda piece, path=path: _crc32(path, piece, PIECE_BYTES),
+            list(range(_piece_count(size))))}
+    (folder / HASHED_DIR).mkdir(exist_ok=True)
+    tmp = folder / HASHED_DIR / f".rank_{rank:05d}.json.tmp"
+    tmp.write_text(json.dumps(records))
+    os.replace(tmp, folder / HASHED_DIR / f"rank_{rank:05d}.json")
+
+
+def _recorded_crcs(folder: Path, sizes: dict[str, int]) -> dict[str, list[str]]:
+    """The writers' records (:func:`record_written_files`) of files still of the recorded size."""
+    known = {}
+    for record in sorted((folder / HASHED_DIR).glob("rank_*.json")):
+        for name, entry in json.loads(record.read_text()).items():
+            if sizes.get(name) == entry["size"] and len(entry["crc32"]) == _piece_count(
+                    entry["size"]):
+                known[name] = entry["crc32"]
+    return known
+
+
 def write_manifest(folder: str | Path) -> dict[str, Any]:
-    """Collective: hash every file under ``folder`` (split over the ranks) and have rank 0 write
-    ``folder/manifest.json``. Call after every rank has finished writing. Returns the manifest."""
+    """Collective: hash every file under ``folder`` (split over the ranks; files a writer
+    recorded are not read again) and have rank 0 write ``folder/manifest.json``. Call after
+    every rank has finished writing. Returns the manifest."""
     folder = Path(folder)
     rank, world = _rank_and_world()
-    sizes = None
+    listing = None
     if rank == 0:
         sizes = {str(p.relative_to(folder)): p.stat().st_size
-                 for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
-    sizes = object_from_rank0(sizes)
-    mine = _share(_pieces(sizes, PIECE_BYTES), rank, world)
+                 for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != MANIFEST_NAME
+                 and HASHED_DIR not in p.relative_to(folder).parts}
+        listing = (sizes, _recorded_crcs(folder, sizes))
+    sizes, known = object_from_rank0(listing)
+    unknown = {name: size for name, size in sizes.items() if name not in known}
+    mine = _share(_pieces(unknown, PIECE_BYTES), rank, world)
     local = dict(zip(mine, _in_threads(lambda p: _crc32(folder / p[0], p[1], PIECE_BYTES), mine)))
-    crcs: dict[Piece, str] = {}
+    crcs: dict[Piece, str] = {(name, i): crc for name, pieces in known.items()
+                              for i, crc in enumerate(pieces)}
     for part in objects_from_all_ranks(local):
         crcs.update(part)
-    files = {name: {"size": size, "crc32": [crcs[(name, i)] for i in range(
-                 max(1, -(-size // PIECE_BYTES)))]} for name, size in sizes.items()}
+    files = {name: {"size": size, "crc32": [crcs[(name, i)] for i in range(_piece_count(size))]}
+             for name, size in sizes.items()}
     manifest = {"format": MANIFEST_FORMAT, "algorithm": "crc32", "piece_bytes": PIECE_BYTES,
                 "files": files}
     if rank == 0:
         tmp = folder / f".{MANIFEST_NAME}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, folder / MANIFEST_NAME)
+        shutil.rmtree(folder / HASHED_DIR, ignore_errors=True)
     return manifest
 
 
