@@ -215,6 +215,21 @@ def _begin_save(root: Path, model: torch.nn.Module | list[torch.nn.Module], opti
     return tmp, final, sharded
 
 
+def _save_strategy():
+    """Megatron's ``torch_dist`` save strategy wrapped in its ``FullyParallelSaveStrategyWrapper``
+    (what its trainer's ``--ckpt-fully-parallel-save`` does): a tensor replicated on several ranks
+    (the dense weights and their optimizer state on every data-parallel rank) is written by one
+    of them, chosen so that every rank writes about the same number of bytes, instead of always
+    by its first replica (rank 0 writing all dense state). The files and what loads from them do
+    not change; a save's time, and an asynchronous save's stall, are the busiest rank's."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"))
+
+
 def _save_rng(tmp: Path) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     (tmp / "rng").mkdir(exist_ok=True)
@@ -246,7 +261,7 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module | list[torch.nn.Mod
     _keep_checkpoint_writes_in_process()
     root = Path(root)
     tmp, final, sharded = _begin_save(root, model, optimizer, state, optimizer_format)
-    dist_checkpointing.save(sharded, str(tmp))
+    dist_checkpointing.save(sharded, str(tmp), _save_strategy())
     _save_rng(tmp)
     _publish(root, tmp, final, state)
     return final
@@ -266,7 +281,7 @@ def save_checkpoint_async(root: str | Path, model: torch.nn.Module | list[torch.
     cross_process_write_results()
     root = Path(root)
     tmp, final, sharded = _begin_save(root, model, optimizer, state, optimizer_format)
-    request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=True,
+    request = dist_checkpointing.save(sharded, str(tmp), _save_strategy(), async_sharded_save=True,
                                       async_strategy="mcore")
     _save_rng(tmp)
     request.add_finalize_fn(lambda: _publish(root, tmp, final, state))
