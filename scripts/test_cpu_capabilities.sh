@@ -22,7 +22,8 @@ for cap in "${caps[@]}"; do
         echo "error: this CPU has no AVX-512; capabilities it can run: default, avx2" >&2; exit 2
     fi
     echo "[capabilities] unit tier with ATEN_CPU_CAPABILITY=$cap"
-    ATEN_CPU_CAPABILITY="$cap" .venv/bin/python -m pytest -m unit "$@"
+    ATEN_CPU_CAPABILITY="$cap" .venv/bin/python -m pytest -m unit -n "${TEST_WORKERS:-2}" \
+        --dist loadfile "$@"
     rc=$?
     if [ "$rc" -eq 5 ]; then echo "error: pytest collected no unit tests" >&2; exit 1; fi
     [ "$rc" -eq 0 ] || exit "$rc"
