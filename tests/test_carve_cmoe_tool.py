@@ -4,7 +4,10 @@ differs when not, keeps the router state; the HF-style export; bad input exits w
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import runpy
 import subprocess
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import yaml
 
 import tiny_models
 from megatron_grove.data.tokenizer import default_tokenizer_path
-from processes import run_distributed, run_script
+from processes import ROOT, run_distributed, run_script
 
 pytestmark = pytest.mark.e2e
 
@@ -62,6 +65,19 @@ def _megatron_logits(rank: int, checkpoint: str, ids: torch.Tensor) -> dict:
             "bias": router.expert_bias.clone(), "topk": router.topk}
 
 
+def _evaluate_main(rank: int, argvs: list[list[str]]) -> list[float]:
+    """``tools/evaluate.py``'s ``main(argv)`` for each argv in this process -> the perplexities
+    its ``--json`` lines report."""
+    main = runpy.run_path(str(ROOT / "tools" / "evaluate.py"))["main"]
+    ppls = []
+    for argv in argvs:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(argv) == 0
+        ppls.append(json.loads(printed.getvalue().strip().splitlines()[-1])["ppl"])
+    return ppls
+
+
 def test_all_experts_active_reproduces_the_dense_model(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -85,18 +101,20 @@ def test_all_experts_active_reproduces_the_dense_model(tiny_llama, tmp_path):
 
     # tools/evaluate.py: the carved checkpoint with every expert active has the dense PPL
     np.save(tmp_path / "tokens.npy", torch.randint(0, 4096, (4 * SEQ + 1,)).numpy())
-    ppl = {}
     assert _carve(tiny_llama, tmp_path / "paper_all", active=7, router="paper").returncode == 0
     assert _carve(tiny_llama, tmp_path / "paper", active=2, router="paper").returncode == 0
-    for name, checkpoint in [("dense", tiny_llama), ("all", tmp_path / "all" / "megatron"),
-                             ("sparse", tmp_path / "sparse" / "megatron"),
-                             ("paper_all", tmp_path / "paper_all" / "megatron"),
-                             ("paper", tmp_path / "paper" / "megatron")]:
-        done = run_script("tools/evaluate.py", "--checkpoint", str(checkpoint), "--tokens",
-                          str(tmp_path / "tokens.npy"), "--seq-length", str(SEQ), "--json",
-                          timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        ppl[name] = json.loads(done.stdout.strip().splitlines()[-1])["ppl"]
+    checkpoints = {"dense": tiny_llama, "all": tmp_path / "all" / "megatron",
+                   "sparse": tmp_path / "sparse" / "megatron",
+                   "paper_all": tmp_path / "paper_all" / "megatron",
+                   "paper": tmp_path / "paper" / "megatron"}
+    argv = {name: ["--checkpoint", str(path), "--tokens", str(tmp_path / "tokens.npy"),
+                   "--seq-length", str(SEQ), "--json"] for name, path in checkpoints.items()}
+    done = run_script("tools/evaluate.py", *argv["all"], timeout=600)  # the CLI itself once
+    assert done.returncode == 0, done.stderr[-2000:]
+    ppl = {"all": json.loads(done.stdout.strip().splitlines()[-1])["ppl"]}
+    others = [name for name in checkpoints if name != "all"]  # its main() in one process
+    ppl.update(zip(others, run_distributed(_evaluate_main, world_size=1,
+                                           args=([argv[name] for name in others],))[0]))
     error = {k: abs(ppl[k] / ppl["dense"] - 1) for k in ppl}
     assert error["all"] < 1e-4 and error["sparse"] > 10 * error["all"], ppl
     assert error["paper_all"] < 1e-4 and error["paper"] > 10 * error["paper_all"], ppl
