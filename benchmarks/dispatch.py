@@ -11,8 +11,8 @@
 
 Each process (gloo on CPU, NCCL with one GPU each when CUDA is available) routes --tokens
 tokens uniformly at random and times forward + backward of each layer (slowest rank; the
-repetitions interleaved a, b, c, d, then b, c, d, a, ...; median over --iters with its min..max spread);
-copies, bytes and adjugate evaluations per token are counted on the wire.
+repetitions interleaved a, b, c, d, then b, c, d, a, ...; median over --iters with its min..max
+spread); copies, bytes and adjugate evaluations per token are counted on the wire.
 
     python benchmarks/dispatch.py --ep 4 --experts 128 --topk 8 --groups 64 --tokens 4096 \\
         --hidden 512 [--json]

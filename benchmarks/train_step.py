@@ -9,8 +9,8 @@ data with four MoE variants, on --ep processes.
                      benchmarks/emulated_cluster.py runs it across nodes).
 
 The four runs are built in every process (Megatron DDP, optimizer, LR schedule, the config's
-data) and stepped interleaved, a, b, c, d, then b, c, d, a, ...; repetition i of each trains on step i's
-global batch. Printed: per variant the median step time (slowest rank) with its min..max
+data) and stepped interleaved, a, b, c, d, then b, c, d, a, ...; repetition i of each trains on
+step i's global batch. Printed: per variant the median step time (slowest rank) with its min..max
 spread and the median CPU seconds (slowest rank's process time, less disturbed by a loaded
 machine), the ratios (c)/(b) and (c)/(a) of both, the copies per token, the losses ((b) and (c)
 compute the same function, so theirs agree) and the machine's load average.

@@ -13,10 +13,11 @@
 Each process (gloo on CPU, NCCL with one GPU each) routes ``tokens`` tokens uniformly at random
 (top-k of random scores, the same for all four layers: the router is bypassed) and times
 forward + backward of each layer (slowest rank), the repetitions interleaved (a, b, c, d, b, c,
-d, a, ...: :func:`~megatron_grove.benchmarking.processes.rotated`) so that a change in the machine's load hits the four alike; median over ``iters`` and its
-spread (min, max). A *copy* is one token row the dispatcher sends to another rank or keeps
-locally for an expert (what enters the dispatch all-to-all); bytes are those of the rows and
-their routing weights in the dispatch direction (the combine sends the rows back).
+d, a, ...: :func:`~megatron_grove.benchmarking.processes.rotated`) so that a change in the
+machine's load hits the four alike; median over ``iters`` and its spread (min, max). A *copy*
+is one token row the dispatcher sends to another rank or keeps locally for an expert (what
+enters the dispatch all-to-all); bytes are those of the rows and their routing weights in the
+dispatch direction (the combine sends the rows back).
 """
 
 from __future__ import annotations

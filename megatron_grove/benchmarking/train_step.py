@@ -11,8 +11,9 @@ same data with four MoE variants, on ``ep`` processes.
                          torchrun's ``LOCAL_WORLD_SIZE``, else one node, where it is (c)).
 
 Each process builds the four runs with :func:`megatron_grove.training.setup_training` (model in
-Megatron DDP, optimizer, LR schedule, dataset) and then runs them interleaved, ``a, b, c, d, b, c,
-d, a, ...`` (:func:`~megatron_grove.benchmarking.processes.rotated`), so that a change in the machine's load hits the four alike. Repetition ``i`` of every
+Megatron DDP, optimizer, LR schedule, dataset) and then runs them interleaved, ``a, b, c, d, b,
+c, d, a, ...`` (:func:`~megatron_grove.benchmarking.processes.rotated`), so that a change in the
+machine's load hits the four alike. Repetition ``i`` of every
 variant trains on step ``i``'s global batch. A step is what :func:`megatron_grove.training.train`
 does per step: zero the gradient buffers, Megatron's forward/backward schedule over the
 micro-batches, the optimizer and LR steps and the expert-bias update; its time is the slowest
