@@ -29,6 +29,9 @@ BANNERS: tuple[tuple[str, type[Warning], str], ...] = (
     ("MimoModelConfig is experimental", UserWarning, r"megatron\."),
     # torch.distributed.checkpoint read outside a process group (the tools read configs so)
     ("torch.distributed is disabled, unavailable or uninitialized", UserWarning, r"torch\."),
+    # torch 2.13 renamed it all_gather_single; Megatron-Core 0.19 calls the old name (its router,
+    # gradient buffers, tensor-parallel mappings)
+    ("`torch.distributed.all_gather_into_tensor` is deprecated", FutureWarning, r"torch\."),
 )
 
 # logger name -> message starts it logs that are banners
