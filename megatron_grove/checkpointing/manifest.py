@@ -84,11 +84,16 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _piece_count(size: int, piece_bytes: int) -> int:
+    """Pieces of a file of ``size`` bytes (an empty file is one empty piece)."""
+    return max(1, -(-size // piece_bytes))
+
+
 def _pieces(sizes: dict[str, int], piece_bytes: int) -> dict[Piece, int]:
     """Every piece of every file with its length (an empty file is one empty piece)."""
     return {(name, i): min(piece_bytes, size - i * piece_bytes)
             for name, size in sizes.items()
-            for i in range(max(1, -(-size // piece_bytes)))}
+            for i in range(_piece_count(size, piece_bytes))}
 
 
 def _share(lengths: dict[Piece, int], rank: int, world: int) -> list[Piece]:
@@ -111,10 +116,6 @@ def _in_threads(fn, items: list) -> list:
         return list(pool.map(fn, items))
 
 
-def _piece_count(size: int) -> int:
-    return max(1, -(-size // PIECE_BYTES))
-
-
 def record_written_files(folder: str | Path, paths: list[str | Path], rank: int) -> None:
     """Hash the files ``paths`` that this rank has just written under ``folder`` and record
     their sizes and CRC-32s in ``folder/.hashed/rank_<rank>.json`` (written atomically), for
@@ -125,7 +126,7 @@ def record_written_files(folder: str | Path, paths: list[str | Path], rank: int)
         size = path.stat().st_size
         records[str(path.relative_to(folder))] = {"size": size, "crc32": _in_threads(
             lambda piece, path=path: _crc32(path, piece, PIECE_BYTES),
-            list(range(_piece_count(size))))}
+            list(range(_piece_count(size, PIECE_BYTES))))}
     (folder / HASHED_DIR).mkdir(exist_ok=True)
     tmp = folder / HASHED_DIR / f".rank_{rank:05d}.json.tmp"
     tmp.write_text(json.dumps(records))
@@ -138,7 +139,7 @@ def _recorded_crcs(folder: Path, sizes: dict[str, int]) -> dict[str, list[str]]:
     for record in sorted((folder / HASHED_DIR).glob("rank_*.json")):
         for name, entry in json.loads(record.read_text()).items():
             if sizes.get(name) == entry["size"] and len(entry["crc32"]) == _piece_count(
-                    entry["size"]):
+                    entry["size"], PIECE_BYTES):
                 known[name] = entry["crc32"]
     return known
 
@@ -164,7 +165,8 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
                               for i, crc in enumerate(pieces)}
     for part in objects_from_all_ranks(local):
         crcs.update(part)
-    files = {name: {"size": size, "crc32": [crcs[(name, i)] for i in range(_piece_count(size))]}
+    files = {name: {"size": size, "crc32": [crcs[(name, i)]
+                                            for i in range(_piece_count(size, PIECE_BYTES))]}
              for name, size in sizes.items()}
     manifest = {"format": MANIFEST_FORMAT, "algorithm": "crc32", "piece_bytes": PIECE_BYTES,
                 "files": files}
@@ -184,7 +186,7 @@ def _read_manifest(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
             return None, f"not a {MANIFEST_FORMAT} manifest"
         piece_bytes = int(manifest["piece_bytes"])
         for entry in manifest["files"].values():
-            if len(entry["crc32"]) != max(1, -(-int(entry["size"]) // piece_bytes)):
+            if len(entry["crc32"]) != _piece_count(int(entry["size"]), piece_bytes):
                 return None, "inconsistent (a file's pieces do not match its size)"
         return manifest, None
     except FileNotFoundError:
